@@ -1,0 +1,175 @@
+"""The reward interface and the registry of rewards by name.
+
+A reward is any callable ``(images, prompts, metadata) -> scores``:
+
+- ``images``: float tensor ``(N, 3, H, W)`` with values in ``[0, 1]`` (decoded samples),
+- ``prompts``: the ``N`` prompt strings,
+- ``metadata``: ``N`` dicts (prompt-file metadata such as the T2I-CompBench category),
+- returns a float32 tensor ``(N,)`` on the CPU.
+
+Rewards are registered under a name with a factory that builds the callable from keyword options
+(paths to weights, devices, ...). ``build_reward("a:1.0,b:0.1", options)`` builds a weighted sum.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+
+
+class RewardFn(Protocol):
+    """What the trainer calls: scores for a batch of decoded images and their prompts."""
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor: ...
+
+
+class RewardError(ValueError):
+    """A reward cannot be built or run (unknown name, missing weights, bad options)."""
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    """A registry entry: how to build a reward and what it needs."""
+
+    name: str
+    factory: Callable[..., RewardFn]
+    description: str
+    needs: str = ""
+    extras: tuple[str, ...] = ()  # python modules that must be importable
+    check: Callable[[Mapping[str, Any]], str | None] | None = None  # returns why it cannot run, or None
+
+    def unavailable_reason(self, options: Mapping[str, Any] | None = None) -> str | None:
+        """Why this reward cannot run here now (missing extra or weights), or ``None`` if it can."""
+        for module in self.extras:
+            if importlib.util.find_spec(module) is None:
+                return f"python package '{module}' is not installed"
+        if self.check is not None:
+            return self.check(options or {})
+        return None
+
+
+_REGISTRY: dict[str, RewardInfo] = {}
+
+
+def register_reward(
+    name: str,
+    *,
+    description: str,
+    needs: str = "",
+    extras: Sequence[str] = (),
+    check: Callable[[Mapping[str, Any]], str | None] | None = None,
+) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Decorator registering a reward factory under ``name``."""
+
+    def decorator(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        _REGISTRY[name] = RewardInfo(name, factory, description, needs, tuple(extras), check)
+        return factory
+
+    return decorator
+
+
+def registered_rewards() -> dict[str, RewardInfo]:
+    """All registered rewards, by name (imports the built-in reward modules first)."""
+    _load_builtin_rewards()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """Parse ``"name"`` or ``"a:1.0,b:0.1"`` into ``[(name, weight), ...]``."""
+    terms: list[tuple[str, float]] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            raise RewardError(f"reward spec {spec!r} has an empty term; expected 'name' or 'name:weight,...'")
+        name, _, weight_text = part.partition(":")
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise RewardError(
+                f"reward spec {spec!r}: weight {weight_text!r} of '{name}' is not a number"
+            ) from None
+        terms.append((name.strip(), weight))
+    return terms
+
+
+class WeightedSum:
+    """``sum_i w_i * reward_i(images, prompts, metadata)``; keeps the last per-term scores in ``last_terms``."""
+
+    def __init__(self, terms: Sequence[tuple[str, float, RewardFn]]):
+        self.terms = list(terms)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        total = torch.zeros(len(prompts), dtype=torch.float32)
+        for name, weight, fn in self.terms:
+            scores = as_scores(fn(images, prompts, metadata), len(prompts), name)
+            self.last_terms[name] = scores
+            total += weight * scores
+        return total
+
+
+def as_scores(value: Any, n: int, name: str) -> torch.Tensor:
+    """Convert a reward's output to a float32 CPU tensor of shape ``(n,)``, or raise naming the reward."""
+    scores = torch.as_tensor(value).detach().to("cpu", torch.float32).reshape(-1)
+    if scores.numel() != n:
+        raise RewardError(f"reward '{name}' returned {scores.numel()} scores for {n} images")
+    return scores
+
+
+def build_reward(spec: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> RewardFn:
+    """Build the reward named by ``spec`` (a name, or a weighted sum ``"a:1.0,b:0.1"``).
+
+    ``options[name]`` holds keyword arguments for that reward's factory.
+    """
+    options = options or {}
+    registry = registered_rewards()
+    terms = parse_reward_spec(spec)
+    built: list[tuple[str, float, RewardFn]] = []
+    for name, weight in terms:
+        info = registry.get(name)
+        if info is None:
+            raise RewardError(f"unknown reward '{name}'; registered rewards: {', '.join(registry)}")
+        reason = info.unavailable_reason(options.get(name, {}))
+        if reason is not None:
+            raise RewardError(f"reward '{name}' cannot run here: {reason}")
+        built.append((name, weight, info.factory(**dict(options.get(name, {})))))
+    if len(built) == 1 and built[0][1] == 1.0:
+        return built[0][2]
+    return WeightedSum(built)
+
+
+@dataclass
+class _Loaded:
+    done: bool = False
+    modules: list[str] = field(default_factory=list)
+
+
+_BUILTINS = _Loaded(
+    modules=[
+        "loopdiff.rewards.jpeg",
+        "loopdiff.rewards.blip_vqa",
+        "loopdiff.rewards.detection",
+        "loopdiff.rewards.aesthetic",
+        "loopdiff.rewards.clipscore",
+        "loopdiff.rewards.alignment",
+        "loopdiff.rewards.server",
+        "loopdiff.embedded.rewards",
+    ]
+)
+
+
+def _load_builtin_rewards() -> None:
+    """Import the modules that register the built-in rewards (those present in this install)."""
+    if _BUILTINS.done:
+        return
+    _BUILTINS.done = True
+    for module in _BUILTINS.modules:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)

@@ -1,0 +1,137 @@
+"""One DDIM step as a Gaussian policy step, with its log-probability (SPEC section 2).
+
+For eta > 0 the DDIM update is ``x_{t-1} = mean_t + sigma_t * z`` with
+
+    x0_hat  = (x_t - sqrt(1 - abar_t) * eps_hat) / sqrt(abar_t)
+    sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+    mean_t  = sqrt(abar_prev) * x0_hat + sqrt(1 - abar_prev - sigma_t^2) * eps_hat
+
+so ``log pi(x_{t-1} | x_t, c) = log N(x_{t-1}; mean_t, sigma_t^2 I)``, computed in float32.
+
+Timesteps are per sample (a tensor of shape ``(B,)``), so one call can hold (sample, timestep) pairs from
+different points of different trajectories: the trainer stacks them into one UNet call.
+
+Log-probability reduction: ``"mean"`` (default, as DDPO) averages the per-dimension Gaussian log-density over
+the C*H*W latent dimensions; ``"sum"`` gives the true log-density of the step. The importance ratio
+``exp(logp_new - logp_old)`` is then the D-th root of the true ratio under ``"mean"`` (D = C*H*W), which is why
+DDPO's clip range of 1e-4 is sensible there; with ``"sum"`` use a correspondingly larger clip range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler
+
+LogProbReduction = Literal["mean", "sum"]
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class DDIMStepOutput:
+    """``prev_sample`` = x_{t-1}; ``log_prob`` = log pi(x_{t-1} | x_t, c) per sample, ``None`` when eta = 0."""
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor | None
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def previous_timestep(scheduler: DDIMScheduler, timestep: torch.Tensor) -> torch.Tensor:
+    """The timestep a DDIM step lands on, as diffusers' DDIMScheduler computes it."""
+    return timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def _alpha_bars(scheduler: DDIMScheduler, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    alphas = scheduler.alphas_cumprod.to(timestep.device, torch.float32)
+    prev = previous_timestep(scheduler, timestep)
+    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=timestep.device)
+    abar_t = alphas[timestep.long()]
+    abar_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0).long()], final)
+    return abar_t, abar_prev
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def predicted_x0_and_eps(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, sample: torch.Tensor, abar_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert the model output (epsilon, v or sample prediction) to (x0_hat, eps_hat)."""
+    a = _broadcast(abar_t, sample)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        eps = model_output
+        x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
+    elif kind == "v_prediction":
+        x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output
+        eps = a.sqrt() * model_output + (1 - a).sqrt() * sample
+    elif kind == "sample":
+        x0 = model_output
+        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+    else:
+        raise ValueError(f"scheduler prediction_type {kind!r} is not one of 'epsilon', 'v_prediction', 'sample'")
+    if scheduler.config.clip_sample:
+        bound = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-bound, bound)
+    return x0, eps
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: LogProbReduction = "mean"
+) -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample, averaged or summed over all non-batch dimensions (float32)."""
+    x, mean, std = x.float(), mean.float(), _broadcast(std.float(), x)
+    per_dim = -((x - mean) ** 2) / (2 * std**2) - std.log() - _LOG_SQRT_2PI
+    per_dim = per_dim.flatten(1)
+    if reduction == "mean":
+        return per_dim.mean(dim=1)
+    if reduction == "sum":
+        return per_dim.sum(dim=1)
+    raise ValueError(f"log-prob reduction {reduction!r} is not one of 'mean', 'sum'")
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: LogProbReduction = "mean",
+) -> DDIMStepOutput:
+    """One DDIM step from ``sample`` = x_t; draws x_{t-1} (or scores the given ``prev_sample``).
+
+    ``timestep`` is a tensor of shape ``(B,)`` (or a scalar, broadcast to the batch). The mean and the
+    log-probability are computed in float32 whatever the model's dtype.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+    abar_t, abar_prev = _alpha_bars(scheduler, timestep)
+    x0, eps = predicted_x0_and_eps(scheduler, model_output.float(), sample.float(), abar_t)
+
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    b_prev, b_std = _broadcast(abar_prev, sample), _broadcast(std, sample)
+    mean = b_prev.sqrt() * x0 + (1 - b_prev - b_std**2).clamp(min=0).sqrt() * eps
+
+    if prev_sample is None:
+        noise_device = generator.device if generator is not None else sample.device
+        noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
+        noise = noise.to(sample.device)
+        prev_sample = mean + b_std * noise
+    if eta == 0:
+        return DDIMStepOutput(prev_sample.to(sample.dtype), None, mean, std)
+    if bool((std <= 0).any()):
+        raise ValueError(
+            "a DDIM step with eta > 0 has zero variance at the last step; use a scheduler config with "
+            "set_alpha_to_one=False (as Stable Diffusion's) so every step is a proper Gaussian"
+        )
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    return DDIMStepOutput(prev_sample.to(sample.dtype), log_prob, mean, std)

@@ -1,0 +1,94 @@
+"""The diffusion model as a policy: guided noise prediction and per-step log-probabilities (SPEC sections 1-2).
+
+Classifier-free guidance runs the unconditional and the conditional branch in one batched UNet call:
+``eps_hat = eps_uncond + w * (eps_cond - eps_uncond)``. The same function serves sampling (no gradients) and
+the training-time recomputation of log pi (gradients through both branches), so guidance is applied
+identically in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from loopdiff.sampling.ddim import DDIMStepOutput, LogProbReduction, ddim_step_with_logprob
+
+
+@dataclass
+class PolicyConfig:
+    """How the policy samples: guidance weight w, DDIM eta, number of steps, log-prob reduction."""
+
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    num_steps: int = 20
+    reduction: LogProbReduction = "mean"
+
+
+class DiffusionPolicy:
+    """A UNet + DDIM scheduler seen as a Gaussian policy over x_{t-1} given (x_t, t, c)."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler: DDIMScheduler, config: PolicyConfig):
+        self.unet = unet
+        self.scheduler = scheduler
+        self.config = config
+        scheduler.set_timesteps(config.num_steps)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The T sampling timesteps, from noisiest to cleanest."""
+        return self.scheduler.timesteps
+
+    def guided_noise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: torch.Tensor,
+        uncond_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """eps_hat for a batch; per-sample timesteps; one UNet call holding both guidance branches."""
+        w = self.config.guidance_scale
+        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+        if w == 1.0:
+            return self.unet(latents, t, encoder_hidden_states=cond_embeds).sample
+        uncond = uncond_embeds.expand(latents.shape[0], *uncond_embeds.shape[1:])
+        model_in = torch.cat([latents, latents])
+        embeds = torch.cat([uncond.to(cond_embeds.dtype), cond_embeds])
+        eps_uncond, eps_cond = self.unet(model_in, torch.cat([t, t]), encoder_hidden_states=embeds).sample.chunk(2)
+        return eps_uncond + w * (eps_cond - eps_uncond)
+
+    def step(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: torch.Tensor,
+        uncond_embeds: torch.Tensor,
+        next_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DDIMStepOutput:
+        """Sample x_{t-1} (or score the given ``next_latents``) and return its log-probability."""
+        eps = self.guided_noise(latents, timesteps, cond_embeds, uncond_embeds)
+        return ddim_step_with_logprob(
+            self.scheduler,
+            eps,
+            torch.as_tensor(timesteps, device=latents.device),
+            latents,
+            eta=self.config.eta,
+            prev_sample=next_latents,
+            generator=generator,
+            reduction=self.config.reduction,
+        )
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: torch.Tensor,
+        uncond_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """log pi(next_latents | latents, t, c) per sample (differentiable w.r.t. the UNet)."""
+        out = self.step(latents, timesteps, cond_embeds, uncond_embeds, next_latents=next_latents)
+        assert out.log_prob is not None, "log-probabilities need eta > 0"
+        return out.log_prob

@@ -1,0 +1,132 @@
+"""Sampling trajectories x_T -> x_0 with per-step log-probabilities, prompt encoding and decoding.
+
+Trajectories are stored as tensors (every step's latents, the timesteps, the log-probs, the prompt index and
+the group index of the K samples of each prompt); prompts are never recovered by decoding token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from loopdiff.sampling.policy import DiffusionPolicy
+
+
+@dataclass
+class Trajectories:
+    """A batch of N sampled trajectories of T steps.
+
+    - ``latents``: (N, T + 1, C, H, W), x_T first and x_0 last;
+    - ``log_probs``: (N, T), log pi(x_{t-1} | x_t, c) under the sampling policy;
+    - ``timesteps``: (T,), the scheduler timestep of each step;
+    - ``prompt_ids``: (N,), index of each sample's prompt in ``prompts``;
+    - ``group_ids``: (N,), equal for the K samples drawn for the same prompt in this batch;
+    - ``prompt_embeds``: (N, L, D), the text-encoder states of each sample's prompt.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_ids: torch.Tensor
+    group_ids: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompts: list[str] = field(default_factory=list)
+    metadata: list[Mapping[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def sample_prompts(self) -> list[str]:
+        return [self.prompts[i] for i in self.prompt_ids.tolist()]
+
+    def sample_metadata(self) -> list[Mapping[str, Any]]:
+        return [self.metadata[i] for i in self.prompt_ids.tolist()]
+
+
+class PromptEncoder:
+    """Text-encoder states for prompts, computed once per distinct prompt and cached."""
+
+    def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device | str):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = torch.device(device)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            tokens = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            states = self.text_encoder(tokens.input_ids.to(self.device))[0]
+            for prompt, state in zip(missing, states):
+                self._cache[prompt] = state
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def unconditional(self) -> torch.Tensor:
+        """The empty-prompt states used by classifier-free guidance, shape (1, L, D)."""
+        return self([""])
+
+
+def initial_latents(
+    unet: torch.nn.Module, n: int, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """x_T ~ N(0, I) of the UNet's latent shape, drawn on the generator's device."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = (n, unet.config.in_channels, height, width)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+@torch.inference_mode()
+def sample_trajectories(
+    policy: DiffusionPolicy,
+    prompt_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    generator: torch.Generator,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the DDIM (eta > 0) sampler for every row of ``prompt_embeds``.
+
+    Returns ``latents`` (N, T + 1, C, H, W) in float32 and ``log_probs`` (N, T).
+    """
+    device = prompt_embeds.device
+    timesteps = policy.timesteps.to(device)
+    all_latents, all_log_probs = [], []
+    for start in tqdm(range(0, len(prompt_embeds), batch_size), desc="sampling", disable=not progress, leave=False):
+        embeds = prompt_embeds[start : start + batch_size]
+        x = initial_latents(policy.unet, len(embeds), generator, device)
+        steps, log_probs = [x.float()], []
+        for t in timesteps:
+            out = policy.step(x, t, embeds, uncond_embeds, generator=generator)
+            x = out.prev_sample
+            steps.append(x.float())
+            log_probs.append(out.log_prob)
+        all_latents.append(torch.stack(steps, dim=1))
+        all_log_probs.append(torch.stack(log_probs, dim=1))
+    return torch.cat(all_latents), torch.cat(all_log_probs)
+
+
+@torch.inference_mode()
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """VAE-decode latents to images (N, 3, H, W) in [0, 1], float32."""
+    images = []
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    for start in range(0, len(latents), batch_size):
+        z = latents[start : start + batch_size].to(vae.dtype) / scale + shift
+        images.append((vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(images)

@@ -1,0 +1,120 @@
+"""Shared fixtures: a tiny Stable-Diffusion-format pipeline built from configs with the real classes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = "a an and the red green blue yellow circle square triangle star big small cat dog of on".split()
+
+
+def tiny_clip_tokenizer(words: list[str] = WORDS, max_length: int = 12):
+    """A CLIPTokenizer whose vocabulary has one token per word (characters for anything else)."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    merges: list[tuple[str, str]] = []
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.'-":
+        add(char)
+        add(char + "</w>")
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            add(pieces[0])
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A StableDiffusionPipeline with a ~100k-parameter UNet on 8x8x4 latents (32x32 pixels)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pipeline saved with save_pretrained (load it back with from_pretrained)."""
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA

@@ -1,0 +1,302 @@
+"""Run configuration: nested dataclasses, loaded from YAML/TOML, overridden by ``section.field=value``.
+
+Every value is validated with an error that names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+
+import yaml
+
+from loopdiff.advantages import ADVANTAGE_KINDS
+from loopdiff.estimators import PRESETS
+from loopdiff.objectives import LOSS_KINDS
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "embedded"  # "embedded", a local pipeline folder, or a Hub id
+    revision: str | None = None
+    lora: bool = False
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    device: str = "auto"  # "auto" lets accelerate choose
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 20
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    logprob_reduction: str = "mean"  # "mean" (DDPO) or "sum"
+    batch_size: int = 32  # trajectories per sampling call
+
+
+@dataclass
+class EstimatorConfig:
+    preset: str = "loop"
+    samples_per_prompt: int | None = None  # K; None keeps the preset's
+    inner_epochs: int | None = None
+    minibatches: int | None = None
+    clip_range: float | None = None
+    advantage_clip: float | None = None
+    kl_coef: float | None = None
+    advantage: str | None = None
+    loss: str | None = None
+    tracker_buffer_size: int | None = None
+    tracker_min_count: int | None = None
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 100
+    samples_per_epoch: int = 32
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    timestep_fraction: float = 1.0
+    micro_batch_size: int = 64  # (sample, step) pairs per UNet call while training
+    warmup_epochs: int = 0
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    name: str = "embedded_vqa"  # a registered name or a weighted sum "a:1.0,b:0.1"
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    asynchronous: bool = True  # score in a worker thread while the next batch samples
+
+
+@dataclass
+class PromptConfig:
+    train: str = "embedded:color"  # "embedded:<category>", a prompt file, or "file:<path>"
+    val: str = "embedded:color:val"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N epochs (0: only before and after training)
+    images_per_prompt: int = 10
+    max_prompts: int | None = None
+    seed: int = 1234
+    rewards: list[str] = field(default_factory=list)  # extra rewards to report (e.g. the held-out evaluator)
+    grid_prompts: int = 8
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/loop-color"
+    checkpoint_every: int = 5
+    resume: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "loopdiff"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading and overriding
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Convert ``value`` to the annotated type or raise a ConfigError naming ``path``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if args and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = get_origin(annotation), get_args(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, (str, int, float)):
+                raise TypeError
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v] if not value.startswith("[") else json.loads(value)
+            return [_coerce(f"{path}[]", v, args[0]) for v in value]
+        if origin is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, Mapping):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise ConfigError(f"{path}={value!r} is not a valid {getattr(annotation, '__name__', annotation)}") from None
+    return value
+
+
+def _apply(section: Any, values: Mapping[str, Any], prefix: str) -> None:
+    hints = get_type_hints(type(section))
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            allowed = ", ".join(f.name for f in dataclasses.fields(section))
+            raise ConfigError(f"unknown config field '{path}'; fields of '{prefix[:-1] or 'config'}': {allowed}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config field '{path}' is a section; give it a mapping, not {value!r}")
+            _apply(current, value, f"{path}.")
+        else:
+            setattr(section, key, _coerce(path, value, hints[key]))
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["training.epochs=3", "reward.name=jpeg_compressibility"]`` -> a nested mapping."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    return nested
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        return dict(data)
+    raise ConfigError(f"config file '{path}' has suffix '{path.suffix}'; allowed: .yaml, .yml, .toml")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Defaults <- ``base`` mapping <- config file <- command-line overrides, then validated."""
+    config = RunConfig()
+    if base:
+        _apply(config, base, "")
+    if path is not None:
+        _apply(config, read_config_file(path), "")
+    _apply(config, parse_overrides(overrides), "")
+    validate(config)
+    return config
+
+
+def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
+    config = RunConfig()
+    _apply(config, values, "")
+    validate(config)
+    return config
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}={value!r} is invalid; allowed: {allowed}")
+
+
+def _choice(path: str, value: Any, choices: Sequence[Any]) -> None:
+    _check(value in choices, path, value, ", ".join(map(str, choices)))
+
+
+def validate(config: RunConfig) -> None:
+    """Raise ConfigError for the first invalid value."""
+    m, s, e, t, o = config.model, config.sampling, config.estimator, config.training, config.output
+    _choice("model.mixed_precision", m.mixed_precision, ("no", "fp16", "bf16"))
+    _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
+    _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
+    _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")
+    _check(s.guidance_scale >= 1.0, "sampling.guidance_scale", s.guidance_scale, "a number >= 1")
+    _choice("sampling.logprob_reduction", s.logprob_reduction, ("mean", "sum"))
+    _check(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
+    _choice("estimator.preset", e.preset, tuple(PRESETS))
+    if e.advantage is not None:
+        _choice("estimator.advantage", e.advantage, ADVANTAGE_KINDS)
+    if e.loss is not None:
+        _choice("estimator.loss", e.loss, LOSS_KINDS)
+    _check(t.epochs >= 0, "training.epochs", t.epochs, "an integer >= 0")
+    _check(t.samples_per_epoch >= 1, "training.samples_per_epoch", t.samples_per_epoch, "an integer >= 1")
+    _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "a number > 0")
+    _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "a number >= 0")
+    _check(t.max_grad_norm > 0, "training.max_grad_norm", t.max_grad_norm, "a number > 0")
+    _check(0 < t.timestep_fraction <= 1, "training.timestep_fraction", t.timestep_fraction, "a number in (0, 1]")
+    _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "an integer >= 1")
+    _check(config.eval.images_per_prompt >= 1, "eval.images_per_prompt", config.eval.images_per_prompt, ">= 1")
+    _check(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0")
+    _check(o.checkpoint_every >= 1, "output.checkpoint_every", o.checkpoint_every, "an integer >= 1")
+    estimator = build_estimator(config)
+    k = estimator.samples_per_prompt
+    _check(
+        t.samples_per_epoch % k == 0,
+        "training.samples_per_epoch",
+        t.samples_per_epoch,
+        f"a multiple of samples_per_prompt K={k}",
+    )
+    pairs = t.samples_per_epoch * max(1, int(round(s.num_steps * t.timestep_fraction)))
+    _check(
+        estimator.minibatches <= pairs,
+        "estimator.minibatches",
+        estimator.minibatches,
+        f"at most the {pairs} (sample, step) pairs of an epoch",
+    )
+
+
+def build_estimator(config: RunConfig):
+    """The Estimator of ``config.estimator``: the preset with the non-None fields overridden."""
+    from loopdiff.estimators import estimator_from_preset
+
+    e = config.estimator
+    overrides = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "preset"}
+    try:
+        return estimator_from_preset(e.preset, **overrides)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

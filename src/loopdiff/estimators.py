@@ -1,0 +1,107 @@
+"""Gradient estimators as data: an advantage kind + a loss kind + how samples are reused (SPEC section 3).
+
+| preset         | K | advantage      | loss           | optimiser steps per batch | reference          |
+|----------------|---|----------------|----------------|---------------------------|--------------------|
+| ``reinforce``    | 1 | raw            | score_function | 1 (no reuse)              | Eq. 7              |
+| ``reinforce_bc`` | 1 | prompt_mean    | score_function | 1                         | Eq. 8              |
+| ``rloo``         | 4 | leave_one_out  | score_function | 1                         | Eq. 9              |
+| ``ppo`` (DDPO)   | 1 | stat_tracker   | ppo_clip       | 4 (importance sampling)   | Eq. 3, Eq. 10      |
+| ``loop``         | 4 | leave_one_out  | ppo_clip       | 4                         | Eq. 13, Eq. 14     |
+| ``grpo``         | 4 | group_zscore   | ppo_clip + KL  | 4                         | ablation           |
+
+LOOP (Eq. 13-14), for K trajectories x^1..x^K of prompt c sampled from pi_old:
+
+    A^i = r^i - 1/(K-1) sum_{j != i} r^j
+    L   = -1/K sum_i 1/T sum_t min( rho_t^i A^i, clip(rho_t^i, 1 - eps, 1 + eps) A^i ),
+    rho_t^i = pi_theta(x^i_{t-1} | x^i_t, c) / pi_old(x^i_{t-1} | x^i_t, c)
+
+with no reward-std normalisation, no KL penalty and no length normalisation; ``loop_loss`` writes it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from loopdiff.advantages import ADVANTAGE_KINDS, leave_one_out
+from loopdiff.objectives import LOSS_KINDS, ppo_clip_loss
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """Everything that distinguishes one estimator from another; the training loop is shared."""
+
+    name: str
+    advantage: str
+    loss: str
+    samples_per_prompt: int = 1
+    inner_epochs: int = 1
+    minibatches: int = 1
+    clip_range: float = 1e-4
+    advantage_clip: float | None = None
+    kl_coef: float = 0.0
+    tracker_buffer_size: int = 32
+    tracker_min_count: int = 16
+
+    def __post_init__(self) -> None:
+        if self.advantage not in ADVANTAGE_KINDS:
+            raise ValueError(f"estimator.advantage={self.advantage!r}; allowed: {', '.join(ADVANTAGE_KINDS)}")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"estimator.loss={self.loss!r}; allowed: {', '.join(LOSS_KINDS)}")
+        group_wise = self.advantage in ("leave_one_out", "group_zscore")
+        if group_wise and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"estimator.samples_per_prompt={self.samples_per_prompt} but advantage '{self.advantage}' "
+                "needs K >= 2 samples per prompt"
+            )
+        for field_name in ("samples_per_prompt", "inner_epochs", "minibatches"):
+            if getattr(self, field_name) < 1:
+                raise ValueError(f"estimator.{field_name}={getattr(self, field_name)}; must be >= 1")
+        if not self.clip_range > 0:
+            raise ValueError(f"estimator.clip_range={self.clip_range}; must be > 0")
+        if self.kl_coef < 0:
+            raise ValueError(f"estimator.kl_coef={self.kl_coef}; must be >= 0")
+
+    @property
+    def reuses_samples(self) -> bool:
+        """More than one optimiser step per batch of samples, so the ratio pi_theta / pi_old matters."""
+        return self.inner_epochs * self.minibatches > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, Estimator] = {
+    "reinforce": Estimator("reinforce", advantage="raw", loss="score_function"),
+    "reinforce_bc": Estimator("reinforce_bc", advantage="prompt_mean", loss="score_function"),
+    "rloo": Estimator("rloo", advantage="leave_one_out", loss="score_function", samples_per_prompt=4),
+    "ppo": Estimator("ppo", advantage="stat_tracker", loss="ppo_clip", minibatches=4, advantage_clip=5.0),
+    "loop": Estimator("loop", advantage="leave_one_out", loss="ppo_clip", samples_per_prompt=4, minibatches=4),
+    "grpo": Estimator(
+        "grpo", advantage="group_zscore", loss="ppo_clip", samples_per_prompt=4, minibatches=4, kl_coef=0.04
+    ),
+}
+PRESETS["ddpo"] = replace(PRESETS["ppo"], name="ddpo")
+
+
+def estimator_from_preset(preset: str, **overrides: Any) -> Estimator:
+    """The named preset with any fields overridden (``None`` values keep the preset's)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown estimator preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return replace(PRESETS[preset], **changes)
+
+
+def loop_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    clip_range: float = 1e-4,
+) -> torch.Tensor:
+    """The LOOP objective (Eq. 13-14) for log-probs of shape (N, T) and rewards (N,)."""
+    advantages = leave_one_out(rewards, group_ids)  # Eq. 14: A^i = r^i - b^i
+    per_step_advantages = advantages[:, None].expand_as(log_probs)
+    return ppo_clip_loss(log_probs, old_log_probs, per_step_advantages, clip_range)  # Eq. 13

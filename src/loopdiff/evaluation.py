@@ -1,0 +1,69 @@
+"""Evaluation protocol (SPEC section 6): fixed seeds, N images per validation prompt, per-prompt mean then
+mean over prompts, for every reward asked (the training reward and held-out evaluators)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loopdiff.prompts import PromptSet
+from loopdiff.rewards.base import RewardFn, as_scores
+from loopdiff.sampling.policy import DiffusionPolicy
+from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
+
+
+@dataclass
+class EvalResult:
+    """Per-prompt mean scores for each reward, their means, and the images of the first prompts."""
+
+    per_prompt: dict[str, np.ndarray]
+    prompts: list[str]
+    grid_images: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (P_grid, n, 3, H, W)
+
+    @property
+    def means(self) -> dict[str, float]:
+        return {name: float(values.mean()) for name, values in self.per_prompt.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    policy: DiffusionPolicy,
+    encoder: PromptEncoder,
+    vae: torch.nn.Module,
+    prompt_set: PromptSet,
+    rewards: Mapping[str, RewardFn],
+    images_per_prompt: int = 10,
+    seed: int = 1234,
+    batch_size: int = 64,
+    grid_prompts: int = 8,
+    progress: bool = True,
+) -> EvalResult:
+    """Score ``images_per_prompt`` images for every prompt; the noise depends only on ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    uncond = encoder.unconditional()
+    prompts_per_chunk = max(1, batch_size // images_per_prompt)
+    scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
+    grid = []
+    chunks = range(0, len(prompt_set), prompts_per_chunk)
+    for start in tqdm(chunks, desc="evaluating", disable=not progress, leave=False):
+        prompts = list(prompt_set.prompts[start : start + prompts_per_chunk])
+        metadata = list(prompt_set.metadata[start : start + prompts_per_chunk])
+        repeated = [p for p in prompts for _ in range(images_per_prompt)]
+        repeated_meta = [m for m in metadata for _ in range(images_per_prompt)]
+        latents, _ = sample_trajectories(policy, encoder(repeated), uncond, generator, batch_size=batch_size)
+        images = decode_latents(vae, latents[:, -1])
+        for name, reward in rewards.items():
+            values = as_scores(reward(images, repeated, repeated_meta), len(repeated), name)
+            scores[name].append(values.view(len(prompts), images_per_prompt).mean(dim=1))
+        keep = max(0, min(grid_prompts - start, len(prompts)))
+        if keep:
+            grid.append(images.view(len(prompts), images_per_prompt, *images.shape[1:])[:keep].cpu())
+    return EvalResult(
+        per_prompt={name: torch.cat(values).numpy() for name, values in scores.items()},
+        prompts=list(prompt_set.prompts),
+        grid_images=torch.cat(grid) if grid else torch.empty(0),
+    )

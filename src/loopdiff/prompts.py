@@ -1,0 +1,73 @@
+"""Prompt sources: where the training and validation prompts come from.
+
+A source spec is one of
+- ``embedded:<category>`` / ``embedded:<category>:val``: the embedded world's shipped prompt files;
+- a path to a text file with one prompt per line (T2I-CompBench's ``color_train.txt``, DDPO's
+  ``simple_animals.txt``, ...); the file's stem (up to the first ``_``) becomes the ``category`` metadata;
+- ``<path>`` may also be given as ``file:<path>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class PromptError(ValueError):
+    """A prompt source cannot be read."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A fixed list of prompts with one metadata dict each."""
+
+    prompts: tuple[str, ...]
+    metadata: tuple[Mapping[str, Any], ...]
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[int]:
+        """``n`` prompt indices: distinct while the set is large enough, with replacement beyond."""
+        if n <= len(self.prompts):
+            return rng.choice(len(self.prompts), size=n, replace=False).tolist()
+        return rng.choice(len(self.prompts), size=n, replace=True).tolist()
+
+    def head(self, n: int | None) -> "PromptSet":
+        if n is None:
+            return self
+        return PromptSet(self.prompts[:n], self.metadata[:n], self.name)
+
+
+def _from_lines(lines: list[str], category: str, name: str) -> PromptSet:
+    prompts = tuple(line.strip() for line in lines if line.strip())
+    if not prompts:
+        raise PromptError(f"prompt source '{name}' holds no prompts")
+    return PromptSet(prompts, tuple({"category": category} for _ in prompts), name)
+
+
+def load_prompt_set(spec: str) -> PromptSet:
+    """Read the prompts named by ``spec`` (see the module docstring)."""
+    if spec.startswith("embedded:"):
+        parts = spec.split(":")
+        category = parts[1] if len(parts) > 1 else ""
+        split = parts[2] if len(parts) > 2 else "train"
+        from loopdiff.embedded.prompts import CATEGORIES, load_prompts
+
+        if category not in CATEGORIES or split not in ("train", "val"):
+            raise PromptError(
+                f"prompt source '{spec}': use embedded:<category>[:train|val] with category one of "
+                f"{', '.join(CATEGORIES)}"
+            )
+        return _from_lines(load_prompts(category, split), category, spec)
+    path = Path(spec.removeprefix("file:")).expanduser()
+    if not path.is_file():
+        raise PromptError(
+            f"prompt file '{path}' does not exist (give a text file with one prompt per line, "
+            "or embedded:<category>[:val])"
+        )
+    return _from_lines(path.read_text().splitlines(), path.stem.split("_")[0], spec)

@@ -1,0 +1,84 @@
+"""Per-epoch metrics to the console, a JSONL file in the run folder, TensorBoard and (optionally) wandb."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+
+def tensor_stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    """mean/std/min/max of a 1-D tensor under ``prefix/``."""
+    values = values.detach().float().cpu()
+    std = values.std().item() if values.numel() > 1 else 0.0
+    return {
+        f"{prefix}/mean": values.mean().item(),
+        f"{prefix}/std": std,
+        f"{prefix}/min": values.min().item(),
+        f"{prefix}/max": values.max().item(),
+    }
+
+
+class MetricsLogger:
+    """Writes each epoch's metrics everywhere the run asked for."""
+
+    CONSOLE_KEYS = ("reward/mean", "reward/std", "advantage/std", "loss", "approx_kl", "clip_fraction", "grad_norm")
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "loopdiff",
+        config: Mapping[str, Any] | None = None,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        self.wandb_run = None
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise ImportError("output.wandb=true needs the wandb package: pip install wandb") from None
+            self.wandb_run = wandb_module.init(project=wandb_project, config=dict(config or {}), dir=str(run_dir))
+
+    def log(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, float(value), epoch)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=epoch)
+        shown = "  ".join(f"{k.split('/')[0] if k.endswith('/mean') else k}={metrics[k]:.4g}"
+                          for k in self.CONSOLE_KEYS if k in metrics)
+        tqdm.write(f"epoch {epoch:4d}  {shown}  ({metrics.get('time/epoch', 0.0):.1f}s)")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The metrics records of a run folder, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

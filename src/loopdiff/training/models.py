@@ -1,0 +1,107 @@
+"""Loading the pipeline to fine-tune, choosing what trains (full UNet or LoRA), and the reference policy."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from loopdiff.config import ConfigError, ModelConfig
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def resolve_pretrained(name: str) -> str:
+    """``"embedded"`` -> the shipped pipeline folder; a local folder or a Hub id otherwise."""
+    if name == "embedded":
+        from loopdiff.embedded.pipeline import embedded_pipeline_path
+
+        return str(embedded_pipeline_path())
+    return name
+
+
+def load_pipeline(config: ModelConfig) -> StableDiffusionPipeline:
+    """Load a Stable-Diffusion-format pipeline with a DDIM scheduler and frozen VAE and text encoder."""
+    source = resolve_pretrained(config.pretrained)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not (Path(source).expanduser() / "model_index.json").is_file():
+        raise ConfigError(
+            f"model.pretrained='{config.pretrained}': no diffusers pipeline (model_index.json) in '{source}'"
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(Path(source).expanduser()) if looks_local else source,
+            revision=config.revision,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except OSError as error:
+        raise ConfigError(f"model.pretrained='{config.pretrained}' could not be loaded: {error}") from None
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def configure_trainable(unet: torch.nn.Module, config: ModelConfig) -> list[torch.nn.Parameter]:
+    """Full fine-tuning (every UNet weight) or LoRA adapters on the attention projections via peft."""
+    if config.lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
+        )
+    else:
+        unet.requires_grad_(True)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def trainable_state_dict(unet: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """The weights that training changes: the LoRA adapter (peft format) or the whole UNet."""
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+
+
+def load_trainable_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
+    if lora:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(unet, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"LoRA checkpoint has unexpected keys: {result.unexpected_keys[:5]}")
+    else:
+        unet.load_state_dict(state)
+
+
+class ReferencePolicy:
+    """The pre-trained policy for a KL penalty: the UNet with LoRA disabled, or a frozen copy."""
+
+    def __init__(self, unet: torch.nn.Module, lora: bool):
+        self.unet, self.lora = unet, lora
+        self.frozen = None if lora else copy.deepcopy(unet).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[torch.nn.Module]:
+        """Yield a module computing the reference policy's noise prediction."""
+        if self.frozen is not None:
+            yield self.frozen
+            return
+        self.unet.disable_adapters()
+        try:
+            yield self.unet
+        finally:
+            self.unet.enable_adapters()

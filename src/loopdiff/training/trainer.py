@@ -1,0 +1,406 @@
+"""The training loop shared by every estimator.
+
+Per epoch: sample prompts x K trajectories without gradients -> decode -> rewards (in a worker thread,
+overlapping the next sampling chunk) -> advantages -> inner epochs of shuffled minibatches over
+(sample, step) pairs, recomputing log pi with gradients -> clipped AdamW steps. Evaluation before and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from loopdiff.advantages import PerPromptStatTracker, compute_advantages
+from loopdiff.config import RunConfig, build_estimator
+from loopdiff.evaluation import EvalResult, evaluate
+from loopdiff.objectives import gaussian_step_kl, policy_loss
+from loopdiff.prompts import PromptSet, load_prompt_set
+from loopdiff.reports.grids import save_grid, side_by_side
+from loopdiff.rewards.base import RewardFn, as_scores, build_reward
+from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
+from loopdiff.sampling.trajectories import PromptEncoder, Trajectories, decode_latents, sample_trajectories
+from loopdiff.training import checkpoint as ckpt
+from loopdiff.training.metrics import MetricsLogger, tensor_stats
+from loopdiff.training.minibatches import shuffled_pairs, split_minibatches
+from loopdiff.training.models import ReferencePolicy, configure_trainable, load_pipeline, trainable_state_dict
+
+
+@dataclass
+class Batch:
+    """One epoch's samples with their rewards and advantages."""
+
+    trajectories: Trajectories
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (epoch, process, ...)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class Trainer:
+    """Fine-tunes a Stable-Diffusion-format pipeline's UNet with the configured estimator."""
+
+    def __init__(self, config: RunConfig, reward_fn: RewardFn | None = None, pipeline: Any = None):
+        self.config = config
+        self.estimator = build_estimator(config)
+        self.accelerator = Accelerator(
+            mixed_precision=config.model.mixed_precision,
+            cpu=config.model.device == "cpu",
+        )
+        self.device = self.accelerator.device
+        self.run_dir = Path(config.output.dir)
+        self.train_prompts = load_prompt_set(config.prompts.train)
+        self.reward_fn = reward_fn or build_reward(config.reward.name, config.reward.options)
+        self._setup_model(pipeline)
+        uses_tracker = self.estimator.advantage in ("prompt_mean", "stat_tracker")
+        self.tracker = (
+            PerPromptStatTracker(
+                self.estimator.tracker_buffer_size,
+                self.estimator.tracker_min_count,
+                use_std=self.estimator.advantage == "stat_tracker",
+            )
+            if uses_tracker
+            else None
+        )
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_model(self, pipeline: Any) -> None:
+        config = self.config
+        self.pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
+        pipe = self.pipeline
+        pipe.vae.to(self.device)
+        pipe.text_encoder.to(self.device)
+        self.unet = pipe.unet.to(self.device)
+        params = configure_trainable(self.unet, config.model)
+        self.reference = ReferencePolicy(self.unet, config.model.lora) if self.estimator.kl_coef > 0 else None
+        t = config.training
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+            **fused,
+        )
+        warmup = max(1, t.warmup_epochs)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / warmup))
+        self.trained_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self.params = params
+        policy_config = PolicyConfig(
+            guidance_scale=config.sampling.guidance_scale,
+            eta=config.sampling.eta,
+            num_steps=config.sampling.num_steps,
+            reduction=config.sampling.logprob_reduction,  # type: ignore[arg-type]
+        )
+        self.sampler = DiffusionPolicy(self.unet, pipe.scheduler, policy_config)
+        self.learner = DiffusionPolicy(self.trained_unet, pipe.scheduler, policy_config)
+        self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.device)
+        self.uncond = self.encoder.unconditional()
+
+    # ------------------------------------------------------------------ phases
+
+    def collect(self, epoch: int, timings: dict[str, float]) -> tuple[Trajectories, torch.Tensor]:
+        """Sample this epoch's trajectories and score them (rewards overlap the next sampling chunk)."""
+        acc, est = self.accelerator, self.estimator
+        per_process = self.config.training.samples_per_epoch // acc.num_processes
+        n_prompts = per_process // est.samples_per_prompt
+        rng = np.random.default_rng(_seed(self.config.training.seed, epoch, acc.process_index))
+        generator = torch.Generator().manual_seed(_seed(self.config.training.seed, epoch, acc.process_index, 1))
+        chosen = torch.tensor(self.train_prompts.sample(n_prompts, rng))
+        prompt_ids = chosen.repeat_interleave(est.samples_per_prompt)
+        group_ids = (torch.arange(n_prompts) + acc.process_index * n_prompts).repeat_interleave(est.samples_per_prompt)
+        prompts = [self.train_prompts.prompts[i] for i in prompt_ids.tolist()]
+        metadata = [self.train_prompts.metadata[i] for i in prompt_ids.tolist()]
+        embeds = self.encoder(prompts)
+
+        chunk = self.config.sampling.batch_size
+        latents, log_probs, futures = [], [], []
+        with self._reward_pool() as pool:
+            for start in range(0, len(prompts), chunk):
+                t0 = time.perf_counter()
+                with acc.autocast():
+                    lat, lp = sample_trajectories(self.sampler, embeds[start : start + chunk], self.uncond, generator)
+                t1 = time.perf_counter()
+                images = decode_latents(self.pipeline.vae, lat[:, -1])
+                t2 = time.perf_counter()
+                timings["time/sampling"] += t1 - t0
+                timings["time/decoding"] += t2 - t1
+                latents.append(lat)
+                log_probs.append(lp)
+                futures.append(self._score(pool, images, prompts[start : start + chunk], metadata[start : start + chunk]))
+            t3 = time.perf_counter()
+            rewards = torch.cat([f.result() for f in futures])
+            timings["time/reward_wait"] += time.perf_counter() - t3
+        trajectories = Trajectories(
+            latents=torch.cat(latents),
+            log_probs=torch.cat(log_probs),
+            timesteps=self.sampler.timesteps.to(self.device),
+            prompt_ids=prompt_ids,
+            group_ids=group_ids,
+            prompt_embeds=embeds,
+            prompts=list(self.train_prompts.prompts),
+            metadata=list(self.train_prompts.metadata),
+        )
+        return trajectories, rewards
+
+    @contextlib.contextmanager
+    def _reward_pool(self):
+        if not self.config.reward.asynchronous:
+            yield None
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
+            yield pool
+
+    def _score(self, pool: ThreadPoolExecutor | None, images: torch.Tensor, prompts: list[str], metadata: list) -> Future:
+        def run() -> torch.Tensor:
+            return as_scores(self.reward_fn(images, prompts, metadata), len(prompts), self.config.reward.name)
+
+        if pool is not None:
+            return pool.submit(run)
+        future: Future = Future()
+        future.set_result(run())
+        return future
+
+    def advantages(self, trajectories: Trajectories, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages over the whole batch of all processes; returns this process's share."""
+        acc = self.accelerator
+        local = len(rewards)
+        all_rewards = acc.gather(rewards.to(self.device)).cpu()
+        all_groups = acc.gather(trajectories.group_ids.to(self.device)).cpu()
+        all_prompt_ids = acc.gather(trajectories.prompt_ids.to(self.device)).cpu()
+        prompts = [self.train_prompts.prompts[i] for i in all_prompt_ids.tolist()]
+        advantages = compute_advantages(
+            self.estimator.advantage,  # type: ignore[arg-type]
+            all_rewards,
+            all_groups,
+            prompts,
+            tracker=self.tracker,
+            clip=self.estimator.advantage_clip,
+        )
+        start = acc.process_index * local
+        return advantages[start : start + local]
+
+    def optimise(self, batch: Batch, epoch: int) -> dict[str, float]:
+        """Inner epochs of shuffled minibatches over (sample, step) pairs; returns averaged statistics."""
+        traj, est, t = batch.trajectories, self.estimator, self.config.training
+        sums: dict[str, float] = {"loss": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0, "kl_penalty": 0.0}
+        grad_norms, pairs_seen = [], 0
+        self.trained_unet.train()
+        for inner in range(est.inner_epochs):
+            generator = torch.Generator().manual_seed(_seed(t.seed, epoch, self.accelerator.process_index, 2, inner))
+            pairs = shuffled_pairs(len(traj), traj.log_probs.shape[1], t.timestep_fraction, generator)
+            for minibatch in split_minibatches(pairs, est.minibatches, t.micro_batch_size):
+                total = sum(len(m) for m in minibatch)
+                for k, micro in enumerate(minibatch):
+                    last = k == len(minibatch) - 1
+                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.trained_unet)
+                    with sync:
+                        out = self._micro_batch_loss(batch, micro)
+                        self.accelerator.backward(out.loss * (len(micro) / total))
+                    for key in sums:
+                        sums[key] += float(getattr(out, key).detach()) * len(micro)
+                    pairs_seen += len(micro)
+                grad_norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
+                grad_norms.append(float(grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        stats = {key: value / max(1, pairs_seen) for key, value in sums.items()}
+        stats["grad_norm"] = float(np.mean(grad_norms))
+        stats["optimizer_steps"] = float(len(grad_norms))
+        return stats
+
+    def _micro_batch_loss(self, batch: Batch, micro: torch.Tensor):
+        traj, est = batch.trajectories, self.estimator
+        i, j = micro[:, 0].to(self.device), micro[:, 1].to(self.device)
+        latents, next_latents = traj.latents[i, j], traj.latents[i, j + 1]
+        timesteps, embeds = traj.timesteps[j], traj.prompt_embeds[i]
+        with self.accelerator.autocast():
+            out = self.learner.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
+            step_kl = None
+            if self.reference is not None:
+                step_kl = self._reference_kl(out, latents, next_latents, timesteps, embeds)
+        return policy_loss(
+            est.loss,  # type: ignore[arg-type]
+            out.log_prob,
+            traj.log_probs[i, j],
+            batch.advantages.to(self.device)[i],
+            clip_range=est.clip_range,
+            step_kl=step_kl,
+            kl_coef=est.kl_coef,
+        )
+
+    def _reference_kl(self, out, latents, next_latents, timesteps, embeds) -> torch.Tensor:
+        assert self.reference is not None
+        with torch.no_grad(), self.reference.active() as ref_unet:
+            ref_policy = DiffusionPolicy(ref_unet, self.pipeline.scheduler, self.learner.config)
+            ref = ref_policy.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
+        return gaussian_step_kl(out.mean, ref.mean, out.std, self.config.sampling.logprob_reduction)
+
+    # ------------------------------------------------------------------ epochs, checkpoints, evaluation
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch: collect, score, advantages, optimise; returns its metrics."""
+        timings = {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0}
+        start = time.perf_counter()
+        trajectories, rewards = self.collect(epoch, timings)
+        t0 = time.perf_counter()
+        advantages = self.advantages(trajectories, rewards)
+        t1 = time.perf_counter()
+        stats = self.optimise(Batch(trajectories, rewards, advantages), epoch)
+        t2 = time.perf_counter()
+        self.lr_scheduler.step()
+        all_rewards = self.accelerator.gather(rewards.to(self.device)).cpu()
+        metrics = {
+            **tensor_stats("reward", all_rewards),
+            **tensor_stats("advantage", advantages),
+            **stats,
+            **timings,
+            "time/advantages": t1 - t0,
+            "time/training": t2 - t1,
+            "time/epoch": t2 - start,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+        }
+        return metrics
+
+    def _checkpoint_parts(self) -> ckpt.Resumable:
+        return ckpt.Resumable(self.unet, self.config.model.lora, self.optimizer, self.lr_scheduler, self.tracker)
+
+    def save(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        extra = {"history": self.history, "config": self.config.to_dict()}
+        return ckpt.save_checkpoint(self.run_dir, self.epoch, self._checkpoint_parts(), extra)
+
+    def resume(self) -> bool:
+        """Restore the newest checkpoint of the run folder, if any."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        info = ckpt.load_checkpoint(path, self._checkpoint_parts())
+        self.epoch = info["epoch"]
+        self.history = info.get("history", [])
+        metrics_file = self.run_dir / "metrics.jsonl"
+        if metrics_file.is_file() and self.accelerator.is_main_process:  # drop epochs logged after the checkpoint
+            lines = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["epoch"] <= self.epoch]
+            metrics_file.write_text("".join(line + "\n" for line in lines))
+        return True
+
+    def evaluation_rewards(self) -> dict[str, RewardFn]:
+        rewards: dict[str, RewardFn] = {self.config.reward.name: self.reward_fn}
+        for name in self.config.eval.rewards:
+            if name not in rewards:
+                rewards[name] = build_reward(name, self.config.reward.options)
+        return rewards
+
+    def evaluate(self, tag: str, prompt_set: PromptSet | None = None) -> EvalResult:
+        """Evaluate the current policy on the validation prompts; writes ``eval/<tag>.json`` and a grid."""
+        e = self.config.eval
+        prompt_set = prompt_set or load_prompt_set(self.config.prompts.val).head(e.max_prompts)
+        self.unet.eval()
+        with self.accelerator.autocast():
+            result = evaluate(
+                self.sampler,
+                self.encoder,
+                self.pipeline.vae,
+                prompt_set,
+                self.evaluation_rewards(),
+                images_per_prompt=e.images_per_prompt,
+                seed=e.seed,
+                batch_size=self.config.sampling.batch_size,
+                grid_prompts=e.grid_prompts,
+                progress=self.config.output.progress,
+            )
+        if self.accelerator.is_main_process:
+            out = self.run_dir / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"tag": tag, "epoch": self.epoch, "means": result.means,
+                      "per_prompt": {k: v.tolist() for k, v in result.per_prompt.items()},
+                      "prompts": result.prompts}
+            (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
+            torch.save(result.grid_images, out / f"{tag}_grid.pt")
+            n = len(result.grid_images)
+            save_grid(self.run_dir / "grids" / f"{tag}.png", list(result.grid_images[:, :4]), result.prompts[:n])
+        return result
+
+    def comparison_grid(self, tags: tuple[str, str] = ("base", "final")) -> Path | None:
+        """Side-by-side grid of two evaluations (same prompts, same seeds)."""
+        files = [self.run_dir / "eval" / f"{tag}_grid.pt" for tag in tags]
+        if not all(f.is_file() for f in files):
+            return None
+        grids = {tag: torch.load(f) for tag, f in zip(tags, files)}
+        prompts = json.loads((self.run_dir / "eval" / f"{tags[0]}.json").read_text())["prompts"]
+        n = min(len(g) for g in grids.values())
+        path = self.run_dir / "grids" / f"{tags[0]}_vs_{tags[1]}.png"
+        return side_by_side(path, prompts[:n], {t: g[:n] for t, g in grids.items()}, per_model=3)
+
+    def export(self) -> Path:
+        """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``)."""
+        unet = self.accelerator.unwrap_model(self.trained_unet)
+        if self.config.model.lora:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            path = self.run_dir / "final_lora"
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
+            return path
+        path = self.run_dir / "final_pipeline"
+        self.pipeline.unet = unet
+        self.pipeline.save_pretrained(path)
+        return path
+
+    def train(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        """Run (or resume) training to ``training.epochs``; evaluates before and after when asked."""
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = c.output.resume and self.resume()
+        if self.accelerator.is_main_process and not resumed:
+            (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        logger = MetricsLogger(
+            self.run_dir, c.output.tensorboard, c.output.wandb, c.output.wandb_project, c.to_dict(),
+            enabled=self.accelerator.is_main_process,
+        )
+        try:
+            if c.eval.images_per_prompt and not resumed and c.eval.every >= 0 and self._wants_eval():
+                self.evaluate("base")
+            bar = tqdm(range(self.epoch, c.training.epochs), desc="epochs", initial=self.epoch,
+                       total=c.training.epochs, disable=not c.output.progress)
+            for epoch in bar:
+                metrics = self.run_epoch(epoch)
+                self.epoch = epoch + 1
+                self.history.append({"epoch": self.epoch, **metrics})
+                logger.log(self.epoch, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+                if on_epoch_end is not None:
+                    on_epoch_end(self.epoch, metrics)
+                if self.epoch % c.output.checkpoint_every == 0 or self.epoch == c.training.epochs:
+                    self.save()
+                if c.eval.every and self.epoch % c.eval.every == 0 and self.epoch < c.training.epochs:
+                    self.evaluate(f"epoch_{self.epoch:05d}")
+            if self._wants_eval():
+                self.evaluate("final")
+                if self.accelerator.is_main_process:
+                    self.comparison_grid()
+        finally:
+            logger.close()
+        return self.history
+
+    def _wants_eval(self) -> bool:
+        return self.config.eval.max_prompts != 0

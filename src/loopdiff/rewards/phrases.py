@@ -156,14 +156,16 @@ def _looks_like_verb(tokens: list[_Token], i: int, after_break: bool) -> bool:
     ends_clause = following is None or _is_number(following) or (
         _is_function_word(following) and following not in DETERMINERS
     )
-    if after_content and _is_inflected_verb(word):
+    past_after_conjunction = previous in CONJUNCTIONS and (word.endswith("ed") or word in IRREGULAR_PAST)
+    if (after_content or past_after_conjunction) and _is_inflected_verb(word):
         # "sits on", "chases a", "looked elegant"
         return ends_clause or following in DETERMINERS or word.endswith("ed") or word in IRREGULAR_PAST
     plural_subject = after_content and previous.endswith("s") and word in VERBS
     if (after_content and word in POSTURE_VERBS) or plural_subject:
         return following in PREPOSITIONS or following in ADVERBS  # "the clouds float above"
-    if after_content and _looks_past_participle(word):
-        return ends_clause  # "were placed in", "kept the books organized"
+    if (after_content or previous in CONJUNCTIONS) and _looks_past_participle(word):
+        # "were placed in", "kept the books organized", "one truck cluttered the garage", "and played"
+        return ends_clause or following in DETERMINERS
     return False
 
 

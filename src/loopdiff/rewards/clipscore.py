@@ -1,0 +1,110 @@
+"""CLIPScore: image-prompt agreement of a CLIP model, in two variants.
+
+- ``variant="cosine"`` (default): the raw cosine similarity of the L2-normalised image and prompt
+  embeddings, as T2I-CompBench's ``CLIPScore_eval`` (CLIP ViT-B/32, the whole prompt as text);
+- ``variant="hessel"``: ``w * max(cos, 0)`` with ``w = 2.5`` (Hessel et al. 2021, CLIP-S).
+
+Hessel et al. prefix the text with "A photo depicts"; ``prefix`` adds any such text (default none,
+as T2I-CompBench). Images are 8-bit, short side resized (bicubic) and centre-cropped to the CLIP
+input, CLIP-normalised; prompts are truncated to the text model's length.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from loopdiff.rewards.base import RewardError, register_reward
+from loopdiff.rewards.hf_models import (
+    check_images,
+    chunks,
+    image_processor_settings,
+    load_model,
+    load_pretrained,
+    model_device,
+    model_dtype,
+    pooled_features,
+    resize_normalize,
+    weights_check,
+)
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+VARIANTS = ("cosine", "hessel")
+
+
+def clip_score(cosine: torch.Tensor, variant: str = "cosine", weight: float = 2.5) -> torch.Tensor:
+    """Turn cosine similarities into the chosen CLIPScore variant."""
+    if variant == "cosine":
+        return cosine
+    if variant == "hessel":
+        return weight * cosine.clamp(min=0)
+    raise RewardError(f"unknown CLIPScore variant {variant!r}; expected one of {VARIANTS}")
+
+
+class ClipScore:
+    """Callable reward: CLIPScore of each image against its prompt."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: str | torch.device = "cpu",
+        dtype: Any = torch.float32,
+        batch_size: int = 32,
+        variant: str = "cosine",
+        weight: float = 2.5,
+        prefix: str = "",
+        name: str = "clipscore",
+    ):
+        from transformers import AutoTokenizer, CLIPModel
+
+        if variant not in VARIANTS:
+            raise RewardError(f"reward '{name}': unknown variant {variant!r}; expected one of {VARIANTS}")
+        self.name = name
+        self.clip = load_model(CLIPModel, model, name, device, dtype)
+        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
+        self.settings = image_processor_settings(model, self.clip.config.vision_config.image_size)
+        self.batch_size = batch_size
+        self.variant = variant
+        self.weight = weight
+        self.prefix = prefix
+
+    @torch.no_grad()
+    def cosine(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity of each image's and its prompt's CLIP embeddings (CPU float32)."""
+        device = model_device(self.clip)
+        pixels = resize_normalize(images.to(device), self.settings, mode="bicubic", crop=True)
+        image = pooled_features(self.clip.get_image_features(pixel_values=pixels.to(model_dtype(self.clip))))
+        texts = [f"{self.prefix} {p}".strip() if self.prefix else p for p in prompts]
+        length = self.clip.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+        text = pooled_features(self.clip.get_text_features(**tokens.to(device)))
+        image = image / image.norm(dim=-1, keepdim=True)
+        text = text / text.norm(dim=-1, keepdim=True)
+        return (image * text).sum(-1).float().cpu()
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        images = check_images(images, self.name)
+        parts = [self.cosine(images[s], prompts[s]) for s in chunks(len(prompts), self.batch_size)]
+        return clip_score(torch.cat(parts) if parts else torch.zeros(0), self.variant, self.weight)
+
+
+@register_reward(
+    "clipscore",
+    description="CLIP image-prompt cosine (T2I-CompBench CLIPScore; variant=hessel for 2.5*max(cos,0))",
+    needs=f"CLIPModel weights (default '{DEFAULT_MODEL}'; option model=)",
+    extras=("transformers",),
+    check=weights_check(DEFAULT_MODEL),
+)
+def clipscore(
+    model: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: Any = "float32",
+    batch_size: int = 32,
+    variant: str = "cosine",
+    weight: float = 2.5,
+    prefix: str = "",
+) -> ClipScore:
+    return ClipScore(model, device, dtype, batch_size, variant, weight, prefix)

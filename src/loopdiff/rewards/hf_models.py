@@ -1,0 +1,188 @@
+"""Loading transformers reward models and preparing decoded images for them.
+
+Shared by the rewards that run a transformers model (BLIP-VQA, OWLv2, CLIP, captioner, BERT):
+
+- :func:`load_pretrained` loads any ``from_pretrained`` class from a local folder or a Hub id and
+  turns a failure into a :class:`RewardError` naming the reward and the path;
+- :func:`image_processor_settings` reads the model's image size, mean and std from its saved
+  image-processor config (without running that processor);
+- :func:`resize_normalize` does the resizing and normalisation on tensors, on the reward model's
+  device, quantising to 8-bit levels first as the references do (they read PNG files).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from loopdiff.rewards.base import RewardError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``"float16"``/``"bf16"``/``torch.float32``/``None`` -> a torch dtype (default float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    value = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise RewardError(f"dtype {dtype!r} is not a torch dtype; expected e.g. 'float32', 'float16', 'bfloat16'")
+    return value
+
+
+def _looks_like_local_path(model: str) -> bool:
+    return os.path.isabs(model) or model.startswith((".", "~"))
+
+
+def load_pretrained(loader: Any, model: str | os.PathLike, reward: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(model, **kwargs)``, or a :class:`RewardError` naming ``reward`` and ``model``."""
+    path = os.fspath(model)
+    what = getattr(loader, "__name__", str(loader))
+    if _looks_like_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise RewardError(f"reward '{reward}': model folder '{path}' does not exist (needed for {what})")
+    try:
+        return loader.from_pretrained(os.path.expanduser(path), **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        where = "local folder" if os.path.isdir(os.path.expanduser(path)) else "Hub id (or missing folder)"
+        raise RewardError(
+            f"reward '{reward}': cannot load {what} from {where} '{path}': {error}. "
+            "Point the reward's 'model' option at a folder holding the weights (save_pretrained layout)."
+        ) from error
+
+
+def load_model(loader: Any, model: str | os.PathLike, reward: str, device: str | torch.device, dtype: Any) -> Any:
+    """Load a transformers model, move it to ``device``/``dtype`` and set eval mode (no gradients)."""
+    network = load_pretrained(loader, model, reward)
+    network = network.to(device=torch.device(device), dtype=resolve_dtype(dtype)).eval()
+    network.requires_grad_(False)
+    return network
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How a model expects its pixels: square side, resampling, mean and std."""
+
+    size: int
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+
+def image_processor_settings(model: str | os.PathLike, default_size: int) -> ImageSettings:
+    """The image size, mean and std from the model's saved image-processor config, or CLIP's defaults."""
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(os.fspath(model))
+    except (OSError, ValueError, KeyError, ImportError):
+        return ImageSettings(default_size)
+    size = getattr(processor, "size", None) or {}
+    get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
+    side = get("height") or get("shortest_edge") or default_size
+    mean = tuple(getattr(processor, "image_mean", None) or OPENAI_CLIP_MEAN)
+    std = tuple(getattr(processor, "image_std", None) or OPENAI_CLIP_STD)
+    return ImageSettings(int(side), mean, std)  # type: ignore[arg-type]
+
+
+def check_images(images: torch.Tensor, reward: str) -> torch.Tensor:
+    """Validate a ``(N, 3, H, W)`` batch in [0, 1] and return it as float32."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise RewardError(f"reward '{reward}' expects images (N, 3, H, W); got shape {tuple(images.shape)}")
+    return images.detach().float()
+
+
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Round to the 256 levels of an 8-bit PNG (what the references read from disk)."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+def resize_normalize(
+    images: torch.Tensor,
+    settings: ImageSettings,
+    mode: str = "bicubic",
+    crop: bool = False,
+    quantize: bool = True,
+) -> torch.Tensor:
+    """``(N, 3, H, W)`` in [0, 1] -> normalised model pixels of side ``settings.size``.
+
+    ``crop=False`` resizes to a square (BLIP's ``Resize((s, s))``); ``crop=True`` resizes the short
+    side and centre-crops (CLIP). Antialiased resampling matches PIL's within a grey level.
+    """
+    x = quantize_8bit(images) if quantize else images.clamp(0, 1)
+    height, width = x.shape[-2:]
+    side = settings.size
+    if crop:
+        scale = side / min(height, width)
+        target = (max(side, round(height * scale)), max(side, round(width * scale)))
+    else:
+        target = (side, side)
+    if (height, width) != target:
+        x = F.interpolate(x, size=target, mode=mode, antialias=True, align_corners=False).clamp(0, 1)
+        if quantize:
+            x = quantize_8bit(x)  # PIL resizes 8-bit images to 8-bit images
+    if crop:
+        top, left = (x.shape[-2] - side) // 2, (x.shape[-1] - side) // 2
+        x = x[..., top : top + side, left : left + side]
+    mean = torch.tensor(settings.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(settings.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices ``[0, size), [size, 2 size), ...`` covering ``range(n)``."""
+    if size < 1:
+        raise RewardError(f"batch_size must be >= 1, got {size}")
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def pooled_features(output: Any) -> torch.Tensor:
+    """``get_image_features``/``get_text_features`` output as a tensor (transformers 4 returns one, 5 an output)."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def model_device(network: torch.nn.Module) -> torch.device:
+    return next(network.parameters()).device
+
+
+def model_dtype(network: torch.nn.Module) -> torch.dtype:
+    return next(network.parameters()).dtype
+
+
+def weights_check(default_model: str, option: str = "model"):
+    """A registry ``check``: why the weights named by ``options[option]`` cannot be loaded here, or ``None``.
+
+    A local folder must exist; a Hub id must be in the local Hugging Face cache when ``HF_HUB_OFFLINE``
+    is set (otherwise it may still be downloaded, so it is not reported).
+    """
+
+    def check(options: Any) -> str | None:
+        model = os.path.expanduser(os.fspath(options.get(option, default_model)))
+        if os.path.isdir(model):
+            return None
+        if _looks_like_local_path(model):
+            return f"model folder '{model}' does not exist"
+        if not _hub_offline():
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # an invalid repo id, an old huggingface_hub: treat as not cached
+            cached = None
+        if isinstance(cached, str):
+            return None
+        return f"'{model}' is not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+
+    return check
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}

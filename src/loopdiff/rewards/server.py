@@ -1,0 +1,272 @@
+"""A reward server for reward models too big to share the trainer's process, and its client reward.
+
+Server: ``python -m loopdiff.rewards.server --reward NAME --port P [--option key=value ...]`` serves
+any registered reward over HTTP on loopback (``--host`` to change). ``POST /score`` takes an ``.npz``
+body with
+
+- ``images``: ``uint8 (N, H, W, 3)`` (8-bit, as PNG files would hold them) or ``float32 (N, 3, H, W)``
+  in [0, 1];
+- ``prompts``, ``metadata``: JSON text (a list of strings, a list of objects), stored as 0-d arrays;
+
+and answers ``{"scores": [...]}`` (JSON). A reward error answers 500 with ``{"error": "..."}``;
+``GET /health`` answers ``{"reward": NAME}``.
+
+Client: the registered reward ``remote`` (options ``url``, ``timeout``, ``retries``, ``backoff``,
+``encoding``) posts each batch and retries connection failures, timeouts and 502/503/504 answers
+with exponential backoff (``backoff * 2**attempt`` seconds); a 500 answer (the reward itself failed)
+is raised at once as a :class:`RewardError` carrying the server's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from loopdiff.rewards.base import RewardError, RewardFn, as_scores, build_reward, register_reward
+
+ENCODINGS = ("uint8", "float32")
+RETRY_STATUS = {502, 503, 504}
+
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def encode_batch(
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    metadata: Sequence[Mapping[str, Any]],
+    encoding: str = "uint8",
+) -> bytes:
+    """The ``.npz`` request body for a batch (``uint8`` NHWC or ``float32`` NCHW images)."""
+    if encoding not in ENCODINGS:
+        raise RewardError(f"remote reward: unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+    x = images.detach().float().clamp(0, 1).cpu()
+    if encoding == "uint8":
+        array = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    else:
+        array = x.contiguous().numpy()
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        images=array,
+        prompts=np.array(json.dumps(list(prompts))),
+        metadata=np.array(json.dumps([dict(m) for m in metadata], default=str)),
+    )
+    return buffer.getvalue()
+
+
+def decode_batch(body: bytes) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:
+    """Inverse of :func:`encode_batch`: float images ``(N, 3, H, W)`` in [0, 1], prompts, metadata."""
+    with np.load(io.BytesIO(body), allow_pickle=False) as data:
+        array = data["images"]
+        prompts = json.loads(str(data["prompts"]))
+        metadata = json.loads(str(data["metadata"]))
+    if array.dtype == np.uint8:
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise RewardError(f"uint8 images must be (N, H, W, 3); got {array.shape}")
+        images = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
+    elif array.dtype == np.float32:
+        images = torch.from_numpy(array)
+    else:
+        raise RewardError(f"images must be uint8 or float32; got {array.dtype}")
+    return images, prompts, metadata
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "RewardServer"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.rstrip("/") == "/health":
+            self._reply(200, {"reward": self.server.reward_name})
+        else:
+            self._reply(404, {"error": f"unknown path {self.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") != "/score":
+            self._reply(404, {"error": f"unknown path {self.path}"})
+            return
+        try:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            images, prompts, metadata = decode_batch(body)
+            with self.server.lock:
+                scores = as_scores(self.server.reward_fn(images, prompts, metadata), len(prompts), "remote")
+            self._reply(200, {"scores": scores.tolist()})
+        except Exception as error:  # the client gets the message; the server keeps serving
+            self._reply(500, {"error": f"{type(error).__name__}: {error}"})
+
+    def _reply(self, status: int, payload: Mapping[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet unless verbose
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+class RewardServer(ThreadingHTTPServer):
+    """HTTP server scoring batches with ``reward_fn`` (one batch at a time; the model is not shared)."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        reward_fn: RewardFn,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reward_name: str = "reward",
+        verbose: bool = False,
+        handler: type[BaseHTTPRequestHandler] = _Handler,
+    ):
+        super().__init__((host, port), handler)
+        self.reward_fn = reward_fn
+        self.reward_name = reward_name
+        self.verbose = verbose
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start_in_thread(self) -> threading.Thread:
+        """Serve in a daemon thread (for tests and notebooks); stop with ``shutdown()``."""
+        thread = threading.Thread(target=self.serve_forever, name="reward-server", daemon=True)
+        thread.start()
+        return thread
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class RemoteReward:
+    """Callable reward that posts batches to a :class:`RewardServer`."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 600.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        encoding: str = "uint8",
+    ):
+        if encoding not in ENCODINGS:
+            raise RewardError(f"remote reward: unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.encoding = encoding
+        self.attempts = 0  # requests sent by the last call
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        body = encode_batch(images, prompts, metadata, self.encoding)
+        payload = self._post_with_retries(body)
+        return as_scores(torch.tensor(payload["scores"], dtype=torch.float32), len(prompts), "remote")
+
+    def _post_with_retries(self, body: bytes) -> dict[str, Any]:
+        self.attempts = 0
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.attempts += 1
+            try:
+                return self._post(body)
+            except urllib.error.HTTPError as error:
+                if error.code not in RETRY_STATUS:
+                    raise RewardError(f"remote reward at {self.url}: {_error_message(error)}") from error
+                last_error = error
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as error:
+                last_error = error
+        raise RewardError(
+            f"remote reward at {self.url}: no answer after {self.attempts} attempts: {last_error}"
+        ) from last_error
+
+    def _post(self, body: bytes) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}/score", data=body, method="POST", headers={"Content-Type": "application/x-npz"}
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read())
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(error.read()).get("error", str(error))
+    except (ValueError, AttributeError):
+        return str(error)
+
+
+@register_reward(
+    "remote",
+    description="a reward served by `python -m loopdiff.rewards.server` (HTTP, npz batches)",
+    needs="url= of a running reward server",
+    check=lambda options: None if options.get("url") else "needs option url=http://host:port",
+)
+def remote(
+    url: str | None = None, timeout: float = 600.0, retries: int = 3, backoff: float = 1.0, encoding: str = "uint8"
+) -> RemoteReward:
+    if not url:
+        raise RewardError("reward 'remote' needs option url=http://host:port")
+    return RemoteReward(url, timeout, retries, backoff, encoding)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["model=/w/blip", "batch_size=8"]`` -> ``{"model": "/w/blip", "batch_size": 8}`` (JSON values when valid)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option expects key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a registered loopdiff reward over HTTP.")
+    parser.add_argument("--reward", required=True, help="registered reward name, or a weighted sum 'a:1,b:0.1'")
+    parser.add_argument("--port", type=int, default=8085)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="reward factory option")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    options = _parse_options(args.option)
+    reward_fn = build_reward(args.reward, {args.reward: options} if options else None)
+    server = RewardServer(reward_fn, args.host, args.port, args.reward, args.verbose)
+    print(f"serving reward '{args.reward}' at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

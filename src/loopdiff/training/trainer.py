@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from loopdiff.advantages import PerPromptStatTracker, compute_advantages
 from loopdiff.config import RunConfig, build_estimator
 from loopdiff.evaluation import EvalResult, evaluate
-from loopdiff.objectives import gaussian_step_kl, policy_loss
+from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
 from loopdiff.reports.grids import save_grid, side_by_side
 from loopdiff.rewards.base import RewardFn, as_scores, build_reward
@@ -211,7 +211,7 @@ class Trainer:
                     last = k == len(minibatch) - 1
                     sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.trained_unet)
                     with sync:
-                        out = self._micro_batch_loss(batch, micro)
+                        out = self.minibatch_loss(batch, micro)
                         self.accelerator.backward(out.loss * (len(micro) / total))
                     for key in sums:
                         sums[key] += float(getattr(out, key).detach()) * len(micro)
@@ -225,7 +225,8 @@ class Trainer:
         stats["optimizer_steps"] = float(len(grad_norms))
         return stats
 
-    def _micro_batch_loss(self, batch: Batch, micro: torch.Tensor):
+    def minibatch_loss(self, batch: Batch, micro: torch.Tensor) -> LossOutput:
+        """The estimator's loss on the (sample index, step index) pairs ``micro`` (one UNet call)."""
         traj, est = batch.trajectories, self.estimator
         i, j = micro[:, 0].to(self.device), micro[:, 1].to(self.device)
         latents, next_latents = traj.latents[i, j], traj.latents[i, j + 1]

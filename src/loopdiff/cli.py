@@ -1,0 +1,242 @@
+"""The ``loopdiff`` command: train, sample, eval, rewards, pretrain, study."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULT_CONFIG = "embedded-color.yaml"
+
+TRAIN_EPILOG = """\
+examples:
+  loopdiff train                                   # LOOP (K=4) on the embedded world's color task
+  loopdiff train --config my.yaml training.epochs=50 estimator.preset=ppo
+  loopdiff train model.pretrained=stabilityai/stable-diffusion-2-base prompts.train=color_train.txt \\
+      reward.name=blip_vqa model.lora=true
+
+Any config field can be overridden as section.field=value; sections: model, sampling, estimator,
+training, reward, prompts, eval, output. Presets: reinforce, reinforce_bc, rloo, ppo (= ddpo), loop, grpo.
+"""
+
+
+def packaged_config(name: str) -> Path:
+    """A config file shipped with the package (``loopdiff/configs/<name>``)."""
+    return Path(str(resources.files("loopdiff") / "configs" / name))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from loopdiff.config import ConfigError
+    from loopdiff.prompts import PromptError
+    from loopdiff.rewards.base import RewardError
+
+    return (ConfigError, PromptError, RewardError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loopdiff.config import load_config
+    from loopdiff.training.trainer import Trainer
+
+    config_path = args.config or packaged_config(DEFAULT_CONFIG)
+    config = load_config(config_path, args.overrides)
+    trainer = Trainer(config)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        path = trainer.export()
+        print(f"exported the fine-tuned model to {path}")
+        _print_eval_summary(Path(config.output.dir))
+    return 0
+
+
+def _print_eval_summary(run_dir: Path) -> None:
+    base, final = run_dir / "eval" / "base.json", run_dir / "eval" / "final.json"
+    if not (base.is_file() and final.is_file()):
+        return
+    before, after = json.loads(base.read_text())["means"], json.loads(final.read_text())["means"]
+    print("\nvalidation (mean over prompts of the per-prompt mean):")
+    print(f"  {'reward':24s} {'base':>8s} {'fine-tuned':>10s}")
+    for name in before:
+        print(f"  {name:24s} {before[name]:8.4f} {after[name]:10.4f}")
+    print(f"grids: {run_dir / 'grids'}")
+
+
+# ---------------------------------------------------------------- sample and eval
+
+
+def _load_for_inference(model: str, lora: str | None, device: str):
+    from loopdiff.config import ModelConfig
+    from loopdiff.training.models import load_pipeline
+
+    pipe = load_pipeline(ModelConfig(pretrained=model))
+    if lora:
+        pipe.load_lora_weights(lora)
+    return pipe.to(device)
+
+
+def _policy_parts(pipe, args: argparse.Namespace):
+    from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
+    from loopdiff.sampling.trajectories import PromptEncoder
+
+    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(args.guidance_scale, args.eta, args.steps))
+    return policy, PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from loopdiff.reports.grids import save_grid
+    from loopdiff.sampling.trajectories import decode_latents, sample_trajectories
+
+    pipe = _load_for_inference(args.model, args.lora, args.device)
+    policy, encoder = _policy_parts(pipe, args)
+    prompts = args.prompt
+    repeated = [p for p in prompts for _ in range(args.num)]
+    generator = torch.Generator().manual_seed(args.seed)
+    latents, _ = sample_trajectories(policy, encoder(repeated), encoder.unconditional(), generator, progress=True)
+    images = decode_latents(pipe.vae, latents[:, -1])
+    rows = list(images.view(len(prompts), args.num, *images.shape[1:]))
+    path = save_grid(Path(args.out), rows, prompts)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loopdiff.evaluation import evaluate
+    from loopdiff.prompts import load_prompt_set
+    from loopdiff.rewards.base import build_reward, parse_reward_spec
+
+    pipe = _load_for_inference(args.model, args.lora, args.device)
+    policy, encoder = _policy_parts(pipe, args)
+    prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
+    options = json.loads(args.reward_options) if args.reward_options else {}
+    rewards = {name: build_reward(name, options) for name, _ in parse_reward_spec(args.reward)}
+    result = evaluate(policy, encoder, pipe.vae, prompt_set, rewards, args.images_per_prompt, args.seed)
+    for name, value in result.means.items():
+        print(f"{name:24s} {value:.4f}  ({len(prompt_set)} prompts x {args.images_per_prompt} images)")
+    if args.out:
+        record = {"means": result.means, "per_prompt": {k: v.tolist() for k, v in result.per_prompt.items()},
+                  "prompts": result.prompts}
+        Path(args.out).write_text(json.dumps(record, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------- rewards, pretrain, study
+
+
+def cmd_rewards(args: argparse.Namespace) -> int:
+    try:
+        from loopdiff.rewards.catalog import format_reward_table
+    except ImportError:
+        from loopdiff.rewards.base import registered_rewards
+
+        for name, info in registered_rewards().items():
+            reason = info.unavailable_reason()
+            print(f"{name:24s} {'ok' if reason is None else 'unavailable: ' + reason:40s} {info.description}")
+        return 0
+    print(format_reward_table())
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from loopdiff.embedded.pretrain import pretrain_cli
+
+    return pretrain_cli(args.pretrain_args)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from loopdiff.study.runner import study_cli
+
+    return study_cli(args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="embedded", help="'embedded', a pipeline folder or a Hub id")
+    parser.add_argument("--lora", default=None, help="LoRA weights folder saved by training (final_lora)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopdiff",
+        description="Reinforcement-learning fine-tuning of text-to-image diffusion models "
+        "(LOOP, PPO/DDPO, RLOO, REINFORCE, GRPO) against black-box rewards.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="fine-tune a pipeline with RL", epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a Stable-Diffusion-format pipeline with RL. Without --config: LOOP on the "
+        "embedded miniature world (color task), with a held-out evaluation of the base and fine-tuned model.",
+    )
+    train.add_argument("--config", help="YAML or TOML config file (default: the embedded color config)")
+    train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="draw images into a grid PNG")
+    sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
+    sample.add_argument("--num", type=int, default=4, help="images per prompt")
+    sample.add_argument("--out", default="samples.png", help="output PNG")
+    _add_sampling_flags(sample)
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = sub.add_parser("eval", help="score a model on a prompt set (SPEC evaluation protocol)")
+    evaluate.add_argument("--prompts", default="embedded:color:val", help="prompt source (file or embedded:<cat>:val)")
+    evaluate.add_argument("--reward", default="embedded_vqa", help="reward name(s), comma separated")
+    evaluate.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
+    evaluate.add_argument("--images-per-prompt", type=int, default=10)
+    evaluate.add_argument("--max-prompts", type=int, default=None)
+    evaluate.add_argument("--out", default=None, help="write per-prompt scores to this JSON file")
+    _add_sampling_flags(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    rewards = sub.add_parser("rewards", help="list registered rewards and whether they can run here")
+    rewards.set_defaults(func=cmd_rewards)
+
+    pretrain = sub.add_parser(
+        "pretrain", help="pretrain the embedded base pipeline from scratch", add_help=False,
+        description="Pretrain the embedded base pipeline; run 'loopdiff pretrain --help' for its options.",
+    )
+    pretrain.add_argument("pretrain_args", nargs=argparse.REMAINDER)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    study = sub.add_parser("study", help="run a grid of training runs and build tables, curves and a report")
+    study.add_argument("config", nargs="?", default=None, help="study config (default: the shipped paper study)")
+    study.add_argument("--out", default=None, help="study folder (default from the config)")
+    study.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    study.add_argument("--report-only", action="store_true", help="only rebuild tables, curves and the report")
+    study.set_defaults(func=cmd_study)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0
+    try:
+        return func(args)
+    except _user_errors() as error:
+        print(f"loopdiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Pretrain the embedded base model from scratch on the miniature world.
+
+Two stages, as latent diffusion is trained:
+
+1. the VAE (``AutoencoderKL``) on fresh renders: reconstruction MSE plus a small KL term; afterwards its
+   ``scaling_factor`` is set to 1 / std of the latents, as Stable Diffusion does;
+2. the text encoder and the UNet jointly, with the VAE frozen: epsilon-prediction MSE under SD's
+   scaled-linear 1000-step schedule, min-SNR weighting, 10% empty captions for classifier-free guidance,
+   and an EMA of the weights, which is what gets saved.
+
+Every batch is drawn fresh from ``world.random_caption_and_scene`` with a generator seeded by
+``(seed, stage, step)``, so a resumed run sees the same data as an uninterrupted one. The training state is
+checkpointed into ``<output>/pretrain_state/`` and the pipeline folder is exported at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from loopdiff.embedded.pipeline import (
+    NOISE_SCHEDULE,
+    assemble_pipeline,
+    build_untrained_pipeline,
+)
+
+STATE_DIR = "pretrain_state"
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines the pretrained weights."""
+
+    output_dir: str
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-4
+    unet_steps: int = 8000
+    unet_batch_size: int = 64
+    unet_lr: float = 5e-4
+    warmup_steps: int = 200
+    weight_decay: float = 1e-4
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 250
+    threads: int = 2
+    device: str = "cpu"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def draw_batch(seed: int, stage: int, step: int, batch_size: int) -> tuple[list[str], torch.Tensor]:
+    """``batch_size`` fresh (caption, image) pairs; images float (B, 3, 64, 64) in [-1, 1]."""
+    from loopdiff.embedded import world
+
+    rng = np.random.default_rng([seed, stage, step])
+    captions, images = [], []
+    for _ in range(batch_size):
+        caption, scene = world.random_caption_and_scene(rng)
+        captions.append(caption)
+        images.append(world.render(scene))
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return captions, pixels
+
+
+def random_scene(rng: np.random.Generator, max_objects: int = 4) -> Any:
+    """A scene of 1..``max_objects`` objects with uniformly random attributes (VAE training data)."""
+    from loopdiff.embedded import world
+
+    objects = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        size = int(rng.integers(12, 33))
+        objects.append(
+            world.WorldObject(
+                shape=str(rng.choice(world.SHAPES)),
+                color=str(rng.choice(list(world.COLORS))),
+                texture=str(rng.choice(world.TEXTURES)),
+                size=size,
+                x=int(rng.integers(size // 2, world.IMAGE_SIZE - size // 2 + 1)),
+                y=int(rng.integers(size // 2, world.IMAGE_SIZE - size // 2 + 1)),
+            )
+        )
+    return world.Scene(tuple(objects))
+
+
+def draw_images(seed: int, stage: int, step: int, batch_size: int) -> torch.Tensor:
+    """``batch_size`` renders of random scenes, float (B, 3, 64, 64) in [-1, 1]."""
+    from loopdiff.embedded import world
+
+    rng = np.random.default_rng([seed, stage, step])
+    images = np.stack([world.render(random_scene(rng)) for _ in range(batch_size)])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length, as ``StableDiffusionPipeline`` pads prompts."""
+    ids = tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids.to(device)
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, float]:
+    """Reconstruction MSE + ``kl_weight`` x mean KL to N(0, I); returns (loss, reconstruction MSE)."""
+    posterior = vae.encode(pixels).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    mse = F.mse_loss(recon, pixels)
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    return mse + kl_weight * kl, float(mse.detach())
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, seed: int, batches: int = 8, batch_size: int = 64) -> float:
+    """Standard deviation of sampled VAE latents over fresh renders (SD sets scaling_factor = 1 / this)."""
+    device = next(vae.parameters()).device
+    latents = []
+    for i in range(batches):
+        pixels = draw_images(seed, 99, i, batch_size)
+        latents.append(vae.encode(pixels.to(device)).latent_dist.sample())
+    return float(torch.cat(latents).std())
+
+
+# ----------------------------------------------------------------------------- stage 2: UNet + text encoder
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR."""
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def denoising_loss(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    input_ids: torch.Tensor,
+    generator: torch.Generator,
+    snr_gamma: float,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn timesteps, min-SNR weighted per sample."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+    )
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    hidden = text_encoder(input_ids)[0]
+    pred = unet(noisy, timesteps, hidden).sample
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for every floating-point parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class Trainer:
+    """Holds the models, optimisers and progress of one pretraining run; checkpoints and resumes."""
+
+    def __init__(self, config: PretrainConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.out = Path(config.output_dir)
+        self.state_path = self.out / STATE_DIR / STATE_FILE
+        pipe = build_untrained_pipeline(seed=config.seed)
+        self.tokenizer: CLIPTokenizer = pipe.tokenizer
+        self.vae: AutoencoderKL = pipe.vae.to(self.device)
+        self.unet: UNet2DConditionModel = pipe.unet.to(self.device)
+        self.text_encoder: CLIPTextModel = pipe.text_encoder.to(self.device)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text_encoder = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0, **fused)
+        self.unet_opt = torch.optim.AdamW(
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()),
+            lr=config.unet_lr, weight_decay=config.weight_decay, **fused,
+        )
+        self.vae_step = 0
+        self.unet_step = 0
+        self.history: dict[str, list[tuple[int, float]]] = {"vae_mse": [], "unet_loss": []}
+        self.first_loss: dict[str, float] = {}
+
+    # -- persistence
+    def save_state(self) -> None:
+        state = {
+            "config": asdict(self.config),
+            "vae_step": self.vae_step,
+            "unet_step": self.unet_step,
+            "vae": self.vae.state_dict(),
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema_unet": self.ema_unet.state_dict(),
+            "ema_text_encoder": self.ema_text_encoder.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "unet_opt": self.unet_opt.state_dict(),
+            "scaling_factor": self.vae.config.scaling_factor,
+            "history": self.history,
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def load_state(self) -> bool:
+        """Resume from ``<output>/pretrain_state/state.pt`` if it exists; returns whether it did."""
+        if not self.state_path.is_file():
+            return False
+        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        names = ["vae", "vae_opt"]
+        if state["unet_step"] > 0:  # before stage 2 the text side is untrained; the vocabulary may differ
+            names += ["unet", "text_encoder", "ema_unet", "ema_text_encoder", "unet_opt"]
+        for name in names:
+            getattr(self, name).load_state_dict(state[name])
+        self.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        self.vae_step, self.unet_step = state["vae_step"], state["unet_step"]
+        self.history = state["history"]
+        return True
+
+    def export_pipeline(self) -> None:
+        """Write the pipeline folder (EMA text encoder and UNet) in the Stable Diffusion layout."""
+        pipe = assemble_pipeline(self.tokenizer, self.ema_text_encoder, self.vae, self.ema_unet)
+        pipe.save_pretrained(self.out, safe_serialization=True)
+
+    def checkpoint(self) -> None:
+        self.save_state()
+        self.export_pipeline()
+
+    # -- stage 1
+    def train_vae(self, steps: int) -> None:
+        cfg = self.config
+        self.vae.train()
+        bar = tqdm(total=steps, initial=min(self.vae_step, steps), desc="VAE", dynamic_ncols=True)
+        while self.vae_step < steps:
+            pixels = draw_images(cfg.seed, 1, self.vae_step, cfg.vae_batch_size)
+            loss, mse = vae_loss(self.vae, pixels.to(self.device), cfg.vae_kl_weight)
+            for group in self.vae_opt.param_groups:
+                group["lr"] = cfg.vae_lr * warmup_cosine(self.vae_step, cfg.warmup_steps, steps)
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
+            self.vae_opt.step()
+            self.first_loss.setdefault("vae", float(loss))
+            self.history["vae_mse"].append((self.vae_step, mse))
+            self.vae_step += 1
+            bar.update(1)
+            bar.set_postfix(mse=f"{mse:.4f}")
+            if self.vae_step == steps:
+                self.vae.eval()
+                std = latent_std(self.vae, cfg.seed)
+                self.vae.register_to_config(scaling_factor=1.0 / std)
+                bar.write(f"VAE done: latent std {std:.4f}, scaling_factor {1.0 / std:.4f}")
+            if self.vae_step % cfg.checkpoint_every == 0 or self.vae_step == steps:
+                self.checkpoint()
+        bar.close()
+        self.vae.eval().requires_grad_(False)
+
+    # -- stage 2
+    def train_unet(self, steps: int) -> None:
+        cfg = self.config
+        self.unet.train()
+        self.text_encoder.train()
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        scale = self.vae.config.scaling_factor
+        bar = tqdm(total=steps, initial=min(self.unet_step, steps), desc="UNet+text", dynamic_ncols=True)
+        while self.unet_step < steps:
+            captions, pixels = draw_batch(cfg.seed, 2, self.unet_step, cfg.unet_batch_size)
+            generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.unet_step)
+            drop = torch.rand(len(captions), generator=generator, device=self.device) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            with torch.no_grad():
+                latents = self.vae.encode(pixels.to(self.device)).latent_dist.sample(generator) * scale
+            loss = denoising_loss(
+                self.unet, self.text_encoder, self.noise_scheduler, latents,
+                tokenize(self.tokenizer, captions, self.device), generator, cfg.snr_gamma,
+            )
+            for group in self.unet_opt.param_groups:
+                group["lr"] = cfg.unet_lr * warmup_cosine(self.unet_step, cfg.warmup_steps, steps)
+            self.unet_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.unet_opt.step()
+            decay = min(cfg.ema_decay, (1 + self.unet_step) / (10 + self.unet_step))
+            update_ema(self.ema_unet, self.unet, decay)
+            update_ema(self.ema_text_encoder, self.text_encoder, decay)
+            self.first_loss.setdefault("unet", float(loss))
+            self.history["unet_loss"].append((self.unet_step, float(loss)))
+            self.unet_step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            if self.unet_step % cfg.checkpoint_every == 0 or self.unet_step == steps:
+                self.checkpoint()
+        bar.close()
+
+
+def pretrain(config: PretrainConfig, resume: bool = True) -> Trainer:
+    """Run (or resume) both stages and leave the pipeline folder in ``config.output_dir``."""
+    torch.set_num_threads(config.threads)
+    trainer = Trainer(config)
+    if resume and trainer.load_state():
+        print(f"resumed from {trainer.state_path}: VAE step {trainer.vae_step}, UNet step {trainer.unet_step}")
+    start = time.perf_counter()
+    trainer.train_vae(config.vae_steps)
+    trainer.train_unet(config.unet_steps)
+    trainer.checkpoint()
+    print(f"pretraining finished in {(time.perf_counter() - start) / 60:.1f} min; pipeline in {trainer.out}")
+    return trainer
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PretrainConfig(output_dir="")
+    parser = argparse.ArgumentParser(
+        prog="loopdiff pretrain",
+        description="Pretrain the embedded base pipeline (VAE, then text encoder + UNet) on the miniature world.",
+    )
+    parser.add_argument("--output-dir", required=True, help="folder for the pipeline (Stable Diffusion layout)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
+    parser.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
+    parser.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size)
+    parser.add_argument("--unet-batch-size", type=int, default=defaults.unet_batch_size)
+    parser.add_argument("--vae-lr", type=float, default=defaults.vae_lr)
+    parser.add_argument("--unet-lr", type=float, default=defaults.unet_lr)
+    parser.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout)
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="cap both stages at this many steps (quick trials and tests)")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the output")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """Turn parsed arguments into a validated ``PretrainConfig``."""
+    values: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None
+    }
+    config = PretrainConfig(**values)
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
+        config.vae_steps = min(config.vae_steps, args.max_steps)
+        config.unet_steps = min(config.unet_steps, args.max_steps)
+        config.warmup_steps = min(config.warmup_steps, args.max_steps)
+    for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every", "threads"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not 0.0 <= config.caption_dropout < 1.0:
+        raise ValueError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
+    return config
+
+
+def pretrain_cli(argv: list[str] | None = None) -> int:
+    """``loopdiff pretrain``: reproduce the shipped embedded pipeline from scratch. Returns an exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    pretrain(config, resume=not args.no_resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(pretrain_cli())

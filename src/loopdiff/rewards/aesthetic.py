@@ -107,7 +107,8 @@ class AestheticScore:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
         images = check_images(images, self.name)
-        scores = [self.head(self.embeddings(images[part])).float().cpu() for part in chunks(len(images), self.batch_size)]
+        parts = chunks(len(images), self.batch_size)
+        scores = [self.head(self.embeddings(images[part])).float().cpu() for part in parts]
         return torch.cat(scores) if scores else torch.zeros(0)
 
 

@@ -83,12 +83,18 @@ def image_processor_settings(model: str | os.PathLike, default_size: int) -> Ima
         processor = AutoImageProcessor.from_pretrained(os.fspath(model))
     except (OSError, ValueError, KeyError, ImportError):
         return ImageSettings(default_size)
-    size = getattr(processor, "size", None) or {}
-    get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
-    side = get("height") or get("shortest_edge") or default_size
+    side = _side(getattr(processor, "crop_size", None)) or _side(getattr(processor, "size", None)) or default_size
     mean = tuple(getattr(processor, "image_mean", None) or OPENAI_CLIP_MEAN)
     std = tuple(getattr(processor, "image_std", None) or OPENAI_CLIP_STD)
     return ImageSettings(int(side), mean, std)  # type: ignore[arg-type]
+
+
+def _side(size: Any) -> int | None:
+    """The square side in an image processor's ``size``/``crop_size`` (a dict or a SizeDict)."""
+    if not size:
+        return None
+    get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
+    return get("height") or get("shortest_edge")
 
 
 def check_images(images: torch.Tensor, reward: str) -> torch.Tensor:
@@ -103,6 +109,24 @@ def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round() / 255
 
 
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Antialiased resize of ``(N, C, H, W)`` in [0, 1] to ``size`` (one float pass)."""
+    return F.interpolate(images, size=size, mode=mode, antialias=True, align_corners=False).clamp(0, 1)
+
+
+def resize_like_pil(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize 8-bit images as PIL does: a horizontal then a vertical pass, each rounded to 8 bits.
+
+    Matches ``PIL.Image.resize`` (BICUBIC/BILINEAR) within one or two grey levels.
+    """
+    height, width = images.shape[-2:]
+    if width != size[1]:
+        images = quantize_8bit(resize(images, (height, size[1]), mode))
+    if height != size[0]:
+        images = quantize_8bit(resize(images, size, mode))
+    return images
+
+
 def resize_normalize(
     images: torch.Tensor,
     settings: ImageSettings,
@@ -113,20 +137,19 @@ def resize_normalize(
     """``(N, 3, H, W)`` in [0, 1] -> normalised model pixels of side ``settings.size``.
 
     ``crop=False`` resizes to a square (BLIP's ``Resize((s, s))``); ``crop=True`` resizes the short
-    side and centre-crops (CLIP). Antialiased resampling matches PIL's within a grey level.
+    side and centre-crops (CLIP). With ``quantize`` the images are 8-bit and resized as PIL resizes
+    them (:func:`resize_like_pil`), as the references do on PNG files.
     """
     x = quantize_8bit(images) if quantize else images.clamp(0, 1)
     height, width = x.shape[-2:]
     side = settings.size
     if crop:
         scale = side / min(height, width)
-        target = (max(side, round(height * scale)), max(side, round(width * scale)))
+        target = (max(side, int(height * scale)), max(side, int(width * scale)))  # as transformers' resize
     else:
         target = (side, side)
     if (height, width) != target:
-        x = F.interpolate(x, size=target, mode=mode, antialias=True, align_corners=False).clamp(0, 1)
-        if quantize:
-            x = quantize_8bit(x)  # PIL resizes 8-bit images to 8-bit images
+        x = resize_like_pil(x, target, mode) if quantize else resize(x, target, mode)
     if crop:
         top, left = (x.shape[-2] - side) // 2, (x.shape[-1] - side) // 2
         x = x[..., top : top + side, left : left + side]

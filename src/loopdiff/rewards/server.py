@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -140,6 +141,12 @@ class RewardServer(ThreadingHTTPServer):
         self.reward_name = reward_name
         self.verbose = verbose
         self.lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client hung up (it timed out and will retry); report anything else."""
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:

@@ -20,6 +20,7 @@ def red_minus_blue(images: torch.Tensor, prompts, metadata) -> torch.Tensor:
 
 
 def make_trainer(tmp_path: Path, preset: str, seed: int = 0, reward=red_minus_blue, **sections: Any) -> Trainer:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     values: dict[str, Any] = {

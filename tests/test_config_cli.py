@@ -1,0 +1,88 @@
+"""Configuration validation and the CLI's errors: clear messages naming the field and value, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loopdiff.cli import main, packaged_config
+from loopdiff.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides_reach_the_right_fields(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[training]\nepochs = 7\n[estimator]\npreset = "ppo"\n')
+    config = load_config(path, ["training.learning_rate=3e-4", "eval.rewards=a,b", "model.lora=true"])
+    assert config.training.epochs == 7 and config.estimator.preset == "ppo"
+    assert config.training.learning_rate == pytest.approx(3e-4)
+    assert config.eval.rewards == ["a", "b"] and config.model.lora is True
+
+
+def test_packaged_default_config_is_valid() -> None:
+    config = load_config(packaged_config("embedded-color.yaml"))
+    assert config.estimator.preset == "loop" and config.estimator.samples_per_prompt == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.learning_rate=-1", "training.learning_rate=-1"),
+        ("sampling.eta=0", "sampling.eta=0"),
+        ("training.timestep_fraction=1.5", "training.timestep_fraction=1.5"),
+        ("estimator.preset=ddpg", "estimator.preset='ddpg'"),
+        ("estimator.advantage=median", "estimator.advantage='median'"),
+        ("training.epochs=ten", "training.epochs='ten'"),
+        ("training.samples_per_epoch=30", "multiple of samples_per_prompt K=4"),
+        ("sampling.logprob_reduction=max", "sampling.logprob_reduction='max'"),
+        ("training.nonsense=1", "unknown config field 'training.nonsense'"),
+        ("model.mixed_precision=fp8", "model.mixed_precision='fp8'"),
+    ],
+)
+def test_bad_values_name_field_and_value(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "allowed" in str(info.value) or "fields of" in str(info.value) or "valid" in str(info.value)
+
+
+def test_group_estimator_needs_k_of_two() -> None:
+    with pytest.raises(ConfigError, match="samples_per_prompt=1"):
+        load_config(None, ["estimator.preset=loop", "estimator.samples_per_prompt=1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["prompts.train=/nonexistent/prompts.txt"], "prompt file '/nonexistent/prompts.txt' does not exist"),
+        (["reward.name=no_such_reward"], "unknown reward 'no_such_reward'"),
+        (["estimator.preset=bogus"], "estimator.preset='bogus' is invalid; allowed: reinforce"),
+    ],
+)
+def test_cli_reports_user_errors_without_traceback(tmp_path, capsys, overrides, message) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    base = [f"prompts.train={prompts}", f"prompts.val={prompts}", f"output.dir={tmp_path / 'run'}",
+            "reward.name=jpeg_compressibility"]
+    code = main(["train", *base, *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_cli_subprocess_error_is_one_clean_line(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loopdiff.cli", "train", "training.epochs=-3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "training.epochs=-3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_explains_itself(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "section.field=value" in text and "loop" in text and "reinforce_bc" in text

@@ -1,6 +1,6 @@
 # make run : set up .venv and run the main job (LOOP, K=4, on the embedded world's color task)
 # make test: set up .venv and run the test suite
-.PHONY: setup run test bench study
+.PHONY: setup run test bench
 
 export HF_HUB_OFFLINE := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
@@ -18,6 +18,3 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/epoch.py
-
-study: setup
-	.venv/bin/loopdiff study

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 from trainer_helpers import make_trainer
 
@@ -33,17 +40,59 @@ def test_rloo_raises_a_simple_reward(tmp_path) -> None:
     assert last > first + 1.0, rewards
 
 
-def test_resume_continues_exactly(tmp_path) -> None:
-    straight = make_trainer(tmp_path / "a", "ppo", training={"epochs": 3}, output={"checkpoint_every": 1})
+KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer_helpers import make_trainer
+
+def die_in_epoch_three(epoch, metrics):
+    if epoch == 3:  # the checkpoint of epoch 2 exists, epoch 3 is logged but not saved
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer = make_trainer(Path({folder!r}), "ppo", training={{"epochs": 4}}, output={{"checkpoint_every": 1}})
+trainer.train(on_epoch_end=die_in_epoch_three)
+"""
+
+
+def test_kill_then_resume_continues_exactly(tmp_path) -> None:
+    straight = make_trainer(tmp_path / "a", "ppo", training={"epochs": 4}, output={"checkpoint_every": 1})
     straight.train()
-    first = make_trainer(tmp_path / "b", "ppo", training={"epochs": 2}, output={"checkpoint_every": 1})
-    first.train()
-    resumed = make_trainer(tmp_path / "b", "ppo", training={"epochs": 3}, output={"checkpoint_every": 1})
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "b"))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = make_trainer(tmp_path / "b", "ppo", training={"epochs": 4}, output={"checkpoint_every": 1})
     assert resumed.resume() and resumed.epoch == 2
-    assert resumed.tracker is not None and resumed.tracker.buffers == first.tracker.buffers
+    assert resumed.tracker is not None and sum(len(b) for b in resumed.tracker.buffers.values()) == 16
     resumed.config.output.resume = False  # already resumed above
     resumed.train()
     torch.testing.assert_close(_weights(resumed.unet), _weights(straight.unet), rtol=0, atol=0)
     a = [h["reward/mean"] for h in straight.history]
     b = [h["reward/mean"] for h in resumed.history]
     assert a == b
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "run-ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # the killed run's epoch 3 was dropped and redone
+
+
+def test_lora_training_exports_weights_that_load(tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import build_tiny_pipeline
+
+    trainer = make_trainer(tmp_path, "loop", model={"lora": True, "lora_rank": 2})
+    frozen = trainer.unet.conv_in.weight.detach().clone()
+    trainer.train()
+    assert torch.equal(trainer.unet.conv_in.weight, frozen)  # base weights untouched under LoRA
+    path = trainer.export()
+    pipe = build_tiny_pipeline()
+    pipe.load_lora_weights(path)
+    x = torch.randn(1, 4, 8, 8)
+    emb = torch.randn(1, 12, 16)
+    ours = trainer.unet(x, 10, encoder_hidden_states=emb).sample
+    loaded = pipe.unet(x, 10, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-4)

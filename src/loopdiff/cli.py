@@ -1,4 +1,4 @@
-"""The ``loopdiff`` command: train, sample, eval, rewards, pretrain, study."""
+"""The ``loopdiff`` command: train, sample, eval, rewards, pretrain."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- rewards, pretrain, study
+# ---------------------------------------------------------------- rewards, pretrain
 
 
 def cmd_rewards(args: argparse.Namespace) -> int:
@@ -148,12 +148,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from loopdiff.embedded.pretrain import pretrain_cli
 
     return pretrain_cli(args.pretrain_args)
-
-
-def cmd_study(args: argparse.Namespace) -> int:
-    from loopdiff.study.runner import study_cli
-
-    return study_cli(args)
 
 
 # ---------------------------------------------------------------- parser
@@ -214,12 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("pretrain_args", nargs=argparse.REMAINDER)
     pretrain.set_defaults(func=cmd_pretrain)
 
-    study = sub.add_parser("study", help="run a grid of training runs and build tables, curves and a report")
-    study.add_argument("config", nargs="?", default=None, help="study config (default: the shipped paper study)")
-    study.add_argument("--out", default=None, help="study folder (default from the config)")
-    study.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
-    study.add_argument("--report-only", action="store_true", help="only rebuild tables, curves and the report")
-    study.set_defaults(func=cmd_study)
     return parser
 
 

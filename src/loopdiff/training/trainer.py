@@ -360,7 +360,10 @@ class Trainer:
 
             path = self.run_dir / "final_lora"
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
+            metadata = unet.peft_config["default"].to_dict()  # keeps lora_alpha, so the scale survives loading
+            StableDiffusionPipeline.save_lora_weights(
+                path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+            )
             return path
         path = self.run_dir / "final_pipeline"
         self.pipeline.unet = unet

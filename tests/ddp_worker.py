@@ -1,0 +1,24 @@
+"""Run by tests/test_multiprocess.py under torchrun: two CPU processes training one model with gloo."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_helpers import make_trainer  # noqa: E402
+
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+trainer = make_trainer(out, "loop", training={"epochs": 2, "samples_per_epoch": 16})
+history = trainer.train()
+checksum = float(sum(p.double().sum() for p in trainer.unet.parameters()))
+rank = trainer.accelerator.process_index
+first_latents = trainer.collect(5, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})[0]
+(out / f"rank{rank}.json").write_text(json.dumps({
+    "processes": trainer.accelerator.num_processes,
+    "checksum": checksum,
+    "sample_sum": float(first_latents.latents[:, -1].sum()),
+    "reward_means": [h["reward/mean"] for h in history],
+}))

@@ -90,6 +90,7 @@ class PromptConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # evaluate every N epochs (0: only before and after training)
+    before_training: bool = True  # evaluate the base model first (eval/base.json)
     images_per_prompt: int = 10
     max_prompts: int | None = None
     seed: int = 1234

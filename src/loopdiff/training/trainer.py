@@ -382,7 +382,7 @@ class Trainer:
             enabled=self.accelerator.is_main_process,
         )
         try:
-            if c.eval.images_per_prompt and not resumed and c.eval.every >= 0 and self._wants_eval():
+            if c.eval.before_training and not resumed and self._wants_eval():
                 self.evaluate("base")
             bar = tqdm(range(self.epoch, c.training.epochs), desc="epochs", initial=self.epoch,
                        total=c.training.epochs, disable=not c.output.progress)

@@ -160,6 +160,7 @@ _BUILTINS = _Loaded(
         "loopdiff.rewards.clipscore",
         "loopdiff.rewards.alignment",
         "loopdiff.rewards.server",
+        "loopdiff.rewards.dispatch",
         "loopdiff.embedded.rewards",
     ]
 )

@@ -28,7 +28,36 @@ def test_one_epoch_changes_the_weights_and_logs(tmp_path) -> None:
     record = history[0]
     assert record["optimizer_steps"] == 4  # LOOP preset: 4 minibatches per batch of samples
     lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and '"reward/mean"' in lines[0]
+    assert len(lines) == 1 and json.loads(lines[0])["reward/mean"] == record["reward/mean"]
+
+
+def test_full_export_is_a_loadable_pipeline_with_the_trained_unet(tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    trainer = make_trainer(tmp_path, "reinforce", output={"tensorboard": True})
+    trainer.train()
+    assert list((trainer.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    path = trainer.export()
+    loaded = StableDiffusionPipeline.from_pretrained(path)
+    for (name, ours), theirs in zip(trainer.unet.state_dict().items(), loaded.unet.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+
+
+def test_lora_reference_policy_is_the_base_model(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, "grpo", model={"lora": True, "lora_rank": 2},
+                           training={"learning_rate": 1e-2})
+    x, emb = torch.randn(2, 4, 8, 8), torch.randn(2, 12, 16)
+    with torch.no_grad():
+        base = trainer.unet(x, 10, encoder_hidden_states=emb).sample
+    trainer.train()
+    with torch.no_grad():
+        tuned = trainer.unet(x, 10, encoder_hidden_states=emb).sample
+        with trainer.reference.active() as reference:
+            ref = reference(x, 10, encoder_hidden_states=emb).sample
+        after = trainer.unet(x, 10, encoder_hidden_states=emb).sample
+    assert (tuned - base).abs().max() > 1e-6  # LoRA moved the policy
+    torch.testing.assert_close(ref, base)  # the reference is the pre-trained model
+    torch.testing.assert_close(after, tuned)  # and the adapters are back on afterwards
 
 
 def test_rloo_raises_a_simple_reward(tmp_path) -> None:

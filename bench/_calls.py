@@ -1,0 +1,211 @@
+"""The network calls one training epoch needs: counted analytically, observed with hooks, and timed bare.
+
+An epoch of N trajectories of T steps with guidance makes
+- sampling: T UNet calls per sampling chunk, at 2 x chunk rows (both guidance branches in one call);
+- decoding: one VAE decode per chunk (at most ``decode_batch`` latents per call);
+- training: per inner epoch, N x round(T x timestep_fraction) (sample, step) pairs split into ``minibatches``
+  optimiser steps of micro-batches of at most ``micro_batch_size`` pairs; one forward+backward UNet call at
+  2 x micro rows each.
+
+``bare_epoch_seconds`` times exactly these calls on random inputs of the same shapes and nothing else: the
+floor an epoch cannot go below. An epoch's time divided by it is the trainer's overhead factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+# Inner batch sizes of loopdiff.sampling.trajectories.sample_trajectories / decode_latents (their defaults).
+SAMPLER_BATCH = 64
+DECODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class EpochShape:
+    """What fixes the number and shape of an epoch's network calls."""
+
+    samples: int
+    num_steps: int
+    sampling_chunk: int
+    guided: bool = True
+    timestep_fraction: float = 1.0
+    inner_epochs: int = 1
+    minibatches: int = 1
+    micro_batch_size: int = 64
+
+    @classmethod
+    def from_trainer(cls, trainer) -> "EpochShape":
+        c, est = trainer.config, trainer.estimator
+        return cls(
+            samples=c.training.samples_per_epoch // trainer.accelerator.num_processes,
+            num_steps=c.sampling.num_steps,
+            sampling_chunk=c.sampling.batch_size,
+            guided=c.sampling.guidance_scale != 1.0,
+            timestep_fraction=c.training.timestep_fraction,
+            inner_epochs=est.inner_epochs,
+            minibatches=est.minibatches,
+            micro_batch_size=c.training.micro_batch_size,
+        )
+
+
+def _split(total: int, size: int) -> list[int]:
+    """Sizes of consecutive chunks of at most ``size`` covering ``total``."""
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def _tensor_split_sizes(total: int, parts: int) -> list[int]:
+    """Sizes ``torch.tensor_split`` gives when splitting ``total`` items into ``parts`` near-equal parts."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+@dataclass
+class CallPlan:
+    """Rows (batch size) of each network call of one epoch, in order."""
+
+    sampling: list[int] = field(default_factory=list)  # UNet forward, no gradients
+    decoding: list[int] = field(default_factory=list)  # VAE decode, no gradients
+    training: list[list[int]] = field(default_factory=list)  # per optimiser step: UNet forward+backward calls
+
+    @property
+    def training_calls(self) -> list[int]:
+        return [rows for step in self.training for rows in step]
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "sampling_calls": len(self.sampling),
+            "sampling_rows": sum(self.sampling),
+            "decode_calls": len(self.decoding),
+            "decode_rows": sum(self.decoding),
+            "training_calls": len(self.training_calls),
+            "training_rows": sum(self.training_calls),
+            "optimizer_steps": len(self.training),
+        }
+
+
+def epoch_plan(shape: EpochShape) -> CallPlan:
+    """The network calls the trainer makes in one epoch of ``shape`` (see the module docstring)."""
+    branches = 2 if shape.guided else 1
+    plan = CallPlan()
+    for chunk in _split(shape.samples, shape.sampling_chunk):
+        for rows in _split(chunk, SAMPLER_BATCH):
+            plan.sampling += [branches * rows] * shape.num_steps
+        plan.decoding += _split(chunk, DECODE_BATCH)
+    keep = max(1, int(round(shape.num_steps * shape.timestep_fraction)))
+    pairs = shape.samples * keep
+    for _ in range(shape.inner_epochs):
+        for step_pairs in _tensor_split_sizes(pairs, shape.minibatches):
+            plan.training.append([branches * rows for rows in _split(step_pairs, shape.micro_batch_size)])
+    return plan
+
+
+# ---------------------------------------------------------------- observing the calls a trainer makes
+
+
+@dataclass
+class ObservedCalls:
+    """Rows of every UNet call (with or without gradients) and of every VAE decoder call."""
+
+    unet_no_grad: list[int] = field(default_factory=list)
+    unet_grad: list[int] = field(default_factory=list)
+    decoder: list[int] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def observe_calls(unet: torch.nn.Module, vae: torch.nn.Module) -> Iterator[ObservedCalls]:
+    """Record the batch size of each UNet and VAE-decoder forward call while the context is open."""
+    seen = ObservedCalls()
+
+    def on_unet(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        (seen.unet_grad if torch.is_grad_enabled() else seen.unet_no_grad).append(sample.shape[0])
+
+    def on_decoder(module, args, kwargs):
+        seen.decoder.append((args[0] if args else kwargs["z"]).shape[0])
+
+    handles = [
+        unet.register_forward_pre_hook(on_unet, with_kwargs=True),
+        vae.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
+    ]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------- timing the bare calls
+
+
+@dataclass
+class BareTimes:
+    """Seconds of the bare network calls of one epoch."""
+
+    sampling: float
+    decoding: float
+    training: float
+
+    @property
+    def total(self) -> float:
+        return self.sampling + self.decoding + self.training
+
+
+def _latent_hw(unet: torch.nn.Module) -> tuple[int, int]:
+    size = unet.config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _unet_inputs(unet: torch.nn.Module, rows: int, context: tuple[int, int], generator: torch.Generator):
+    height, width = _latent_hw(unet)
+    device = next(unet.parameters()).device
+    latents = torch.randn(rows, unet.config.in_channels, height, width, generator=generator).to(device)
+    timesteps = torch.randint(0, 1000, (rows,), generator=generator).to(device)
+    states = torch.randn(rows, *context, generator=generator).to(device)
+    return latents, timesteps, states
+
+
+def bare_epoch_seconds(
+    unet: torch.nn.Module, vae: torch.nn.Module, plan: CallPlan, context: tuple[int, int], seed: int = 0
+) -> BareTimes:
+    """Time the plan's calls alone: UNet forwards under inference mode, forward+backward calls (gradients
+    accumulated per optimiser step, then dropped), VAE decodes. Inputs are drawn before each timed call.
+
+    ``context`` is the (tokens, width) shape of the text-encoder states the UNet cross-attends to.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    was_training = unet.training
+    sampling = decoding = training = 0.0
+    unet.eval()
+    with torch.inference_mode():
+        for rows in plan.sampling:
+            inputs = _unet_inputs(unet, rows, context, generator)
+            start = time.perf_counter()
+            unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2])
+            sampling += time.perf_counter() - start
+        latent_shape = (unet.config.in_channels, *_latent_hw(unet))
+        for rows in plan.decoding:
+            z = torch.randn(rows, *latent_shape, generator=generator).to(next(vae.parameters()).device)
+            start = time.perf_counter()
+            vae.decode(z)
+            decoding += time.perf_counter() - start
+    unet.train()
+    for step in plan.training:
+        for rows in step:
+            inputs = _unet_inputs(unet, rows, context, generator)
+            start = time.perf_counter()
+            out = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
+            out.float().square().mean().backward()
+            training += time.perf_counter() - start
+        unet.zero_grad(set_to_none=True)
+    unet.train(was_training)
+    return BareTimes(sampling, decoding, training)
+
+
+def text_context_shape(trainer) -> tuple[int, int]:
+    """(tokens, width) of the trainer's text-encoder states."""
+    return tuple(trainer.uncond.shape[1:])  # type: ignore[return-value]
+

@@ -1,0 +1,281 @@
+"""Seconds per training epoch of loopdiff, split by phase, against the bare network calls the epoch needs.
+
+    python bench/epoch.py                      # default pipeline, 2 warm-up + 3 measured epochs, scaling table
+    python bench/epoch.py --threads 1 --scaling none --epochs 2 --json out.json
+
+Default epoch: 8 prompts x K = 4 trajectories, 20 DDIM steps, guidance 5, timestep fraction 1.0, LOOP
+preset, JPEG-compressibility reward, full fine-tuning in float32.
+
+The overhead factor is the epoch's time divided by the time of the same epoch's bare UNet and VAE calls
+(same count and batch shapes, timed in the same process right after each measured epoch): 1.0 would mean
+the trainer adds nothing around the network. All figures are medians over the measured epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _calls import (  # noqa: E402
+    EpochShape,
+    ObservedCalls,
+    bare_epoch_seconds,
+    epoch_plan,
+    observe_calls,
+    text_context_shape,
+)
+from _setup import BenchSetup, build_trainer, default_pipeline_folder, save_bench_pipeline  # noqa: E402
+
+PHASES = ("sampling", "decoding", "reward", "reward_wait", "advantages", "training", "other")
+OVERHEAD_TARGET = 1.15
+
+
+class TimedReward:
+    """Wraps a reward function and adds up the seconds spent inside it (it may run in a worker thread)."""
+
+    def __init__(self, reward_fn):
+        self.reward_fn = reward_fn
+        self.seconds = 0.0
+
+    def __call__(self, images, prompts, metadata):
+        start = time.perf_counter()
+        try:
+            return self.reward_fn(images, prompts, metadata)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plan_mismatches(seen: ObservedCalls, shape: EpochShape) -> list[str]:
+    """Differences between the calls a trainer epoch made and the analytic plan (empty when they agree)."""
+    plan = epoch_plan(shape)
+    problems = []
+    if seen.unet_no_grad != plan.sampling:
+        problems.append(f"sampling UNet calls {seen.unet_no_grad} != plan {plan.sampling}")
+    if seen.unet_grad != plan.training_calls:
+        problems.append(f"training UNet calls {seen.unet_grad} != plan {plan.training_calls}")
+    if seen.decoder != plan.decoding:
+        problems.append(f"VAE decoder calls {seen.decoder} != plan {plan.decoding}")
+    return problems
+
+
+def _epoch_phases(metrics: dict[str, float], reward_seconds: float) -> dict[str, float]:
+    phases = {
+        "sampling": metrics["time/sampling"],
+        "decoding": metrics["time/decoding"],
+        "reward": reward_seconds,
+        "reward_wait": metrics["time/reward_wait"],
+        "advantages": metrics["time/advantages"],
+        "training": metrics["time/training"],
+    }
+    accounted = sum(v for k, v in phases.items() if k != "reward")  # the reward overlaps (worker thread)
+    phases["other"] = metrics["time/epoch"] - accounted
+    phases["epoch"] = metrics["time/epoch"]
+    return phases
+
+
+def measure_setup(
+    setup: BenchSetup, pipeline: Path, scratch: Path, warmup: int, epochs: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Warm up, then alternate measured trainer epochs with bare replays of their network calls."""
+    if epochs < 1 or warmup < 1:
+        raise ValueError(f"epochs={epochs} and warmup={warmup} must both be >= 1")
+    trainer = build_trainer(setup, pipeline, scratch, device)
+    trainer.reward_fn = timed = TimedReward(trainer.reward_fn)
+    shape = EpochShape.from_trainer(trainer)
+    plan = epoch_plan(shape)
+    context = text_context_shape(trainer)
+    with observe_calls(trainer.unet, trainer.pipeline.vae) as seen:  # warm-up epoch 0, calls recorded
+        trainer.run_epoch(0)
+    mismatches = plan_mismatches(seen, shape)
+    for epoch in range(1, warmup):
+        trainer.run_epoch(epoch)
+    bare_epoch_seconds(trainer.unet, trainer.pipeline.vae, plan, context)  # warm the bare path too
+
+    epoch_phases, bare = [], []
+    for epoch in range(warmup, warmup + epochs):
+        timed.seconds = 0.0
+        metrics = trainer.run_epoch(epoch)
+        epoch_phases.append(_epoch_phases(metrics, timed.seconds))
+        bare.append(bare_epoch_seconds(trainer.unet, trainer.pipeline.vae, plan, context, seed=epoch))
+
+    median = {key: statistics.median(p[key] for p in epoch_phases) for key in epoch_phases[0]}
+    bare_median = {key: statistics.median(getattr(b, key) for b in bare) for key in ("sampling", "decoding", "training", "total")}
+    factors = [p["epoch"] / b.total for p, b in zip(epoch_phases, bare)]
+    return {
+        "setup": {**asdict(setup), "samples": setup.samples},
+        "pipeline": str(pipeline),
+        "unet_params": sum(p.numel() for p in trainer.unet.parameters()),
+        "latent_size": trainer.unet.config.sample_size,
+        "calls": plan.summary(),
+        "plan_mismatches": mismatches,
+        "seconds": median,
+        "seconds_per_epoch_all": [p["epoch"] for p in epoch_phases],
+        "bare_seconds": bare_median,
+        "overhead_factor": statistics.median(factors),
+        "overhead_factors_all": factors,
+        "phase_overhead": {
+            "sampling": median["sampling"] / bare_median["sampling"],
+            "decoding": median["decoding"] / bare_median["decoding"],
+            "training": median["training"] / bare_median["training"],
+        },
+        "images_per_second": setup.samples / median["epoch"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ---------------------------------------------------------------- scaling table
+
+SCALING_ROWS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "none": [],
+    "quick": [("K=2", {"k": 2}), ("steps=10", {"steps": 10}), ("latent 8x8", {"latent": 8})],
+    "full": [
+        ("K=2", {"k": 2}),
+        ("K=8", {"k": 8}),
+        ("prompts=4", {"prompts": 4}),
+        ("prompts=16", {"prompts": 16}),
+        ("steps=10", {"steps": 10}),
+        ("steps=40", {"steps": 40}),
+        ("latent 8x8 (32 px)", {"latent": 8}),
+        ("latent 24x24 (96 px)", {"latent": 24}),
+        ("micro-batch 32", {"micro_batch": 32}),
+        ("micro-batch 160", {"micro_batch": 160}),
+    ],
+}
+
+
+def scaling_table(
+    base: BenchSetup, pipeline: Path, scratch: Path, rows: Sequence[tuple[str, dict[str, Any]]], device: str
+) -> list[dict[str, Any]]:
+    """One warm-up and one measured epoch per row; each row changes one thing of the base setup."""
+    results = []
+    for label, change in rows:
+        change = dict(change)
+        latent = change.pop("latent", None)
+        folder = pipeline if latent is None else save_bench_pipeline(scratch / f"pipeline-l{latent}", latent)
+        setup = base.with_changes(**change)
+        row_scratch = scratch / f"row-{len(results)}"
+        result = measure_setup(setup, folder, row_scratch, warmup=1, epochs=1, device=device)
+        result["label"] = label
+        results.append(result)
+        print(_scaling_line(result), flush=True)
+    return results
+
+
+def _scaling_line(r: dict[str, Any]) -> str:
+    s = r["setup"]
+    return (
+        f"{r['label']:<22} {s['samples']:>4} {s['steps']:>5} {r['latent_size']:>6} {s['micro_batch']:>5}"
+        f" {r['seconds']['epoch']:>8.2f} {r['bare_seconds']['total']:>7.2f} {r['overhead_factor']:>7.3f}"
+        f" {r['images_per_second']:>7.2f}"
+    )
+
+
+SCALING_HEADER = (
+    f"{'row':<22} {'N':>4} {'steps':>5} {'latent':>6} {'micro':>5} {'s/epoch':>8} {'bare s':>7} {'factor':>7} {'img/s':>7}"
+)
+
+
+# ---------------------------------------------------------------- report
+
+
+def print_report(result: dict[str, Any]) -> None:
+    s, sec, bare = result["setup"], result["seconds"], result["bare_seconds"]
+    print(f"pipeline: {result['pipeline']}  (UNet {result['unet_params'] / 1e6:.2f} M params, "
+          f"{result['latent_size']}x{result['latent_size']} latents)")
+    print(f"epoch: {s['prompts']} prompts x K={s['k']} = {s['samples']} trajectories, {s['steps']} steps, "
+          f"guidance {s['guidance']}, timestep fraction {s['timestep_fraction']}, preset {s['preset']}, "
+          f"reward {s['reward']}, micro-batch {s['micro_batch']}")
+    c = result["calls"]
+    print(f"calls per epoch: {c['sampling_calls']} sampling UNet ({c['sampling_rows']} rows), "
+          f"{c['decode_calls']} VAE decode, {c['training_calls']} training UNet fwd+bwd ({c['training_rows']} rows), "
+          f"{c['optimizer_steps']} optimiser steps; trainer matches plan: "
+          f"{'yes' if not result['plan_mismatches'] else 'NO: ' + '; '.join(result['plan_mismatches'])}")
+    print(f"\n{'phase':<12} {'s/epoch':>8} {'bare s':>8} {'ratio':>6}")
+    for phase in PHASES:
+        if phase in bare:
+            print(f"{phase:<12} {sec[phase]:>8.3f} {bare[phase]:>8.3f} {sec[phase] / bare[phase]:>6.3f}")
+        else:
+            note = "   (in a worker thread, overlaps sampling)" if phase == "reward" else ""
+            print(f"{phase:<12} {sec[phase]:>8.3f}{note}")
+    print(f"{'epoch':<12} {sec['epoch']:>8.3f} {bare['total']:>8.3f} {sec['epoch'] / bare['total']:>6.3f}")
+    factor = result["overhead_factor"]
+    print(f"\noverhead factor (epoch / bare calls, median of per-epoch ratios): {factor:.3f} "
+          f"(target <= {OVERHEAD_TARGET}: {'met' if factor <= OVERHEAD_TARGET else 'NOT met'}); "
+          f"per epoch: {', '.join(f'{f:.3f}' for f in result['overhead_factors_all'])}")
+    print(f"images per second: {result['images_per_second']:.2f}   peak RSS: {result['peak_rss_mb']:.0f} MB")
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info logs from diffusers/transformers while timing."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", help="pipeline folder (default: embedded weights, else a random-weight "
+                        "pipeline of the embedded architecture)")
+    parser.add_argument("--epochs", type=int, default=3, help="measured epochs (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up epochs (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--scaling", choices=tuple(SCALING_ROWS), default="full", help="scaling table rows")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--micro-batch", type=int, default=64, help="(sample, step) pairs per training call")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    setup = BenchSetup(prompts=args.prompts, k=args.k, steps=args.steps, micro_batch=args.micro_batch)
+    with tempfile.TemporaryDirectory(prefix="loopdiff-bench-") as tmp:
+        scratch = Path(tmp)
+        if args.pipeline:
+            pipeline, description = Path(args.pipeline), "given folder"
+        else:
+            pipeline, description = default_pipeline_folder(scratch)
+        print(f"torch {torch.__version__}, {args.threads} thread(s); pipeline: {description}", flush=True)
+        result = measure_setup(setup, pipeline, scratch / "main", args.warmup, args.epochs, args.device)
+        result["threads"] = args.threads
+        result["pipeline_description"] = description
+        print_report(result)
+        rows = SCALING_ROWS[args.scaling]
+        if rows:
+            print(f"\nscaling (one change per row; 1 warm-up + 1 measured epoch each)\n{SCALING_HEADER}")
+            baseline = {**result, "label": "baseline"}
+            print(_scaling_line(baseline), flush=True)
+            result["scaling"] = scaling_table(setup, pipeline, scratch, rows, args.device)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

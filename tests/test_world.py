@@ -154,6 +154,9 @@ def test_palette_is_well_separated_from_itself_the_pattern_tones_and_the_backgro
     for name, tone in others.items():
         if name != "background":
             assert np.linalg.norm(tone - others["background"]) > 60, name
+    for name, colour in colours.items():  # a blurred texture blends colour and pattern tone
+        blends = np.linspace(0, 1, 101)[:, None] * (colour - others[f"{name} pattern"]) + others[f"{name} pattern"]
+        assert np.linalg.norm(blends - others["background"], axis=1).min() > 60, name
 
 
 # ----------------------------------------------------------------------------- scenes from prompts

@@ -7,6 +7,9 @@ numpy over precomputed anti-alias-free shape masks, so a batch of 64 scenes take
 A textured object alternates two tones inside its mask: its colour and :func:`pattern_color`
 (the same hue at 35% brightness). Patterns are laid out relative to the object's box with a period
 of 4-6 pixels so that they stay visible at 64 x 64.
+
+The palette has no white, black or grey: every blend of a colour with its pattern tone (what a
+blurred texture shows) stays far from the grey background, so objects never dissolve into it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
     "yellow": (240, 225, 50),
     "green": (50, 180, 70),
+    "cyan": (40, 200, 210),
     "blue": (40, 90, 230),
     "purple": (150, 60, 200),
-    "pink": (250, 150, 210),
-    "white": (245, 245, 245),
+    "pink": (240, 90, 170),
 }
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 PATTERN_BRIGHTNESS = 0.35

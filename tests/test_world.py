@@ -75,7 +75,7 @@ def test_pixels_inside_each_mask_have_its_colour_or_pattern_tone_and_outside_is_
 
 
 @pytest.mark.parametrize(
-    "texture, expected_fraction", [("plain", 0.0), ("striped", 2 / 5), ("dotted", 4 / 25), ("checkered", 1 / 2)]
+    "texture, expected_fraction", [("plain", 0.0), ("striped", 2 / 5), ("dotted", 9 / 36), ("checkered", 1 / 2)]
 )
 def test_texture_pattern_fraction_matches_its_period(texture, expected_fraction):
     obj = WorldObject("square", "green", texture, 30, 32, 32)

@@ -141,8 +141,8 @@ def texture_mask(texture: str, size: int) -> np.ndarray:
         mask = np.zeros((size, size), dtype=bool)
     elif texture == "striped":  # horizontal stripes, period 5, 2 px dark
         mask = (v % 5) >= 3
-    elif texture == "dotted":  # 2 x 2 dots on a 5-pixel grid
-        mask = ((u % 5) >= 2) & ((u % 5) < 4) & ((v % 5) >= 2) & ((v % 5) < 4)
+    elif texture == "dotted":  # 3 x 3 dots on a 6-pixel grid
+        mask = ((u % 6) >= 2) & ((u % 6) < 5) & ((v % 6) >= 2) & ((v % 6) < 5)
     elif texture == "checkered":  # 3 x 3 checks, period 6
         mask = ((u // 3 + v // 3) % 2) == 1
     else:

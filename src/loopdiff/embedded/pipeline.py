@@ -79,13 +79,14 @@ def world_vocabulary() -> list[str]:
 
     words: list[str] = []
     for shape in world.SHAPES:
-        words += [shape, _plural(shape)]
+        words += [shape, plural(shape)]
     words += list(world.COLORS)
     words += list(world.TEXTURES)
     return words
 
 
-def _plural(noun: str) -> str:
+def plural(noun: str) -> str:
+    """English plural of a world noun ("circle" -> "circles", "cross" -> "crosses")."""
     return noun + "es" if noun.endswith(("s", "x", "sh", "ch")) else noun + "s"
 
 

@@ -1,0 +1,187 @@
+"""The embedded base pipeline: SD layout and loading path, tokenizer, pretraining CLI, shipped weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from loopdiff.embedded import world
+from loopdiff.embedded.pipeline import (
+    MAX_PROMPT_TOKENS,
+    build_untrained_pipeline,
+    embedded_pipeline_path,
+    load_embedded_pipeline,
+    world_vocabulary,
+)
+from loopdiff.embedded.pretrain import pretrain_cli
+from loopdiff.embedded.tokenizer import build_tokenizer, words_missing_single_token
+
+torch.set_num_threads(1)
+
+
+def _state_dicts_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _load(folder) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_every_world_word_is_one_token_and_survives_save_load(tmp_path):
+    words = world_vocabulary()
+    tokenizer = build_tokenizer(words, MAX_PROMPT_TOKENS)
+    assert words_missing_single_token(tokenizer, words) == []
+    tokenizer.save_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    text = "a red striped circle on the left of two blue squares"
+    ids = loaded(text)["input_ids"]
+    assert ids == tokenizer(text)["input_ids"]
+    assert ids[0] == loaded.bos_token_id and ids[-1] == loaded.eos_token_id
+    assert len(ids) == len(text.split()) + 2  # one token per word
+    assert loaded.decode(ids, skip_special_tokens=True) == text
+
+
+def test_unknown_words_split_into_known_pieces():
+    tokenizer = build_tokenizer(["red", "circle"], MAX_PROMPT_TOKENS)
+    ids = tokenizer("a zebra-xylophone", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2  # split, not dropped
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids).replace(" ", "") == "azebra-xylophone"
+
+
+def test_tokenizer_rejects_non_letter_words():
+    with pytest.raises(ValueError, match="red1"):
+        build_tokenizer(["red1"], MAX_PROMPT_TOKENS)
+
+
+# ----------------------------------------------------------------------------- layout and loading path
+
+
+def test_untrained_pipeline_round_trips_through_stable_diffusion_loader(tmp_path):
+    pipe = build_untrained_pipeline(seed=3)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        assert (tmp_path / part).is_dir()
+    loaded = _load(tmp_path)
+    for name in ("unet", "vae", "text_encoder"):
+        assert _state_dicts_equal(getattr(pipe, name), getattr(loaded, name)), name
+    assert loaded.text_encoder.config.max_position_embeddings == loaded.tokenizer.model_max_length
+    assert loaded.text_encoder.config.hidden_size == loaded.unet.config.cross_attention_dim
+    assert loaded.vae_scale_factor * loaded.unet.config.sample_size == world.IMAGE_SIZE
+    # seeds make the weights reproducible; different seeds differ
+    assert _state_dicts_equal(build_untrained_pipeline(seed=3).unet, pipe.unet)
+    assert not _state_dicts_equal(build_untrained_pipeline(seed=4).unet, pipe.unet)
+
+
+# ----------------------------------------------------------------------------- pretraining CLI
+
+
+def test_pretrain_cli_trains_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "pipe"
+    common = ["--output-dir", str(out), "--vae-batch-size", "4", "--unet-batch-size", "4", "--threads", "1"]
+    assert pretrain_cli(common + ["--max-steps", "2"]) == 0
+    state = torch.load(out / "pretrain_state" / "state.pt", weights_only=False)
+    assert (state["vae_step"], state["unet_step"]) == (2, 2)
+    losses = [loss for _, loss in state["history"]["vae_mse"] + state["history"]["unet_loss"]]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    trained = _load(out)
+    untrained = build_untrained_pipeline(seed=0)
+    for name in ("unet", "vae", "text_encoder"):
+        assert not _state_dicts_equal(getattr(trained, name), getattr(untrained, name)), name
+    assert trained.vae.config.scaling_factor != 1.0  # set from the latent std after the VAE stage
+
+    assert pretrain_cli(common + ["--max-steps", "3"]) == 0  # resumes: one more step per stage
+    state = torch.load(out / "pretrain_state" / "state.pt", weights_only=False)
+    assert (state["vae_step"], state["unet_step"]) == (3, 3)
+    assert [s for s, _ in state["history"]["unet_loss"]] == [0, 1, 2]
+
+
+def test_pretrain_cli_rejects_bad_values(tmp_path):
+    with pytest.raises(SystemExit):
+        pretrain_cli(["--output-dir", str(tmp_path), "--max-steps", "0"])
+    with pytest.raises(SystemExit):
+        pretrain_cli(["--output-dir", str(tmp_path), "--caption-dropout", "1.5"])
+
+
+# ----------------------------------------------------------------------------- the shipped weights
+
+shipped = pytest.mark.skipif(
+    not (embedded_pipeline_path() / "model_index.json").is_file(), reason="shipped pipeline weights absent"
+)
+
+
+def _renders(n: int, seed: int) -> torch.Tensor:
+    from loopdiff.embedded.pretrain import random_scene
+
+    rng = np.random.default_rng(seed)
+    images = np.stack([world.render(random_scene(rng)) for _ in range(n)])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+@shipped
+def test_shipped_pipeline_samples_images_of_the_right_shape():
+    pipe = load_embedded_pipeline("cpu", torch.float32)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    out = pipe(
+        ["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=5.0, output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert out.shape == (2, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+@shipped
+def test_shipped_vae_reconstructs_fresh_renders():
+    vae = load_embedded_pipeline().vae
+    images = _renders(32, seed=12345)
+    with torch.no_grad():
+        latents = vae.encode(images * 2 - 1).latent_dist.mode()
+        recon = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+        scaled_std = float((latents * vae.config.scaling_factor).std())
+    assert latents.shape[1:] == (4, 16, 16)
+    mse = float(((recon - images) ** 2).mean())
+    assert mse < 0.003, mse  # in [0, 1] units (measured 0.0015): RMSE under ~14 grey levels
+    assert 0.7 < scaled_std < 1.4  # scaling_factor normalises the latents as in SD
+
+
+def _nearest_palette_color(images: torch.Tensor) -> np.ndarray:
+    """Per pixel, the name of the nearest world colour (either tone) or "background"."""
+    names = ["background"]
+    tones = [world.BACKGROUND]
+    for name, rgb in world.COLORS.items():
+        names += [name, name]
+        tones += [rgb, world.pattern_color(name)]
+    palette = torch.tensor(tones, dtype=torch.float32) / 255.0  # (P, 3)
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
+    nearest = torch.cdist(pixels, palette).argmin(dim=1).numpy()
+    return np.array(names)[nearest]
+
+
+@shipped
+def test_shipped_model_draws_red_for_a_red_circle():
+    pipe = load_embedded_pipeline()
+    images = pipe(
+        ["a red circle"] * 6, num_inference_steps=20, guidance_scale=5.0, output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    labels = _nearest_palette_color(images)
+    foreground = labels[labels != "background"]
+    assert foreground.size > 0.02 * labels.size  # something was drawn
+    assert np.mean(foreground == "red") > 0.6

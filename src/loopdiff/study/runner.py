@@ -1,0 +1,414 @@
+"""Planning and running a study: one ordinary training run per (task, method, seed), one base-model
+evaluation per task, finished runs skipped, crashed runs resumed from their checkpoints, N runs at once.
+
+``python -m loopdiff.study.runner <job.json>`` runs one job in a fresh process (what ``--jobs N`` uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import gc
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from loopdiff.config import RunConfig, config_from_dict
+from loopdiff.study.report import RUN_RECORD, build_report
+from loopdiff.study.results import BASE_TAG, FINAL_TAG, base_dir, read_eval, run_dir
+from loopdiff.study.spec import StudyError, StudySpec, load_study_spec
+
+DEFAULT_STUDY = "study-paper.yaml"
+JOB_FILE = "study_job.json"
+LOG_FILE = "study_log.txt"
+IGNORED_CHANGES = ("training.epochs", "output.")  # config fields a finished run may differ in
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: a training run (``kind="run"``) or a base-model evaluation (``kind="base"``)."""
+
+    kind: str
+    task: str
+    method: str | None
+    seed: int | None
+    folder: Path
+    config: RunConfig
+
+    @property
+    def id(self) -> str:
+        return f"base/{self.task}" if self.kind == "base" else f"{self.task}/{self.method}/seed{self.seed}"
+
+    def is_done(self) -> bool:
+        """Base: ``eval/base.json`` exists. Run: ``eval/final.json`` exists and was written at the last epoch."""
+        if self.kind == "base":
+            return read_eval(self.folder, BASE_TAG) is not None
+        record = read_eval(self.folder, FINAL_TAG)
+        return record is not None and record.get("epoch") == self.config.training.epochs
+
+
+@dataclass
+class StudyOutcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # job id -> its log file
+    wall_time_s: float = 0.0
+    report: Path | None = None
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_study(spec: StudySpec, out: Path, only: Sequence[str] = ()) -> list[Job]:
+    """Base evaluations first, then the runs, filtered by the fnmatch patterns ``only`` (all when empty).
+
+    Run ids are ``<task>/<method>/seed<k>``, base ids ``base/<task>``; a task's base evaluation is kept
+    whenever one of its runs is selected."""
+    out = Path(out)
+    runs = [
+        Job("run", task, method, seed, run_dir(out, task, method, seed),
+            spec.run_config(task, method, seed, run_dir(out, task, method, seed)))
+        for task, method in spec.pairs()
+        for seed in spec.seeds
+    ]
+    bases = [Job("base", task, None, None, base_dir(out, task), spec.base_config(task, base_dir(out, task)))
+             for task in spec.tasks]
+    if only:
+        runs = [job for job in runs if _matches(job.id, only)]
+        wanted = {job.task for job in runs}
+        bases = [job for job in bases if job.task in wanted or _matches(job.id, only)]
+        if not runs and not bases:
+            raise StudyError(f"--only {' '.join(only)} matches no run; run ids look like "
+                             f"'{spec.pairs()[0][0]}/{spec.pairs()[0][1]}/seed{spec.seeds[0]}' or 'base/<task>'")
+    for job in runs:
+        _check_unchanged(job)
+    return bases + runs
+
+
+def _matches(job_id: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(job_id, p) for p in patterns)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_unchanged(job: Job) -> None:
+    """A run folder started with other settings must not be silently continued or reported."""
+    saved_file = job.folder / "config.json"
+    if not saved_file.is_file():
+        return
+    saved, planned = _flatten(json.loads(saved_file.read_text())), _flatten(job.config.to_dict())
+    changed = [k for k in planned if saved.get(k) != planned[k] and not k.startswith(IGNORED_CHANGES)]
+    if changed:
+        k = changed[0]
+        raise StudyError(
+            f"run {job.id} in '{job.folder}' was started with {k}={saved.get(k)!r}, the study now asks for "
+            f"{planned[k]!r} ({len(changed)} field(s) differ); use another --out or delete that run folder"
+        )
+
+
+def preflight(jobs: Sequence[Job]) -> None:
+    """Fail before anything runs if a prompt source, a reward or a local model folder is missing."""
+    from loopdiff.prompts import PromptError, load_prompt_set
+    from loopdiff.rewards.base import parse_reward_spec, registered_rewards
+    from loopdiff.training.models import resolve_pretrained
+
+    registry, checked = registered_rewards(), set()
+    for job in jobs:
+        c = job.config
+        key = (c.prompts.train, c.prompts.val, c.reward.name, tuple(c.eval.rewards), c.model.pretrained)
+        if key in checked:
+            continue
+        checked.add(key)
+        for source in (c.prompts.train, c.prompts.val):
+            try:
+                load_prompt_set(source)
+            except PromptError as error:
+                raise StudyError(f"task '{job.task}': {error}") from None
+        for spec in (c.reward.name, *c.eval.rewards):
+            for name, _ in parse_reward_spec(spec):
+                info = registry.get(name)
+                if info is None:
+                    raise StudyError(f"task '{job.task}': unknown reward '{name}'; registered: {', '.join(registry)}")
+                reason = info.unavailable_reason(c.reward.options.get(name, {}))
+                if reason is not None:
+                    raise StudyError(f"task '{job.task}': reward '{name}' cannot run here: {reason}")
+        source = Path(resolve_pretrained(c.model.pretrained)).expanduser()
+        if (source.exists() or c.model.pretrained == "embedded") and not (source / "model_index.json").is_file():
+            raise StudyError(f"model.pretrained='{c.model.pretrained}': no diffusers pipeline in '{source}'")
+
+
+# ---------------------------------------------------------------- running one job
+
+
+def execute_job(job: Job) -> None:
+    """Run one job in this process: evaluate the base model, or train (resuming from a checkpoint)."""
+    from loopdiff.training.trainer import Trainer
+
+    if job.kind == "base":
+        Trainer(job.config).evaluate(BASE_TAG)
+        return
+    _drop_unsaved_metrics(job.folder)
+    Trainer(job.config).train()
+    _keep_last_checkpoint(job.folder)
+
+
+def _drop_unsaved_metrics(folder: Path) -> None:
+    """A run that crashed before its first checkpoint restarts from epoch 0: forget the epochs it logged."""
+    from loopdiff.training.checkpoint import latest_checkpoint
+
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file() and latest_checkpoint(folder) is None:
+        metrics.unlink()
+
+
+def _keep_last_checkpoint(folder: Path) -> None:
+    import shutil
+
+    from loopdiff.training.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(folder)
+    for old in (folder / "checkpoints").glob("epoch_*"):
+        if newest is not None and old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def run_in_process(job: Job, threads: int | None) -> bool:
+    """Run ``job`` here with its console output in the job's log file; False (and a traceback) on failure.
+
+    Use one thread per job on a busy machine: spinning OpenMP threads on oversubscribed cores made the
+    small models here 20-50x slower."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    job.folder.mkdir(parents=True, exist_ok=True)
+    with (job.folder / LOG_FILE).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            execute_job(job)
+            return True
+        except Exception:  # one failed run must not stop the study; the log keeps the traceback
+            traceback.print_exc(file=log)
+            return False
+        finally:
+            gc.collect()  # the finished run's models and optimizer state
+
+
+def run_in_subprocess(job: Job, threads: int) -> bool:
+    """Run ``job`` in a fresh Python process with ``threads`` torch threads; output goes to its log file."""
+    job.folder.mkdir(parents=True, exist_ok=True)
+    job_file = job.folder / JOB_FILE
+    job_file.write_text(json.dumps({"kind": job.kind, "task": job.task, "method": job.method, "seed": job.seed,
+                                    "folder": str(job.folder), "config": job.config.to_dict(),
+                                    "threads": threads}, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with (job.folder / LOG_FILE).open("a") as log:
+        process = subprocess.run([sys.executable, "-m", "loopdiff.study.runner", str(job_file)],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+    return process.returncode == 0
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    import torch
+
+    data = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(int(data["threads"]))
+    job = Job(data["kind"], data["task"], data["method"], data["seed"], Path(data["folder"]),
+              config_from_dict(data["config"]))
+    execute_job(job)
+    return 0
+
+
+# ---------------------------------------------------------------- running the study
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_study(
+    spec: StudySpec,
+    out: Path,
+    jobs: int = 1,
+    threads: int | None = None,
+    only: Sequence[str] = (),
+    command: str = "",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> StudyOutcome:
+    """Run every unfinished job of the study (``jobs`` at a time), record ``study.json``, build the report.
+
+    With ``jobs == 1`` the runs share this process; otherwise each runs in its own subprocess with
+    ``threads`` (default: cores // jobs) torch threads."""
+    from tqdm.auto import tqdm
+
+    if jobs < 1:
+        raise StudyError(f"--jobs {jobs} must be >= 1")
+    out = Path(out)
+    plan = plan_study(spec, out, only)
+    preflight(plan)
+    threads = threads or max(1, available_cores() // jobs)
+    write = log or tqdm.write
+    outcome = StudyOutcome(skipped=[job.id for job in plan if job.is_done()])
+    todo = [job for job in plan if not job.is_done()]
+    started, start = _now(), time.perf_counter()
+    bar = tqdm(total=len(plan), initial=len(outcome.skipped), desc="runs", unit="run", disable=not progress)
+
+    def finished(job: Job, ok: bool, seconds: float) -> None:
+        bar.update(1)
+        if ok and job.is_done():
+            outcome.ran.append(job.id)
+            (job.folder / RUN_RECORD).write_text(json.dumps(
+                {"id": job.id, "wall_time_s": seconds, "threads": threads, "finished": _now()}, indent=1))
+            write(f"[{len(outcome.ran) + len(outcome.failed)}/{len(todo)}] {job.id} finished in {seconds:.1f} s")
+        else:
+            outcome.failed[job.id] = str(job.folder / LOG_FILE)
+            write(f"[{len(outcome.ran) + len(outcome.failed)}/{len(todo)}] {job.id} FAILED after {seconds:.1f} s "
+                  f"(log: {job.folder / LOG_FILE})")
+
+    try:
+        if jobs == 1:
+            for job in todo:
+                t0 = time.perf_counter()
+                ok = run_in_process(job, threads)
+                finished(job, ok, time.perf_counter() - t0)
+        else:
+            _run_parallel(todo, jobs, threads, finished)
+    finally:
+        bar.close()
+        outcome.wall_time_s = time.perf_counter() - start
+        _record_study(spec, out, plan, outcome, command, started, jobs, threads)
+    outcome.report = build_report(spec, out)
+    return outcome
+
+
+def _run_parallel(todo: list[Job], jobs: int, threads: int, finished: Callable[[Job, bool, float], None]) -> None:
+    def timed(job: Job) -> tuple[bool, float]:
+        t0 = time.perf_counter()
+        return run_in_subprocess(job, threads), time.perf_counter() - t0
+
+    bases = [job for job in todo if job.kind == "base"]
+    runs = [job for job in todo if job.kind == "run"]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for group in (bases, runs):
+            futures = {pool.submit(timed, job): job for job in group}
+            for future in as_completed(futures):
+                ok, seconds = future.result()
+                finished(futures[future], ok, seconds)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _record_study(spec: StudySpec, out: Path, plan: list[Job], outcome: StudyOutcome, command: str,
+                  started: str, jobs: int, threads: int) -> None:
+    """Append this invocation to ``<out>/study.json`` and refresh the status of every planned run."""
+    path = out / "study.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"name": spec.name, "invocations": [], "runs": {}}
+    record["spec"] = spec.source
+    record["invocations"].append({
+        "command": command, "cwd": os.getcwd(), "started": started, "finished": _now(),
+        "wall_time_s": outcome.wall_time_s, "jobs": jobs, "threads_per_job": threads,
+        "ran": len(outcome.ran), "skipped": len(outcome.skipped), "failed": sorted(outcome.failed),
+    })
+    record["total_wall_time_s"] = sum(i["wall_time_s"] for i in record["invocations"])
+    for job in plan:
+        timing = job.folder / RUN_RECORD
+        record["runs"][job.id] = {
+            "status": "done" if job.is_done() else ("failed" if job.id in outcome.failed else "not run"),
+            "folder": str(job.folder),
+            "wall_time_s": json.loads(timing.read_text())["wall_time_s"] if timing.is_file() else None,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopdiff study",
+        description="Reproduce the paper's comparisons: train every (task, method, seed) of a study config, "
+        "evaluate the base model once per task, and write tables, training curves, image grids and a claims "
+        "check to <out>/report/index.html. Finished runs are skipped; interrupted runs resume.",
+    )
+    parser.add_argument("config", nargs="?", default=None,
+                        help=f"study YAML, or the name of a shipped one (default: {DEFAULT_STUDY}: Tables 1 and 2 on the "
+                        "embedded world; study-smoke.yaml: a few-minute check)")
+    parser.add_argument("--out", default=None, help="study folder (default: studies/<study name>)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each in its own process with cores // N torch threads (default 1)")
+    parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                        help="run only jobs whose id matches this glob, e.g. 'color/*' or '*/ppo/seed0' "
+                        "(repeatable); ids are <task>/<method>/seed<k> and base/<task>")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the finished runs")
+    parser.add_argument("--dry-run", action="store_true", help="list the jobs and whether each is finished")
+    return parser
+
+
+def study_cli(argv: list[str] | None = None) -> int:
+    """``loopdiff study [CONFIG] [--out DIR] [--jobs N] [--only PATTERN] [--report-only] [--dry-run]``."""
+    from loopdiff.config import ConfigError
+    from loopdiff.prompts import PromptError
+    from loopdiff.rewards.base import RewardError
+
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["loopdiff", "study", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        spec = load_study_spec(resolve_study_path(args.config))
+        out = Path(args.out or Path("studies") / spec.name)
+        if args.report_only:
+            print(f"report: {build_report(spec, out)}")
+            return 0
+        if args.dry_run:
+            for job in plan_study(spec, out, args.only):
+                print(f"{'done' if job.is_done() else 'todo'}  {job.id}  {job.folder}")
+            return 0
+        outcome = run_study(spec, out, jobs=args.jobs, only=args.only, command=command)
+    except (StudyError, ConfigError, PromptError, RewardError) as error:
+        print(f"loopdiff study: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(outcome.ran)} ran, {len(outcome.skipped)} already finished, {len(outcome.failed)} failed "
+          f"in {outcome.wall_time_s:.0f} s; report: {outcome.report}")
+    for job_id, log_file in outcome.failed.items():
+        print(f"  failed: {job_id} (log: {log_file})", file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+def resolve_study_path(name: str | None) -> Path:
+    """A study file path, or the name of a study config shipped in ``loopdiff/configs`` (default: the paper's)."""
+    from importlib import resources
+
+    shipped = Path(str(resources.files("loopdiff") / "configs"))
+    if name is None:
+        return shipped / DEFAULT_STUDY
+    path = Path(name)
+    if not path.is_file() and "/" not in name and (shipped / name).is_file():
+        return shipped / name
+    if not path.is_file():
+        available = ", ".join(sorted(p.name for p in shipped.glob("study-*.yaml")))
+        raise StudyError(f"study config '{name}' does not exist (shipped study configs: {available})")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,351 @@
+"""The study config: which tasks, methods and seeds to run, and which tables, curves, grids and claims to report.
+
+A study file (YAML) looks like::
+
+    name: paper
+    seeds: [0, 1, 2]
+    evaluator: embedded_eval          # held-out reward reported beside each task's training reward
+    base: {...}                       # any run-config sections, shared by every run
+    tasks:                            # name -> label + run-config overrides
+      color: {label: Color, prompts: {train: embedded:color, val: embedded:color:val},
+              reward: {name: embedded_vqa}}
+    methods:                          # name -> label + run-config overrides (usually the estimator)
+      ppo: {label: PPO, estimator: {preset: ppo}}
+      loop_k4: {label: LOOP k=4, estimator: {preset: loop, samples_per_prompt: 4}}
+    tables:                           # name -> methods x tasks; "base" is the model before fine-tuning
+      table2: {title: ..., methods: [base, ppo, loop_k4], tasks: [color]}
+    grids: {methods: [base, ppo, loop_k4], seed: 0, images_per_model: 3, prompts: 4}
+    claims:                           # "holds" when the methods' means increase strictly in this order
+      - {text: LOOP k=4 beats PPO, increasing: [ppo, loop_k4], metric: training}
+
+Every (task, method) pair that appears in a table is trained once per seed. Every error names the field
+and the bad value.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from loopdiff.config import ConfigError, RunConfig, config_from_dict
+
+BASE = "base"  # the table row of the model before fine-tuning (evaluated once per task)
+METRICS = ("training", "evaluator", "training_curve")
+METRIC_LABELS = {
+    "training": "training reward on the validation prompts",
+    "evaluator": "held-out evaluator on the validation prompts",
+    "training_curve": "training reward over the last epochs",
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TOP_LEVEL = ("name", "seeds", "evaluator", "base", "tasks", "methods", "tables", "grids", "claims", "curve_tail")
+
+
+class StudyError(ValueError):
+    """A study config is invalid; the message names the field, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A task or a method: a display label and the run-config overrides it applies."""
+
+    name: str
+    label: str
+    overrides: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    title: str
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Side-by-side image grids per task: the same validation prompts and seeds for each method."""
+
+    methods: tuple[str, ...]
+    seed: int
+    images_per_model: int = 3
+    prompts: int = 4
+
+
+@dataclass(frozen=True)
+class ClaimSpec:
+    """A claim holds on a task when the methods' means increase strictly in the order given."""
+
+    text: str
+    increasing: tuple[str, ...]
+    metric: str
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    seeds: tuple[int, ...]
+    base: Mapping[str, Any]
+    tasks: dict[str, Entry]
+    methods: dict[str, Entry]
+    tables: dict[str, TableSpec]
+    grids: GridSpec | None
+    claims: tuple[ClaimSpec, ...]
+    evaluator: str | None = None
+    curve_tail: float = 0.25  # the "training_curve" metric averages this final fraction of the epochs
+    source: str = ""
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (task, method) pairs to train: every table cell except the base model, in table order."""
+        seen: dict[tuple[str, str], None] = {}
+        for table in self.tables.values():
+            for task in table.tasks:
+                for method in table.methods:
+                    if method != BASE:
+                        seen[(task, method)] = None
+        return list(seen)
+
+    def run_config(self, task: str, method: str, seed: int, run_dir: Path) -> RunConfig:
+        """base <- task <- method overrides, then the study's fixed fields (folder, seed, no base eval)."""
+        values = merge(self.base, self.tasks[task].overrides, self.methods[method].overrides)
+        values = merge(values, {
+            "training": {"seed": seed},
+            "eval": {"before_training": False},
+            "output": {"dir": str(run_dir), "resume": True, "progress": False},
+        })
+        return self._validated(values, f"run {task}/{method}/seed{seed}")
+
+    def base_config(self, task: str, run_dir: Path) -> RunConfig:
+        """The config that evaluates the model before fine-tuning on ``task`` (no training)."""
+        values = merge(self.base, self.tasks[task].overrides, {
+            "training": {"epochs": 0},
+            "output": {"dir": str(run_dir), "resume": False, "progress": False},
+        })
+        return self._validated(values, f"base evaluation of task '{task}'")
+
+    def metric_key(self, task: str, metric: str) -> str | None:
+        """The reward name under which ``metric`` is stored in a run's ``eval/*.json`` means."""
+        if metric == "evaluator":
+            return self.evaluator
+        return self.base_config(task, Path(".")).reward.name
+
+    def label(self, method: str) -> str:
+        return "Base model" if method == BASE else self.methods[method].label
+
+    def _validated(self, values: dict[str, Any], what: str) -> RunConfig:
+        if self.evaluator:
+            rewards = list(values.get("eval", {}).get("rewards", []) or [])
+            values = merge(values, {"eval": {"rewards": rewards + [self.evaluator] * (self.evaluator not in rewards)}})
+        try:
+            config = config_from_dict(values)
+        except ConfigError as error:
+            raise StudyError(f"study '{self.name}', {what}: {error}") from None
+        if config.eval.max_prompts == 0:
+            raise StudyError(f"study '{self.name}', {what}: eval.max_prompts=0 turns off the final evaluation "
+                             "the study reads; use null (all prompts) or a positive number")
+        return config
+
+
+def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge mappings left to right (later layers win; nested mappings merge, other values replace)."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+                result[key] = merge(result[key], value)
+            else:
+                result[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+    return result
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def load_study_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study config '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise StudyError(f"study config '{path}' is not valid YAML: {error}") from None
+    if not isinstance(data, Mapping):
+        raise StudyError(f"study config '{path}' must hold a mapping with {', '.join(_TOP_LEVEL)}")
+    return study_spec_from_dict(data, default_name=path.stem, source=str(path))
+
+
+def study_spec_from_dict(data: Mapping[str, Any], default_name: str = "study", source: str = "") -> StudySpec:
+    """Validate a study mapping (see the module docstring) into a StudySpec."""
+    unknown = [key for key in data if key not in _TOP_LEVEL]
+    if unknown:
+        raise StudyError(f"unknown study field '{unknown[0]}'; allowed: {', '.join(_TOP_LEVEL)}")
+    name = _name("name", data.get("name", default_name))
+    base = _mapping("base", data.get("base", {}))
+    tasks = _entries("tasks", data.get("tasks"))
+    methods = _entries("methods", data.get("methods"))
+    if BASE in methods:
+        raise StudyError(f"methods.{BASE}: the name '{BASE}' is reserved for the model before fine-tuning")
+    tables = _tables(data.get("tables"), tasks, methods)
+    evaluator = data.get("evaluator")
+    if evaluator is not None and (not isinstance(evaluator, str) or not evaluator):
+        raise StudyError(f"evaluator={evaluator!r} must be a reward name or null")
+    spec = StudySpec(
+        name=name,
+        seeds=_seeds(data.get("seeds", [0])),
+        base=base,
+        tasks=tasks,
+        methods=methods,
+        tables=tables,
+        grids=None,
+        claims=(),
+        evaluator=evaluator,
+        curve_tail=_fraction("curve_tail", data.get("curve_tail", 0.25)),
+        source=source,
+    )
+    pairs = set(spec.pairs())
+    spec = replace(spec, grids=_grids(data.get("grids"), spec), claims=_claims(data.get("claims", []), spec, pairs))
+    _check_runs(spec)
+    return spec
+
+
+def _name(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise StudyError(f"{path}={value!r} must be a name of letters, digits, '_', '.' or '-' (it names folders)")
+    return value
+
+
+def _mapping(path: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise StudyError(f"{path}={value!r} must be a mapping")
+    return dict(value)
+
+
+def _names(path: str, value: Any, allowed: Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise StudyError(f"{path}={value!r} must be a non-empty list; allowed entries: {', '.join(allowed)}")
+    for item in value:
+        if item not in allowed:
+            raise StudyError(f"{path} names '{item}', which is not defined; allowed: {', '.join(allowed)}")
+    if len(set(value)) != len(value):
+        raise StudyError(f"{path}={list(value)!r} repeats an entry")
+    return tuple(value)
+
+
+def _seeds(value: Any) -> tuple[int, ...]:
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
+        raise StudyError(f"seeds={value!r} must be a non-empty list of integers >= 0")
+    if len(set(value)) != len(value):
+        raise StudyError(f"seeds={list(value)!r} repeats a seed")
+    return tuple(value)
+
+
+def _fraction(path: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise StudyError(f"{path}={value!r} must be a number in (0, 1]")
+    return float(value)
+
+
+def _entries(section: str, value: Any) -> dict[str, Entry]:
+    if not isinstance(value, Mapping) or not value:
+        raise StudyError(f"{section}={value!r} must be a non-empty mapping of name -> overrides")
+    entries = {}
+    for name, body in value.items():
+        _name(f"{section}.{name}", name)
+        body = _mapping(f"{section}.{name}", body if body is not None else {})
+        label = body.pop("label", name)
+        if not isinstance(label, str):
+            raise StudyError(f"{section}.{name}.label={label!r} must be a string")
+        try:  # surface unknown run-config fields here, named by their place in the study file
+            config_from_dict(body)
+        except ConfigError as error:
+            if any(part in str(error) for part in ("unknown config field", "is a section", "is not a valid")):
+                raise StudyError(f"{section}.{name}: {error}") from None
+        entries[name] = Entry(name, label, body)
+    return entries
+
+
+def _tables(value: Any, tasks: Mapping[str, Entry], methods: Mapping[str, Entry]) -> dict[str, TableSpec]:
+    if not isinstance(value, Mapping) or not value:
+        raise StudyError(f"tables={value!r} must be a non-empty mapping of name -> {{methods, tasks}}")
+    tables = {}
+    for name, body in value.items():
+        _name(f"tables.{name}", name)
+        body = _mapping(f"tables.{name}", body)
+        extra = [k for k in body if k not in ("title", "methods", "tasks")]
+        if extra:
+            raise StudyError(f"unknown field 'tables.{name}.{extra[0]}'; allowed: title, methods, tasks")
+        tables[name] = TableSpec(
+            name=name,
+            title=str(body.get("title", name)),
+            methods=_names(f"tables.{name}.methods", body.get("methods"), [BASE, *methods]),
+            tasks=_names(f"tables.{name}.tasks", body.get("tasks"), list(tasks)),
+        )
+    return tables
+
+
+def _grids(value: Any, spec: StudySpec) -> GridSpec | None:
+    if value is None:
+        return None
+    body = _mapping("grids", value)
+    extra = [k for k in body if k not in ("methods", "seed", "images_per_model", "prompts")]
+    if extra:
+        raise StudyError(f"unknown field 'grids.{extra[0]}'; allowed: methods, seed, images_per_model, prompts")
+    seed = body.get("seed", spec.seeds[0])
+    if seed not in spec.seeds:
+        raise StudyError(f"grids.seed={seed!r} is not one of the study's seeds {list(spec.seeds)}")
+    counts = {}
+    for key, default in (("images_per_model", 3), ("prompts", 4)):
+        counts[key] = body.get(key, default)
+        if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 1:
+            raise StudyError(f"grids.{key}={counts[key]!r} must be an integer >= 1")
+    methods = _names("grids.methods", body.get("methods"), [BASE, *spec.methods])
+    return GridSpec(methods=methods, seed=seed, **counts)
+
+
+def _claims(value: Any, spec: StudySpec, pairs: set[tuple[str, str]]) -> tuple[ClaimSpec, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise StudyError(f"claims={value!r} must be a list of {{text, increasing, metric, tasks}}")
+    claims = []
+    for k, body in enumerate(value):
+        where = f"claims[{k}]"
+        body = _mapping(where, body)
+        extra = [key for key in body if key not in ("text", "increasing", "metric", "tasks")]
+        if extra:
+            raise StudyError(f"unknown field '{where}.{extra[0]}'; allowed: text, increasing, metric, tasks")
+        metric = body.get("metric", "training")
+        if metric not in METRICS:
+            raise StudyError(f"{where}.metric={metric!r} is invalid; allowed: {', '.join(METRICS)}")
+        if metric == "evaluator" and not spec.evaluator:
+            raise StudyError(f"{where}.metric='evaluator' but the study sets no evaluator")
+        allowed = list(spec.methods) if metric == "training_curve" else [BASE, *spec.methods]
+        increasing = _names(f"{where}.increasing", body.get("increasing"), allowed)
+        if len(increasing) < 2:
+            raise StudyError(f"{where}.increasing={list(increasing)!r} must list at least two methods")
+        tasks = _names(f"{where}.tasks", body.get("tasks", list(spec.tasks)), list(spec.tasks))
+        for task in tasks:
+            for method in increasing:
+                if method != BASE and (task, method) not in pairs:
+                    raise StudyError(f"{where} compares '{method}' on task '{task}', which no table trains")
+        text = body.get("text") or " < ".join(spec.label(m) for m in increasing)
+        claims.append(ClaimSpec(str(text), increasing, metric, tasks))
+    return tuple(claims)
+
+
+def _check_runs(spec: StudySpec) -> None:
+    """Every run config validates, and every method draws the task's number of samples per epoch."""
+    expected = {task: spec.base_config(task, Path(".")).training.samples_per_epoch for task in spec.tasks}
+    for task, method in spec.pairs():
+        samples = spec.run_config(task, method, spec.seeds[0], Path(".")).training.samples_per_epoch
+        if samples != expected[task]:
+            raise StudyError(
+                f"methods.{method}: training.samples_per_epoch={samples} on task '{task}' differs from the "
+                f"task's {expected[task]}; every method must draw the same samples per epoch "
+                "(K changes the prompts per epoch, not the samples)"
+            )

@@ -1,4 +1,4 @@
-"""The ``loopdiff`` command: train, sample, eval, rewards, pretrain."""
+"""The ``loopdiff`` command: train, sample, eval, rewards, pretrain, study."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- rewards, pretrain
+# ---------------------------------------------------------------- rewards, pretrain, study
 
 
 def cmd_rewards(args: argparse.Namespace) -> int:
@@ -147,7 +147,13 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from loopdiff.embedded.pretrain import pretrain_cli
 
-    return pretrain_cli(args.pretrain_args)
+    return pretrain_cli(args.rest)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from loopdiff.study import study_cli
+
+    return study_cli(args.rest)
 
 
 # ---------------------------------------------------------------- parser
@@ -205,17 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="pretrain the embedded base pipeline from scratch", add_help=False,
         description="Pretrain the embedded base pipeline; run 'loopdiff pretrain --help' for its options.",
     )
-    pretrain.add_argument("pretrain_args", nargs=argparse.REMAINDER)
     pretrain.set_defaults(func=cmd_pretrain)
 
+    study = sub.add_parser(
+        "study", help="run a grid of training runs; tables, curves and an HTML report", add_help=False,
+        description="Reproduce the paper's comparisons; run 'loopdiff study --help' for its options.",
+    )
+    study.set_defaults(func=cmd_study)
+
     return parser
+
+
+PASSTHROUGH: dict[str, Callable[[argparse.Namespace], int]] = {"pretrain": cmd_pretrain, "study": cmd_study}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # these parse their own options (including --help)
+        args = argparse.Namespace(command=argv[0], func=PASSTHROUGH[argv[0]], rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

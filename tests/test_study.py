@@ -203,7 +203,7 @@ def test_rerun_skips_every_finished_run(mini_study) -> None:
     assert watched_files(out) == before
 
 
-def test_deleting_one_final_eval_reruns_exactly_that_run_in_a_subprocess(mini_study) -> None:
+def test_deleting_one_final_eval_reruns_exactly_that_run_in_a_worker_process(mini_study) -> None:
     spec, out, _ = mini_study
     target = run_dir(out, "short", "loop_k2", 1)
     (target / "eval" / "final.json").unlink()

@@ -1,7 +1,6 @@
 """Planning and running a study: one ordinary training run per (task, method, seed), one base-model
-evaluation per task, finished runs skipped, crashed runs resumed from their checkpoints, N runs at once.
-
-``python -m loopdiff.study.runner <job.json>`` runs one job in a fresh process (what ``--jobs N`` uses).
+evaluation per task, finished runs skipped, crashed runs resumed from their checkpoints, N runs at once
+(in N worker processes that each import the libraries once and then take job after job).
 """
 
 from __future__ import annotations
@@ -13,23 +12,22 @@ import gc
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from loopdiff.config import RunConfig, config_from_dict
+from loopdiff.config import RunConfig
 from loopdiff.study.report import RUN_RECORD, build_report
 from loopdiff.study.results import BASE_TAG, FINAL_TAG, base_dir, read_eval, run_dir
 from loopdiff.study.spec import StudyError, StudySpec, load_study_spec
 
 DEFAULT_STUDY = "study-paper.yaml"
-JOB_FILE = "study_job.json"
 LOG_FILE = "study_log.txt"
 IGNORED_CHANGES = ("training.epochs", "output.")  # config fields a finished run may differ in
 
@@ -211,29 +209,10 @@ def run_in_process(job: Job, threads: int | None) -> bool:
             gc.collect()  # the finished run's models and optimizer state
 
 
-def run_in_subprocess(job: Job, threads: int) -> bool:
-    """Run ``job`` in a fresh Python process with ``threads`` torch threads; output goes to its log file."""
-    job.folder.mkdir(parents=True, exist_ok=True)
-    job_file = job.folder / JOB_FILE
-    job_file.write_text(json.dumps({"kind": job.kind, "task": job.task, "method": job.method, "seed": job.seed,
-                                    "folder": str(job.folder), "config": job.config.to_dict(),
-                                    "threads": threads}, indent=1))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with (job.folder / LOG_FILE).open("a") as log:
-        process = subprocess.run([sys.executable, "-m", "loopdiff.study.runner", str(job_file)],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
-    return process.returncode == 0
-
-
-def _worker_main(argv: Sequence[str]) -> int:
-    import torch
-
-    data = json.loads(Path(argv[0]).read_text())
-    torch.set_num_threads(int(data["threads"]))
-    job = Job(data["kind"], data["task"], data["method"], data["seed"], Path(data["folder"]),
-              config_from_dict(data["config"]))
-    execute_job(job)
-    return 0
+def _timed_job(job: Job, threads: int) -> tuple[bool, float]:
+    t0 = time.perf_counter()
+    ok = run_in_process(job, threads)
+    return ok, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- running the study
@@ -255,7 +234,7 @@ def run_study(
 ) -> StudyOutcome:
     """Run every unfinished job of the study (``jobs`` at a time), record ``study.json``, build the report.
 
-    With ``jobs == 1`` the runs share this process; otherwise each runs in its own subprocess with
+    With ``jobs == 1`` the runs share this process; otherwise ``jobs`` worker processes run them, each with
     ``threads`` (default: cores // jobs) torch threads."""
     from tqdm.auto import tqdm
 
@@ -300,18 +279,18 @@ def run_study(
 
 
 def _run_parallel(todo: list[Job], jobs: int, threads: int, finished: Callable[[Job, bool, float], None]) -> None:
-    def timed(job: Job) -> tuple[bool, float]:
-        t0 = time.perf_counter()
-        return run_in_subprocess(job, threads), time.perf_counter() - t0
-
-    bases = [job for job in todo if job.kind == "base"]
-    runs = [job for job in todo if job.kind == "run"]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for group in (bases, runs):
-            futures = {pool.submit(timed, job): job for job in group}
-            for future in as_completed(futures):
+    """``jobs`` worker processes (spawned, so no OpenMP state is forked) take the jobs in order."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(_timed_job, job, threads): job for job in todo}
+        for future in as_completed(futures):
+            try:
                 ok, seconds = future.result()
-                finished(futures[future], ok, seconds)
+            except Exception as error:  # a worker died (out of memory, killed): its job and the queued ones fail
+                with (futures[future].folder / LOG_FILE).open("a") as log:
+                    log.write(f"the worker process running this job died: {error!r}\n")
+                ok, seconds = False, 0.0
+            finished(futures[future], ok, seconds)
 
 
 def _now() -> str:
@@ -356,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedded world; study-smoke.yaml: a few-minute check)")
     parser.add_argument("--out", default=None, help="study folder (default: studies/<study name>)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at once, each in its own process with cores // N torch threads (default 1)")
+                        help="runs at once, in N worker processes with cores // N torch threads each (default 1)")
     parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
                         help="run only jobs whose id matches this glob, e.g. 'color/*' or '*/ppo/seed0' "
                         "(repeatable); ids are <task>/<method>/seed<k> and base/<task>")
@@ -408,7 +387,3 @@ def resolve_study_path(name: str | None) -> Path:
         available = ", ".join(sorted(p.name for p in shipped.glob("study-*.yaml")))
         raise StudyError(f"study config '{name}' does not exist (shipped study configs: {available})")
     return path
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

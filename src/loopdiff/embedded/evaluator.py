@@ -27,7 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loopdiff.embedded.prompts import CATEGORIES, ObjectSpec, WorldPrompt, parse_prompt, relation_holds
+from loopdiff.embedded.prompts import (
+    CATEGORIES,
+    ObjectSpec,
+    WorldPrompt,
+    numeracy_score,
+    parse_prompt,
+    relation_holds,
+)
 from loopdiff.embedded.world import COLORS, IMAGE_SIZE, PATTERN_BRIGHTNESS, SHAPES, shape_mask
 from loopdiff.rewards.base import register_reward
 
@@ -236,14 +243,6 @@ def _measure(image: np.ndarray, component: np.ndarray, background: np.ndarray) -
 # ----------------------------------------------------------------------------- scores
 
 
-def _matches(spec: ObjectSpec, obj: DetectedObject) -> bool:
-    return (
-        (spec.shape is None or obj.shape == spec.shape)
-        and (spec.color is None or obj.color == spec.color)
-        and (spec.texture is None or obj.texture == spec.texture)
-    )
-
-
 def _attribute_fraction(spec: ObjectSpec, obj: DetectedObject) -> float:
     named = [(spec.shape, obj.shape), (spec.color, obj.color), (spec.texture, obj.texture)]
     asked = [(want, got) for want, got in named if want is not None]
@@ -260,7 +259,7 @@ def attribute_score(prompt: WorldPrompt, objects: Sequence[DetectedObject], grad
         if graded:
             score *= max((_attribute_fraction(spec, obj) for obj in objects), default=0.0)
         else:
-            score *= float(any(_matches(spec, obj) for obj in objects))
+            score *= float(any(spec.matches(obj) for obj in objects))
     return score
 
 
@@ -269,8 +268,8 @@ def spatial_score(prompt: WorldPrompt, objects: Sequence[DetectedObject], image_
     if prompt.relation is None:
         raise ValueError(f"prompt {prompt.text!r} has no spatial relation")
     first, last = prompt.objects[0], prompt.objects[-1]
-    ones = [o for o in objects if _matches(first, o)]
-    twos = [o for o in objects if _matches(last, o)]
+    ones = [o for o in objects if first.matches(o)]
+    twos = [o for o in objects if last.matches(o)]
     if ones and twos:
         pairs = [(a, b) for a in ones for b in twos if a is not b]
         pos = float(any(relation_holds(prompt.relation, a.box, b.box, image_size) for a, b in pairs))
@@ -278,15 +277,6 @@ def spatial_score(prompt: WorldPrompt, objects: Sequence[DetectedObject], image_
     else:
         score = 0.25 if ones or twos else 0.0
     return score if score >= 0.5 else 0.0
-
-
-def numeracy_score(prompt: WorldPrompt, objects: Sequence[DetectedObject]) -> float:
-    """Per asked object: +0.5 if found, +0.5 more if found exactly the asked number of times; mean."""
-    total = 0.0
-    for spec in prompt.objects:
-        found = sum(_matches(spec, o) for o in objects)
-        total += 0.5 * (found > 0) + 0.5 * (found == spec.count)
-    return total / len(prompt.objects)
 
 
 def score_objects(

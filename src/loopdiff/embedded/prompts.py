@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -79,8 +79,8 @@ class ObjectSpec:
         article = "an" if words[0][0] in "aeiou" else "a"
         return " ".join([article, *words])
 
-    def matches(self, obj: WorldObject) -> bool:
-        """Whether ``obj`` has every attribute this spec names."""
+    def matches(self, obj: WorldObject | Any) -> bool:
+        """Whether ``obj`` (anything with ``shape``, ``color``, ``texture``) has every attribute named."""
         return (
             (self.shape is None or obj.shape == self.shape)
             and (self.color is None or obj.color == self.color)
@@ -136,6 +136,18 @@ def relation_holds(
     if relation in ("left", "right"):
         return abs(dx) > abs(dy) and (dx > 0 if relation == "left" else dx < 0)
     return abs(dy) > abs(dx) and (dy > 0 if relation == "above" else dy < 0)
+
+
+def numeracy_score(prompt: WorldPrompt, objects: Sequence[Any]) -> float:
+    """T2I-CompBench's numeracy score of found ``objects`` (anything with shape, color, texture).
+
+    Per object of the prompt: +0.5 if one matches, +0.5 more if exactly the asked number match; mean.
+    """
+    total = 0.0
+    for spec in prompt.objects:
+        found = sum(spec.matches(o) for o in objects)
+        total += 0.5 * (found > 0) + 0.5 * (found == spec.count)
+    return total / len(prompt.objects)
 
 
 # ----------------------------------------------------------------------------- text

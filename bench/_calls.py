@@ -8,7 +8,8 @@ An epoch of N trajectories of T steps with guidance makes
   2 x micro rows each.
 
 ``bare_epoch_seconds`` times exactly these calls on random inputs of the same shapes and nothing else: the
-floor an epoch cannot go below. An epoch's time divided by it is the trainer's overhead factor.
+floor an epoch cannot go below. An epoch's time divided by it is the trainer's overhead factor. Both wall
+time and process CPU time are kept: on a machine shared with other jobs, CPU time is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -108,34 +109,82 @@ def epoch_plan(shape: EpochShape) -> CallPlan:
 
 @dataclass
 class ObservedCalls:
-    """Rows of every UNet call (with or without gradients) and of every VAE decoder call."""
+    """Rows of every UNet call (with or without gradients) and VAE decode, and the time spent inside them."""
 
     unet_no_grad: list[int] = field(default_factory=list)
     unet_grad: list[int] = field(default_factory=list)
     decoder: list[int] = field(default_factory=list)
+    wall: float = 0.0  # seconds inside the observed calls (and backward passes, when timed)
+    cpu: float = 0.0  # process CPU seconds inside them
+
+
+class _Stopwatch:
+    """Adds the wall and process CPU time between ``start`` and ``stop`` to an ObservedCalls."""
+
+    def __init__(self, seen: ObservedCalls):
+        self.seen = seen
+        self.started: tuple[float, float] | None = None
+
+    def start(self) -> None:
+        self.started = (time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        if self.started is not None:
+            wall, cpu = self.started
+            self.seen.wall += time.perf_counter() - wall
+            self.seen.cpu += time.process_time() - cpu
+            self.started = None
 
 
 @contextlib.contextmanager
-def observe_calls(unet: torch.nn.Module, vae: torch.nn.Module) -> Iterator[ObservedCalls]:
-    """Record the batch size of each UNet and VAE-decoder forward call while the context is open."""
+def observe_calls(unet: torch.nn.Module, vae: torch.nn.Module, accelerator=None) -> Iterator[ObservedCalls]:
+    """Record the batch size and time of each UNet forward and VAE decode while the context is open; given
+    the trainer's ``accelerator``, also time its backward passes (the UNet's backward, plus the loss's)."""
     seen = ObservedCalls()
+    watch = _Stopwatch(seen)
 
-    def on_unet(module, args, kwargs):
+    def before_unet(module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         (seen.unet_grad if torch.is_grad_enabled() else seen.unet_no_grad).append(sample.shape[0])
+        watch.start()
 
-    def on_decoder(module, args, kwargs):
-        seen.decoder.append((args[0] if args else kwargs["z"]).shape[0])
+    def after_unet(module, args, kwargs, output):
+        watch.stop()
+
+    decode = vae.decode
+
+    def timed_decode(z, *args, **kwargs):
+        seen.decoder.append(z.shape[0])
+        watch.start()
+        try:
+            return decode(z, *args, **kwargs)
+        finally:
+            watch.stop()
 
     handles = [
-        unet.register_forward_pre_hook(on_unet, with_kwargs=True),
-        vae.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
+        unet.register_forward_pre_hook(before_unet, with_kwargs=True),
+        unet.register_forward_hook(after_unet, with_kwargs=True),
     ]
+    vae.decode = timed_decode
+    backward = accelerator.backward if accelerator is not None else None
+    if backward is not None:
+
+        def timed_backward(loss, **kwargs):
+            watch.start()
+            try:
+                return backward(loss, **kwargs)
+            finally:
+                watch.stop()
+
+        accelerator.backward = timed_backward
     try:
         yield seen
     finally:
         for handle in handles:
             handle.remove()
+        del vae.decode  # back to the class's method
+        if backward is not None:
+            del accelerator.backward
 
 
 # ---------------------------------------------------------------- timing the bare calls
@@ -143,11 +192,12 @@ def observe_calls(unet: torch.nn.Module, vae: torch.nn.Module) -> Iterator[Obser
 
 @dataclass
 class BareTimes:
-    """Seconds of the bare network calls of one epoch."""
+    """Wall seconds of the bare network calls of one epoch by phase, and the process CPU seconds of all."""
 
     sampling: float
     decoding: float
     training: float
+    cpu: float
 
     @property
     def total(self) -> float:
@@ -178,31 +228,34 @@ def bare_epoch_seconds(
     """
     generator = torch.Generator().manual_seed(seed)
     was_training = unet.training
-    sampling = decoding = training = 0.0
+    sampling = decoding = training = cpu = 0.0
     unet.eval()
     with torch.inference_mode():
         for rows in plan.sampling:
             inputs = _unet_inputs(unet, rows, context, generator)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2])
             sampling += time.perf_counter() - start
+            cpu += time.process_time() - cpu_start
         latent_shape = (unet.config.in_channels, *_latent_hw(unet))
         for rows in plan.decoding:
             z = torch.randn(rows, *latent_shape, generator=generator).to(next(vae.parameters()).device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             vae.decode(z)
             decoding += time.perf_counter() - start
+            cpu += time.process_time() - cpu_start
     unet.train()
     for step in plan.training:
         for rows in step:
             inputs = _unet_inputs(unet, rows, context, generator)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
             out.float().square().mean().backward()
             training += time.perf_counter() - start
+            cpu += time.process_time() - cpu_start
         unet.zero_grad(set_to_none=True)
     unet.train(was_training)
-    return BareTimes(sampling, decoding, training)
+    return BareTimes(sampling, decoding, training, cpu)
 
 
 def text_context_shape(trainer) -> tuple[int, int]:

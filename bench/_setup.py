@@ -105,17 +105,22 @@ def default_pipeline_folder(scratch: Path) -> tuple[Path, str]:
     return folder, "embedded architecture, random weights (embedded weights absent)"
 
 
+def _prompt(index: int) -> str:
+    """The eight world prompts, then pairs of them ("a red circle and a square"): distinct up to 64."""
+    first = PROMPTS[index % len(PROMPTS)]
+    if index < len(PROMPTS):
+        return first
+    second = PROMPTS[index // len(PROMPTS) % len(PROMPTS)].split()[-1]
+    return f"{first} and a {second}"
+
+
 def write_prompts(folder: Path, count: int) -> Path:
-    """A prompt file of ``count`` prompts (the eight world prompts, repeated with a counter beyond eight)."""
+    """A file of ``count`` distinct prompts, so the trainer draws ``count`` different prompts per epoch."""
     if count < 1:
         raise ValueError(f"prompt count {count} must be >= 1")
-    lines = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
-    # Distinct lines keep the trainer's prompt sampling (without replacement) to `count` different prompts.
-    lines = [line if i < len(PROMPTS) else f"{line} and a {PROMPTS[i // len(PROMPTS) % len(PROMPTS)].split()[-1]}"
-             for i, line in enumerate(lines)]
     path = Path(folder) / f"prompts-{count}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(_prompt(i) + "\n" for i in range(count)))
     return path
 
 

@@ -112,13 +112,14 @@ def run_epochs(args) -> dict:
         global_step = 0
         for epoch in range(args.warmup):
             global_step = trainer.step(epoch, global_step)
-        per_epoch, phases = [], []
+        per_epoch, cpu_per_epoch, phases = [], [], []
         for epoch in range(args.warmup, args.warmup + args.epochs):
             for name in totals:
                 totals[name] = 0.0
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             global_step = trainer.step(epoch, global_step)
             per_epoch.append(time.perf_counter() - start)
+            cpu_per_epoch.append(time.process_time() - cpu_start)
             phases.append(dict(totals))
         optimizer_steps = global_step // (args.warmup + args.epochs)
     median = {name: statistics.median(p[name] for p in phases) for name in totals}
@@ -128,11 +129,13 @@ def run_epochs(args) -> dict:
         "reward": median["compute_rewards"],
         "training": median["_train_batched_samples"],
         "epoch": epoch_seconds,
+        "epoch_cpu": statistics.median(cpu_per_epoch),
     }
     seconds["other"] = epoch_seconds - seconds["sampling+decoding"] - seconds["reward"] - seconds["training"]
     return {
         "seconds": seconds,
         "seconds_per_epoch_all": per_epoch,
+        "cpu_seconds_per_epoch_all": cpu_per_epoch,
         "optimizer_steps": optimizer_steps,
         "images_per_second": args.samples / epoch_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

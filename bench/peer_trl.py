@@ -173,20 +173,25 @@ def _side_row(name: str, runs: list[dict[str, Any]], sampling_keys: Sequence[str
     return {
         "name": name,
         "epoch": median(lambda r: r["seconds"]["epoch"]),
+        "epoch_cpu": median(lambda r: r["seconds"]["epoch_cpu"]),
         "sampling+decoding": median(lambda r: sum(r["seconds"][k] for k in sampling_keys)),
         "training": median(lambda r: r["seconds"]["training"]),
         "peak_rss_mb": median(lambda r: r["peak_rss_mb"]),
         "images_per_second": median(lambda r: r["images_per_second"]),
         "all_epochs": [s for r in runs for s in r["seconds_per_epoch_all"]],
+        "all_epochs_cpu": [s for r in runs for s in r["cpu_seconds_per_epoch_all"]],
     }
 
 
 def print_speed_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> None:
-    print(f"\n{'side':<38} {'s/epoch':>8} {'sample+dec':>10} {'train':>7} {'img/s':>6} {'peak MB':>8} "
-          f"{'x loopdiff':>10}")
+    print(f"\n{'side':<38} {'s/epoch':>8} {'sample+dec':>10} {'train':>7} {'img/s':>6} {'x ref':>6} "
+          f"{'cpu s':>7} {'x ref':>6} {'peak MB':>8}")
     for row in rows:
         print(f"{row['name']:<38} {row['epoch']:>8.2f} {row['sampling+decoding']:>10.2f} {row['training']:>7.2f} "
-              f"{row['images_per_second']:>6.2f} {row['peak_rss_mb']:>8.0f} {row['epoch'] / reference['epoch']:>10.2f}")
+              f"{row['images_per_second']:>6.2f} {row['epoch'] / reference['epoch']:>6.2f} "
+              f"{row['epoch_cpu']:>7.2f} {row['epoch_cpu'] / reference['epoch_cpu']:>6.2f} {row['peak_rss_mb']:>8.0f}")
+    print(f"(wall-clock seconds by phase; 'cpu s' is process CPU time per epoch, steadier on a shared machine; "
+          f"x ref = relative to {reference['name']})")
 
 
 def print_loss_table(rows: list[dict[str, float]], timesteps: Sequence[int] | None = None) -> None:
@@ -251,10 +256,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{setup.clip_range}, timestep fraction {setup.timestep_fraction}, JPEG reward, full fine-tuning fp32, "
           f"4 optimiser steps per epoch; medians over {args.rounds} round(s) x {args.epochs} epochs")
     print_speed_table(rows, rows[0])
-    print(f"loopdiff's overhead factor (epoch / bare calls): "
-          f"{statistics.median(r['overhead_factor'] for r in runs['loopdiff']):.3f}")
+    factors = {key: statistics.median(r["overhead"][key] for r in runs["loopdiff"]) for key in runs["loopdiff"][0]["overhead"]}
+    print("loopdiff's overhead factors: " + ", ".join(f"{key} {value:.3f}" for key, value in factors.items()))
     result.update({"rows": rows, "runs": runs, "trl_versions": runs["trl"][0]["versions"],
-                   "ratio_trl_over_loopdiff": rows[-1]["epoch"] / rows[0]["epoch"]})
+                   "ratio_trl_over_loopdiff": rows[-1]["epoch"] / rows[0]["epoch"],
+                   "ratio_trl_over_loopdiff_cpu": rows[-1]["epoch_cpu"] / rows[0]["epoch_cpu"]})
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result

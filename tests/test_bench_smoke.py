@@ -65,9 +65,12 @@ def test_trainer_epoch_makes_exactly_the_planned_calls(tmp_path: Path, sections)
     torch.manual_seed(0)
     trainer = make_trainer(tmp_path, "loop", **sections)
     shape = EpochShape.from_trainer(trainer)
-    with observe_calls(trainer.unet, trainer.pipeline.vae) as seen:
+    vae = trainer.pipeline.vae
+    with observe_calls(trainer.unet, vae, trainer.accelerator) as seen:
         metrics = trainer.run_epoch(0)
     plan = epoch_plan(shape)
+    assert 0 < seen.wall <= metrics["time/epoch"]  # time inside the calls is part of the epoch
+    assert "decode" not in vars(vae) and "backward" not in vars(trainer.accelerator)  # wrappers removed
     assert seen.unet_no_grad == plan.sampling
     assert seen.unet_grad == plan.training_calls
     assert seen.decoder == plan.decoding

@@ -72,6 +72,8 @@ def test_rloo_raises_a_simple_reward(tmp_path) -> None:
 KILLED_RUN = """
 import os, signal, sys
 from pathlib import Path
+import torch
+torch.set_num_threads(1)  # float reductions depend on the thread count; both sides use one
 sys.path.insert(0, {tests!r})
 import signal
 import subprocess
@@ -90,6 +92,15 @@ trainer.train(on_epoch_end=die_in_epoch_three)
 
 
 def test_kill_then_resume_continues_exactly(tmp_path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _kill_then_resume(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_then_resume(tmp_path) -> None:
     straight = make_trainer(tmp_path / "a", "ppo", training={"epochs": 4}, output={"checkpoint_every": 1})
     straight.train()
     script = KILLED_RUN.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "b"))

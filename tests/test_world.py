@@ -11,6 +11,7 @@ import pytest
 from loopdiff.embedded.prompts import (
     CATEGORIES,
     MIN_GAP,
+    RELATION_MARGIN,
     RELATIONS,
     ObjectSpec,
     WorldPrompt,
@@ -47,7 +48,8 @@ def _assert_scene_satisfies(scene: Scene, prompt: WorldPrompt) -> None:
         assert found >= spec.count, (prompt.text, scene)
     assert len(scene.objects) == sum(spec.count for spec in prompt.objects)
     if prompt.relation is not None:
-        assert relation_holds(prompt.relation, scene.objects[0].box, scene.objects[-1].box), prompt.text
+        first, last = scene.objects[0].box, scene.objects[-1].box
+        assert relation_holds(prompt.relation, first, last, margin=RELATION_MARGIN), prompt.text
 
 
 # ----------------------------------------------------------------------------- renderer
@@ -189,6 +191,7 @@ def test_relation_rule_on_hand_made_boxes():
     assert not relation_holds("next to", a, b)  # 30 px > 0.45 * 64
     assert not relation_holds("next to", (0, 0, 10, 10), (50, 50, 60, 60))
     assert not relation_holds("left", (0, 0, 20, 20), (5, 0, 25, 20))  # IoU 0.6
+    assert relation_holds("left", a, b, margin=27) and not relation_holds("left", a, b, margin=28)  # dx 30, dy 2
     with pytest.raises(ValueError, match="'behind'"):
         relation_holds("behind", a, b)
 

@@ -43,6 +43,7 @@ NUMBER_WORDS = ("one", "two", "three", "four")
 MAX_OBJECTS = 4
 SIZE_RANGE = (14, 30)
 MIN_GAP = 3  # pixels between object boxes, so objects stay apart after blurring
+RELATION_MARGIN = 3  # pixels of slack with which generated scenes satisfy their relation
 NEXT_TO_DISTANCE = 0.45  # "next to": centres within this fraction of the image (Chebyshev)
 RELATION_IOU = 0.1  # boxes overlapping more than this satisfy no directional relation
 _PLURALS = {shape: shape + ("es" if shape.endswith(("s", "x")) else "s") for shape in SHAPES}
@@ -118,12 +119,14 @@ def relation_holds(
     box_a: tuple[float, float, float, float],
     box_b: tuple[float, float, float, float],
     image_size: int = IMAGE_SIZE,
+    margin: float = 0.0,
 ) -> bool:
     """Whether box A is ``relation`` box B, by T2I-CompBench's rule on box centres and IoU.
 
     left/right/above/below: the centre offset along that axis has the right sign and is larger
     than the offset along the other axis, and IoU < 0.1. "next to": both centres within
-    ``NEXT_TO_DISTANCE * image_size`` of each other (Chebyshev) and IoU < 0.1.
+    ``NEXT_TO_DISTANCE * image_size`` of each other (Chebyshev) and IoU < 0.1. A positive
+    ``margin`` (pixels) demands that much slack, so that slightly different boxes agree.
     """
     if relation not in RELATIONS:
         raise ValueError(f"unknown relation {relation!r}; expected one of {tuple(RELATIONS)}")
@@ -132,10 +135,10 @@ def relation_holds(
     if box_iou(box_a, box_b) >= RELATION_IOU:
         return False
     if relation == "next to":
-        return max(abs(dx), abs(dy)) < NEXT_TO_DISTANCE * image_size
+        return max(abs(dx), abs(dy)) < NEXT_TO_DISTANCE * image_size - margin
     if relation in ("left", "right"):
-        return abs(dx) > abs(dy) and (dx > 0 if relation == "left" else dx < 0)
-    return abs(dy) > abs(dx) and (dy > 0 if relation == "above" else dy < 0)
+        return abs(dx) > abs(dy) + margin and (dx > 0 if relation == "left" else dx < 0)
+    return abs(dy) > abs(dx) + margin and (dy > 0 if relation == "above" else dy < 0)
 
 
 def numeracy_score(prompt: WorldPrompt, objects: Sequence[Any]) -> float:
@@ -331,7 +334,8 @@ def place_objects(
 ) -> Scene:
     """Random sizes and non-overlapping positions for ``(shape, color, texture)`` objects.
 
-    With a ``relation`` the first object is placed ``relation`` the last one. Sizes shrink if the
+    With a ``relation`` the first object is placed ``relation`` the last one, with
+    ``RELATION_MARGIN`` pixels of slack (boxes measured from pixels still agree). Sizes shrink if the
     objects do not fit after ``max_tries`` attempts.
     """
     n = len(attributes)
@@ -350,7 +354,9 @@ def place_objects(
                     break
                 objects.append(obj)
             else:
-                if relation is None or relation_holds(relation, objects[0].box, objects[-1].box, image_size):
+                if relation is None or relation_holds(
+                    relation, objects[0].box, objects[-1].box, image_size, RELATION_MARGIN
+                ):
                     return Scene(tuple(objects), image_size)
         if max(sizes) <= SIZE_RANGE[0] - 4:
             raise RuntimeError(f"cannot place {attributes} with relation {relation!r}")

@@ -1,0 +1,429 @@
+"""Train the embedded world's reward scorers from scratch on augmented renders.
+
+    python -m loopdiff.embedded.train_scorers                      # all three, into assets/scorers/
+    python -m loopdiff.embedded.train_scorers --only vqa --out /tmp/scorers --threads 1
+
+Every batch is freshly rendered (random scenes of 1-4 objects) and degraded like a generated image:
+colour gain and offset, Gaussian blur, down-and-up sampling and pixel noise. Each run checkpoints to
+``{out}/{name}.ckpt.pt`` and resumes from it; the final weights and a json config (architecture,
+vocabulary, training settings, held-out metrics) replace the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loopdiff.embedded.prompts import (
+    ObjectSpec,
+    WorldPrompt,
+    parse_prompt,
+    place_objects,
+    prompt_text,
+    random_caption_and_scene,
+)
+from loopdiff.embedded.scorers import (
+    DEFAULT_VOCAB,
+    GRID,
+    ContrastiveAligner,
+    GridDetector,
+    PhraseVQA,
+    build_scorer,
+    encode_texts,
+    save_scorer,
+    scorer_dir,
+)
+from loopdiff.embedded.world import COLORS, IMAGE_SIZE, SHAPES, TEXTURES, Scene, render
+
+_COLOR_NAMES = tuple(COLORS)
+_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "next to": "left"}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    """1-4 objects with uniformly random attributes at random non-overlapping places."""
+    n = int(rng.choice([1, 2, 3, 4], p=[0.2, 0.35, 0.25, 0.2]))
+    attributes = [
+        (SHAPES[rng.integers(len(SHAPES))], _COLOR_NAMES[rng.integers(len(COLORS))], TEXTURES[rng.integers(len(TEXTURES))])
+        for _ in range(n)
+    ]
+    return place_objects(rng, attributes)
+
+
+def to_tensor(scenes: list[Scene]) -> torch.Tensor:
+    """Rendered scenes as float ``(N, 3, 64, 64)`` in [0, 1]."""
+    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Blur each image with its own sigma (pixels): separable, per-sample kernels."""
+    n, c, h, w = images.shape
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    taps = torch.exp(-0.5 * (offsets[None] / sigmas.clamp(min=1e-3)[:, None]) ** 2)
+    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, k)
+    x = F.pad(images.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, taps.view(n * c, 1, 1, -1), groups=n * c)
+    x = F.conv2d(x, taps.view(n * c, 1, -1, 1), groups=n * c)
+    return x.view(n, c, h, w)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Degrade renders like imperfect generations: colour jitter, blur, resampling, noise."""
+    n = images.shape[0]
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator)
+
+    gain = (1 + strength * 0.15 * (2 * uniform(n, 1, 1, 1) - 1)) * (1 + strength * 0.06 * (2 * uniform(n, 3, 1, 1) - 1))
+    offset = strength * 0.04 * (2 * uniform(n, 3, 1, 1) - 1)
+    x = images * gain + offset
+    x = _gaussian_blur(x, strength * 1.3 * uniform(n))
+    resample = uniform(n) < 0.3 * strength
+    if resample.any():
+        small = F.interpolate(x[resample], scale_factor=0.5, mode="area")
+        x[resample] = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    x = x + strength * 0.06 * uniform(n, 1, 1, 1) * torch.randn(x.shape, generator=generator)
+    return x.clamp(0, 1)
+
+
+def _describe(rng: np.random.Generator, shape: str, color: str, texture: str) -> ObjectSpec:
+    """A spec naming the shape and, at random, the colour and the texture."""
+    return ObjectSpec(shape, color if rng.random() < 0.7 else None, texture if rng.random() < 0.5 else None)
+
+
+def positive_phrase(rng: np.random.Generator, scene: Scene) -> str:
+    """A noun phrase true of some object of ``scene``."""
+    obj = scene.objects[rng.integers(len(scene.objects))]
+    return _describe(rng, obj.shape, obj.color, obj.texture).phrase()
+
+
+def negative_phrase(rng: np.random.Generator, scene: Scene) -> str:
+    """A noun phrase true of no object of ``scene`` (wrong attribute, or attributes of two objects)."""
+    objects = scene.objects
+    for _ in range(50):
+        a = objects[rng.integers(len(objects))]
+        if len(objects) >= 2 and rng.random() < 0.35:  # binding: shape of one, colour/texture of another
+            b = objects[rng.integers(len(objects))]
+            spec = ObjectSpec(a.shape, b.color, b.texture if rng.random() < 0.3 else None)
+        else:
+            spec = _describe(rng, a.shape, a.color, a.texture)
+            named = ["shape"] + [k for k in ("color", "texture") if getattr(spec, k) is not None]
+            key = named[rng.integers(len(named))]
+            values = {"shape": SHAPES, "color": _COLOR_NAMES, "texture": TEXTURES}[key]
+            others = [v for v in values if v != getattr(spec, key)]
+            spec = replace(spec, **{key: others[rng.integers(len(others))]})
+        if not any(spec.matches(o) for o in objects):
+            return spec.phrase()
+    absent = [s for s in SHAPES if all(o.shape != s for o in objects)]  # at most 4 of 8 shapes are present
+    return ObjectSpec(absent[rng.integers(len(absent))]).phrase()
+
+
+def vqa_batch(rng: np.random.Generator, n_images: int, per_image: int = 4) -> tuple[list[Scene], list[str], list[int], list[int]]:
+    """Scenes, phrases, the image index of each phrase and its answer (0 = yes, 1 = no); half are yes."""
+    scenes = [random_scene(rng) for _ in range(n_images)]
+    phrases, index, answers = [], [], []
+    for i, scene in enumerate(scenes):
+        for k in range(per_image):
+            yes = k % 2 == 0
+            phrases.append(positive_phrase(rng, scene) if yes else negative_phrase(rng, scene))
+            index.append(i)
+            answers.append(0 if yes else 1)
+    return scenes, phrases, index, answers
+
+
+def detector_targets(scenes: list[Scene], sigma: float = 0.8) -> dict[str, torch.Tensor]:
+    """CenterNet targets on the grid: Gaussian heat, and per-object cell, attributes, size, offset."""
+    cell = IMAGE_SIZE / GRID
+    heat = np.zeros((len(scenes), GRID, GRID), dtype=np.float32)
+    gy, gx = np.mgrid[0:GRID, 0:GRID]
+    rows = []
+    for n, scene in enumerate(scenes):
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            cx, cy = (x0 + x1) / 2 / cell, (y0 + y1) / 2 / cell
+            ix, iy = min(int(cx), GRID - 1), min(int(cy), GRID - 1)
+            bump = np.exp(-((gx - ix) ** 2 + (gy - iy) ** 2) / (2 * sigma**2))
+            heat[n] = np.maximum(heat[n], bump)
+            rows.append((n, iy, ix, _COLOR_NAMES.index(obj.color), SHAPES.index(obj.shape),
+                         TEXTURES.index(obj.texture), obj.size / 32, cx - ix, cy - iy))
+    table = np.array(rows, dtype=np.float64)
+    as_long = lambda j: torch.tensor(table[:, j], dtype=torch.long)  # noqa: E731
+    return {
+        "heat": torch.from_numpy(heat), "n": as_long(0), "y": as_long(1), "x": as_long(2),
+        "color": as_long(3), "shape": as_long(4), "texture": as_long(5),
+        "size": torch.tensor(table[:, 6], dtype=torch.float32),
+        "offset": torch.tensor(table[:, 7:9], dtype=torch.float32),
+    }
+
+
+def perturb_prompt(prompt: WorldPrompt, rng: np.random.Generator) -> str | None:
+    """A caption that the prompt's scene does not satisfy, close to the prompt (or None)."""
+    specs = list(prompt.objects)
+    numeral = prompt.category == "numeracy"
+    choices = ["attribute"]
+    if len(specs) >= 2:
+        choices.append("swap")
+    if prompt.relation is not None and prompt.relation != "next to":
+        choices.append("relation")
+    if numeral:
+        choices.append("count")
+    choice = choices[rng.integers(len(choices))]
+    if choice == "relation":
+        return prompt_text(specs, _OPPOSITE[prompt.relation], numeral)
+    if choice == "count":
+        i = rng.integers(len(specs))
+        counts = [c for c in range(1, 5) if c != specs[i].count]
+        specs[i] = replace(specs[i], count=int(counts[rng.integers(len(counts))]))
+        return prompt_text(specs, prompt.relation, numeral)
+    if choice == "swap":
+        a, b = specs[0], specs[-1]
+        if (a.color, a.texture) == (b.color, b.texture):
+            return None
+        specs[0], specs[-1] = replace(a, color=b.color, texture=b.texture), replace(b, color=a.color, texture=a.texture)
+        return prompt_text(specs, prompt.relation, numeral)
+    i = rng.integers(len(specs))
+    spec = specs[i]
+    key = ["shape", "color", "texture"][rng.integers(3)]
+    values = {"shape": SHAPES, "color": _COLOR_NAMES, "texture": TEXTURES}[key]
+    current = getattr(spec, key)
+    if current is None:
+        return None
+    specs[i] = replace(spec, **{key: [v for v in values if v != current][rng.integers(len(values) - 1)]})
+    return prompt_text(specs, prompt.relation, numeral)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def focal_heat_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, normalised by the number of object centres."""
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    positive = target >= 0.999
+    pos_loss = -((1 - p) ** 2 * torch.log(p))[positive].sum()
+    neg_loss = -((1 - target) ** 4 * p**2 * torch.log(1 - p))[~positive].sum()
+    return (pos_loss + neg_loss) / positive.sum().clamp(min=1)
+
+
+def grid_attribute_loss(maps: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Focal objectness loss plus attribute cross-entropies at the object-centre cells."""
+    n, y, x = targets["n"], targets["y"], targets["x"]
+    loss = focal_heat_loss(maps["heat"], targets["heat"])
+    for key in ("color", "shape", "texture"):
+        loss = loss + F.cross_entropy(maps[key][n, :, y, x], targets[key])
+    return loss
+
+
+def detector_loss(maps: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    n, y, x = targets["n"], targets["y"], targets["x"]
+    loss = grid_attribute_loss(maps, targets)
+    loss = loss + F.l1_loss(maps["size"][n, y, x], targets["size"]) * 4
+    loss = loss + F.l1_loss(maps["offset"][n, :, y, x], targets["offset"])
+    return loss
+
+
+def contrastive_loss(model: ContrastiveAligner, images: torch.Tensor, captions: list[str], negatives: list[str],
+                     vocab: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets for repeated captions; hard negative captions for image->text."""
+    image_emb = model.encode_images(images)
+    text_emb = model.encode_texts(encode_texts(captions + negatives, vocab))
+    scale = model.logit_scale.exp().clamp(max=100)
+    logits = scale * image_emb @ text_emb.T  # (B, B + negatives)
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    target = same / same.sum(1, keepdim=True)
+    image_to_text = torch.sum(-F.pad(target, (0, len(negatives))) * logits.log_softmax(dim=1), dim=1).mean()
+    text_to_image = torch.sum(-target * logits[:, : len(captions)].T.log_softmax(dim=1), dim=1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_vqa(model: PhraseVQA, vocab: list[str], n_images: int = 400, seed: int = 10_000,
+                 degrade: bool = False) -> float:
+    """Yes/no accuracy on fresh scenes: half the phrases true, half false (wrong attribute or binding)."""
+    rng = np.random.default_rng(seed)
+    scenes, phrases, index, answers = vqa_batch(rng, n_images)
+    images = to_tensor(scenes)
+    if degrade:
+        images = augment(images, torch.Generator().manual_seed(seed))
+    logits = model(images, encode_texts(phrases, vocab), torch.tensor(index))
+    return float((logits.argmax(1) == torch.tensor(answers)).float().mean())
+
+
+@torch.no_grad()
+def evaluate_detector(model: GridDetector, n_images: int = 400, seed: int = 20_000, degrade: bool = False) -> dict[str, float]:
+    """Exact-count accuracy per image and attribute accuracy of objects found within 3 px of their centre."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng) for _ in range(n_images)]
+    images = to_tensor(scenes)
+    if degrade:
+        images = augment(images, torch.Generator().manual_seed(seed))
+    detections = model.detect(images)
+    hits = {"found": 0, "color": 0, "shape": 0, "texture": 0}
+    total = 0
+    for scene, found in zip(scenes, detections):
+        for obj in scene.objects:
+            total += 1
+            x0, y0, x1, y1 = obj.box
+            near = [d for d in found if max(abs((d.box[0] + d.box[2] - x0 - x1) / 2), abs((d.box[1] + d.box[3] - y0 - y1) / 2)) <= 3]
+            if near:
+                hits["found"] += 1
+                for key in ("color", "shape", "texture"):
+                    hits[key] += getattr(near[0], key) == getattr(obj, key)
+    metrics = {k: v / total for k, v in hits.items()}
+    metrics["count"] = float(np.mean([len(f) == len(s.objects) for s, f in zip(scenes, detections)]))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_aligner(model: ContrastiveAligner, vocab: list[str], n_images: int = 400, seed: int = 30_000) -> dict[str, float]:
+    """Top-1 caption retrieval in groups of 32, and how often the true caption beats a perturbed one."""
+    rng = np.random.default_rng(seed)
+    pairs = [random_caption_and_scene(rng, single_object_prob=0.0) for _ in range(n_images)]
+    captions = [c for c, _ in pairs]
+    perturbed = [perturb_prompt(parse_prompt(c), rng) for c in captions]
+    image_emb = model.encode_images(to_tensor([s for _, s in pairs]))
+    text_emb = model.encode_texts(encode_texts(captions, vocab))
+    keep = [i for i, p in enumerate(perturbed) if p is not None]
+    wrong_emb = model.encode_texts(encode_texts([perturbed[i] for i in keep], vocab))
+    right = (image_emb[keep] * text_emb[keep]).sum(1)
+    wrong = (image_emb[keep] * wrong_emb).sum(1)
+    top1 = []
+    for start in range(0, n_images - 31, 32):
+        sims = image_emb[start : start + 32] @ text_emb[start : start + 32].T
+        top1 += (sims.argmax(1) == torch.arange(32)).tolist()
+    return {"top1_of_32": float(np.mean(top1)), "true_beats_perturbed": float((right > wrong).float().mean())}
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def _train(name: str, config: dict, steps: int, lr: float, out: Path, step_loss: Callable, log_every: int = 50,
+           checkpoint_every: int = 200) -> torch.nn.Module:
+    """AdamW with cosine decay; resumes from ``{out}/{name}.ckpt.pt``."""
+    model = build_scorer(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    checkpoint = out / f"{name}.ckpt.pt"
+    start = 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start = state["step"]
+        print(f"[{name}] resumed at step {start}", flush=True)
+    model.train()
+    began, running = time.time(), 0.0
+    for step in range(start, steps):
+        loss = step_loss(model, np.random.default_rng([config["training"]["seed"], step]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        running += loss.item()
+        if (step + 1) % log_every == 0:
+            print(f"[{name}] step {step + 1}/{steps} loss {running / log_every:.4f} {time.time() - began:.0f}s", flush=True)
+            running = 0.0
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step + 1}, checkpoint)
+    config["training"]["seconds_this_run"] = round(time.time() - began, 1)
+    return model.eval()
+
+
+def train_vqa(out: Path, steps: int = 1500, batch: int = 48, seed: int = 0, lr: float = 2e-3, aux_weight: float = 1.0) -> dict:
+    vocab = list(DEFAULT_VOCAB)
+    config = {"kind": "vqa", "arguments": {"vocab_size": len(vocab), "width": 48, "vocab": vocab}, "vocab": vocab,
+              "training": {"steps": steps, "batch_images": batch, "phrases_per_image": 4, "lr": lr, "seed": seed,
+                           "auxiliary_weight": aux_weight}}
+
+    def step_loss(model: PhraseVQA, rng: np.random.Generator) -> torch.Tensor:
+        scenes, phrases, index, answers = vqa_batch(rng, batch)
+        images = augment(to_tensor(scenes), torch.Generator().manual_seed(int(rng.integers(2**31))))
+        maps = model.maps(images)
+        logits = model.answer(maps, encode_texts(phrases, vocab), torch.tensor(index))
+        return F.cross_entropy(logits, torch.tensor(answers)) + aux_weight * grid_attribute_loss(maps, detector_targets(scenes))
+
+    model = _train("vqa", config, steps, lr, out, step_loss)
+    config["metrics"] = {"yes_no_accuracy_clean": evaluate_vqa(model, vocab),
+                         "yes_no_accuracy_degraded": evaluate_vqa(model, vocab, degrade=True)}
+    return _finish("vqa", model, config, out)
+
+
+def train_detector(out: Path, steps: int = 1500, batch: int = 48, seed: int = 1, lr: float = 2e-3) -> dict:
+    config = {"kind": "detector", "arguments": {"width": 48, "colors": list(COLORS), "shapes": list(SHAPES),
+                                                  "textures": list(TEXTURES)},
+              "training": {"steps": steps, "batch_images": batch, "lr": lr, "seed": seed}}
+
+    def step_loss(model: GridDetector, rng: np.random.Generator) -> torch.Tensor:
+        scenes = [random_scene(rng) for _ in range(batch)]
+        images = augment(to_tensor(scenes), torch.Generator().manual_seed(int(rng.integers(2**31))))
+        return detector_loss(model(images), detector_targets(scenes))
+
+    model = _train("detector", config, steps, lr, out, step_loss)
+    config["metrics"] = {"clean": evaluate_detector(model), "degraded": evaluate_detector(model, degrade=True)}
+    return _finish("detector", model, config, out)
+
+
+def train_aligner(out: Path, steps: int = 1500, batch: int = 64, seed: int = 2, lr: float = 2e-3) -> dict:
+    vocab = list(DEFAULT_VOCAB)
+    config = {"kind": "aligner", "arguments": {"vocab_size": len(vocab), "width": 48, "dim": 64}, "vocab": vocab,
+              "training": {"steps": steps, "batch_images": batch, "lr": lr, "seed": seed}}
+
+    def step_loss(model: ContrastiveAligner, rng: np.random.Generator) -> torch.Tensor:
+        pairs = [random_caption_and_scene(rng, single_object_prob=0.15) for _ in range(batch)]
+        captions = [c for c, _ in pairs]
+        negatives = [p for p in (perturb_prompt(parse_prompt(c), rng) for c in captions) if p is not None]
+        images = augment(to_tensor([s for _, s in pairs]), torch.Generator().manual_seed(int(rng.integers(2**31))))
+        return contrastive_loss(model, images, captions, negatives, vocab)
+
+    model = _train("aligner", config, steps, lr, out, step_loss)
+    config["metrics"] = evaluate_aligner(model, vocab)
+    return _finish("aligner", model, config, out)
+
+
+def _finish(name: str, model: torch.nn.Module, config: dict, out: Path) -> dict:
+    save_scorer(model, config, out, name)
+    (out / f"{name}.ckpt.pt").unlink(missing_ok=True)
+    print(f"[{name}] metrics {config['metrics']}", flush=True)
+    return config
+
+
+TRAINERS = {"vqa": train_vqa, "detector": train_detector, "aligner": train_aligner}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=scorer_dir(), help="output folder (default: the shipped assets)")
+    parser.add_argument("--only", default="vqa,detector,aligner", help="comma-separated subset of vqa,detector,aligner")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of each scorer (default per scorer)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TRAINERS]
+    if unknown:
+        parser.error(f"unknown scorer(s) {unknown}; expected a subset of {list(TRAINERS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        kwargs = {} if args.steps is None else {"steps": args.steps}
+        TRAINERS[name](args.out, **kwargs)
+
+
+if __name__ == "__main__":
+    main()

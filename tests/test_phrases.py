@@ -94,3 +94,12 @@ def test_prompt_without_phrase_falls_back_to_whole_prompt():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="'nltk'"):
         split_noun_phrases("a cat", backend="nltk")
+
+
+def test_counted_plural_nouns_are_not_verbs() -> None:
+    assert split_noun_phrases("three green circles and one blue hexagon") == [
+        "three green circles",
+        "one blue hexagon",
+    ]
+    assert split_noun_phrases("four dotted circles") == ["four dotted circles"]
+    assert split_noun_phrases("two red stars and a blue square") == ["two red stars", "a blue square"]

@@ -143,6 +143,9 @@ def _looks_like_verb(tokens: list[_Token], i: int, after_break: bool) -> bool:
     previous = tokens[i - 1].lower if i > 0 else None
     following = tokens[i + 1].lower if i + 1 < len(tokens) else None
     after_content = previous is not None and not _is_function_word(previous)
+    counted = any(_is_number(tokens[k].lower) for k in range(max(0, i - 3), i))
+    if counted and word.endswith("s") and not word.endswith("ss"):
+        return False  # the noun of a counted phrase: "three green circles", "four dotted stars"
     if previous in AUXILIARIES and (_is_inflected_verb(word) or _looks_past_participle(word)):
         return True  # "is parked", "were placed"
     if previous == "to" and word in VERBS:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +25,8 @@ from loopdiff.evaluation import EvalResult, evaluate
 from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
 from loopdiff.reports.grids import save_grid, side_by_side
-from loopdiff.rewards.base import RewardFn, as_scores, build_reward
+from loopdiff.rewards.async_reward import AsyncReward
+from loopdiff.rewards.base import RewardFn, build_reward
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
@@ -131,7 +131,7 @@ class Trainer:
 
         chunk = self.config.sampling.batch_size
         latents, log_probs, futures = [], [], []
-        with self._reward_pool() as pool:
+        with AsyncReward(self.reward_fn, name=self.config.reward.name) as scorer:
             for start in range(0, len(prompts), chunk):
                 t0 = time.perf_counter()
                 with acc.autocast():
@@ -143,7 +143,9 @@ class Trainer:
                 timings["time/decoding"] += t2 - t1
                 latents.append(lat)
                 log_probs.append(lp)
-                futures.append(self._score(pool, images, prompts[start : start + chunk], metadata[start : start + chunk]))
+                futures.append(scorer.submit(images, prompts[start : start + chunk], metadata[start : start + chunk]))
+                if not self.config.reward.asynchronous:
+                    futures[-1].result()  # score before sampling the next chunk
             t3 = time.perf_counter()
             rewards = torch.cat([f.result() for f in futures])
             timings["time/reward_wait"] += time.perf_counter() - t3
@@ -158,24 +160,6 @@ class Trainer:
             metadata=list(self.train_prompts.metadata),
         )
         return trajectories, rewards
-
-    @contextlib.contextmanager
-    def _reward_pool(self):
-        if not self.config.reward.asynchronous:
-            yield None
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
-            yield pool
-
-    def _score(self, pool: ThreadPoolExecutor | None, images: torch.Tensor, prompts: list[str], metadata: list) -> Future:
-        def run() -> torch.Tensor:
-            return as_scores(self.reward_fn(images, prompts, metadata), len(prompts), self.config.reward.name)
-
-        if pool is not None:
-            return pool.submit(run)
-        future: Future = Future()
-        future.set_result(run())
-        return future
 
     def advantages(self, trajectories: Trajectories, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages over the whole batch of all processes; returns this process's share."""

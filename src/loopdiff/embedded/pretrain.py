@@ -33,6 +33,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from loopdiff.embedded import prompts, world
 from loopdiff.embedded.pipeline import (
     NOISE_SCHEDULE,
     assemble_pipeline,
@@ -49,11 +50,11 @@ class PretrainConfig:
 
     output_dir: str
     seed: int = 0
-    vae_steps: int = 2000
+    vae_steps: int = 2250
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
-    unet_steps: int = 6000
+    unet_steps: int = 3500
     unet_batch_size: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 200
@@ -76,8 +77,6 @@ def draw_batch(
     seed: int, stage: int, step: int, batch_size: int, single_object_prob: float, drop_attribute_prob: float
 ) -> tuple[list[str], torch.Tensor]:
     """``batch_size`` fresh (caption, image) pairs; images float (B, 3, 64, 64) in [-1, 1]."""
-    from loopdiff.embedded import prompts, world
-
     rng = np.random.default_rng([seed, stage, step])
     captions, images = [], []
     for _ in range(batch_size):
@@ -86,14 +85,16 @@ def draw_batch(
         )
         captions.append(caption)
         images.append(world.render(scene))
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return captions, pixels
+    return captions, to_model_pixels(np.stack(images))
 
 
-def random_scene(rng: np.random.Generator, max_objects: int = 4) -> Any:
-    """A scene of 1..``max_objects`` objects with uniformly random attributes (VAE training data)."""
-    from loopdiff.embedded import world
+def to_model_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) renders -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
+
+def random_scene(rng: np.random.Generator, max_objects: int = 4) -> world.Scene:
+    """A scene of 1..``max_objects`` objects with uniformly random attributes, overlaps allowed (VAE data)."""
     objects = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         size = int(rng.integers(12, 33))
@@ -112,11 +113,8 @@ def random_scene(rng: np.random.Generator, max_objects: int = 4) -> Any:
 
 def draw_images(seed: int, stage: int, step: int, batch_size: int) -> torch.Tensor:
     """``batch_size`` renders of random scenes, float (B, 3, 64, 64) in [-1, 1]."""
-    from loopdiff.embedded import world
-
     rng = np.random.default_rng([seed, stage, step])
-    images = np.stack([world.render(random_scene(rng)) for _ in range(batch_size)])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return to_model_pixels(np.stack([world.render(random_scene(rng)) for _ in range(batch_size)]))
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -225,10 +223,10 @@ class Trainer:
         self.vae_step = 0
         self.unet_step = 0
         self.history: dict[str, list[tuple[int, float]]] = {"vae_mse": [], "unet_loss": []}
-        self.first_loss: dict[str, float] = {}
 
     # -- persistence
     def save_state(self) -> None:
+        """Write everything needed to resume (weights, EMA, optimisers, steps) atomically."""
         state = {
             "config": asdict(self.config),
             "vae_step": self.vae_step,
@@ -269,74 +267,84 @@ class Trainer:
         pipe.save_pretrained(self.out, safe_serialization=True)
 
     def checkpoint(self) -> None:
+        """Save the training state, then export the pipeline folder beside it."""
         self.save_state()
         self.export_pipeline()
 
     # -- stage 1
-    def train_vae(self, steps: int) -> None:
+    def vae_update(self, total_steps: int) -> float:
+        """One VAE optimisation step on a fresh batch; returns the reconstruction MSE."""
         cfg = self.config
+        pixels = draw_images(cfg.seed, 1, self.vae_step, cfg.vae_batch_size)
+        loss, mse = vae_loss(self.vae, pixels.to(self.device), cfg.vae_kl_weight)
+        for group in self.vae_opt.param_groups:
+            group["lr"] = cfg.vae_lr * warmup_cosine(self.vae_step, cfg.warmup_steps, total_steps)
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
+        self.vae_opt.step()
+        self.history["vae_mse"].append((self.vae_step, mse))
+        self.vae_step += 1
+        return mse
+
+    def train_vae(self, steps: int) -> None:
+        """Train the VAE up to ``steps``, then (once) set its scaling factor from the latent std."""
         self.vae.train()
         bar = tqdm(total=steps, initial=min(self.vae_step, steps), desc="VAE", dynamic_ncols=True)
         while self.vae_step < steps:
-            pixels = draw_images(cfg.seed, 1, self.vae_step, cfg.vae_batch_size)
-            loss, mse = vae_loss(self.vae, pixels.to(self.device), cfg.vae_kl_weight)
-            for group in self.vae_opt.param_groups:
-                group["lr"] = cfg.vae_lr * warmup_cosine(self.vae_step, cfg.warmup_steps, steps)
-            self.vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
-            self.vae_opt.step()
-            self.first_loss.setdefault("vae", float(loss))
-            self.history["vae_mse"].append((self.vae_step, mse))
-            self.vae_step += 1
+            mse = self.vae_update(steps)
             bar.update(1)
             bar.set_postfix(mse=f"{mse:.4f}")
-            if self.vae_step % cfg.checkpoint_every == 0 and self.vae_step < steps:
+            if self.vae_step % self.config.checkpoint_every == 0 and self.vae_step < steps:
                 self.checkpoint()
         bar.close()
         self.vae.eval().requires_grad_(False)
         if self.unet_step == 0:  # the stage boundary: fix the latent scale before the UNet sees latents
-            std = latent_std(self.vae, cfg.seed)
+            std = latent_std(self.vae, self.config.seed)
             self.vae.register_to_config(scaling_factor=1.0 / std)
             print(f"VAE done: latent std {std:.4f}, scaling_factor {1.0 / std:.4f}")
             self.checkpoint()
 
     # -- stage 2
-    def train_unet(self, steps: int) -> None:
+    def unet_update(self, total_steps: int) -> float:
+        """One joint text-encoder + UNet step on a fresh batch (10% empty captions); returns the loss."""
         cfg = self.config
+        captions, pixels = draw_batch(
+            cfg.seed, 2, self.unet_step, cfg.unet_batch_size, cfg.single_object_prob, cfg.drop_attribute_prob
+        )
+        generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.unet_step)
+        drop = torch.rand(len(captions), generator=generator, device=self.device) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            latents = self.vae.encode(pixels.to(self.device)).latent_dist.sample(generator)
+        loss = denoising_loss(
+            self.unet, self.text_encoder, self.noise_scheduler, latents * self.vae.config.scaling_factor,
+            tokenize(self.tokenizer, captions, self.device), generator, cfg.snr_gamma,
+        )
+        for group in self.unet_opt.param_groups:
+            group["lr"] = cfg.unet_lr * warmup_cosine(self.unet_step, cfg.warmup_steps, total_steps)
+        self.unet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in self.unet_opt.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.unet_opt.step()
+        decay = min(cfg.ema_decay, (1 + self.unet_step) / (10 + self.unet_step))
+        update_ema(self.ema_unet, self.unet, decay)
+        update_ema(self.ema_text_encoder, self.text_encoder, decay)
+        self.history["unet_loss"].append((self.unet_step, float(loss)))
+        self.unet_step += 1
+        return float(loss)
+
+    def train_unet(self, steps: int) -> None:
+        """Train the text encoder and UNet up to ``steps``, checkpointing as it goes."""
         self.unet.train()
         self.text_encoder.train()
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        scale = self.vae.config.scaling_factor
         bar = tqdm(total=steps, initial=min(self.unet_step, steps), desc="UNet+text", dynamic_ncols=True)
         while self.unet_step < steps:
-            captions, pixels = draw_batch(
-                cfg.seed, 2, self.unet_step, cfg.unet_batch_size, cfg.single_object_prob, cfg.drop_attribute_prob
-            )
-            generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.unet_step)
-            drop = torch.rand(len(captions), generator=generator, device=self.device) < cfg.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            with torch.no_grad():
-                latents = self.vae.encode(pixels.to(self.device)).latent_dist.sample(generator) * scale
-            loss = denoising_loss(
-                self.unet, self.text_encoder, self.noise_scheduler, latents,
-                tokenize(self.tokenizer, captions, self.device), generator, cfg.snr_gamma,
-            )
-            for group in self.unet_opt.param_groups:
-                group["lr"] = cfg.unet_lr * warmup_cosine(self.unet_step, cfg.warmup_steps, steps)
-            self.unet_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.unet_opt.step()
-            decay = min(cfg.ema_decay, (1 + self.unet_step) / (10 + self.unet_step))
-            update_ema(self.ema_unet, self.unet, decay)
-            update_ema(self.ema_text_encoder, self.text_encoder, decay)
-            self.first_loss.setdefault("unet", float(loss))
-            self.history["unet_loss"].append((self.unet_step, float(loss)))
-            self.unet_step += 1
+            loss = self.unet_update(steps)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-            if self.unet_step % cfg.checkpoint_every == 0 or self.unet_step == steps:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.unet_step % self.config.checkpoint_every == 0 or self.unet_step == steps:
                 self.checkpoint()
         bar.close()
 

@@ -45,6 +45,7 @@ class BenchSetup:
     preset: str = "loop"
     reward: str = "jpeg_compressibility"
     learning_rate: float = 1e-5
+    attention: str = "default"  # "default" (diffusers' SDPA processor) or "classic" (matmul + softmax)
 
     @property
     def samples(self) -> int:
@@ -150,4 +151,17 @@ def build_trainer(setup: BenchSetup, pipeline: Path, scratch: Path, device: str 
     from loopdiff.config import config_from_dict
     from loopdiff.training.trainer import Trainer
 
-    return Trainer(config_from_dict(trainer_config(setup, pipeline, scratch, device)))
+    trainer = Trainer(config_from_dict(trainer_config(setup, pipeline, scratch, device)))
+    use_attention(trainer.unet, setup.attention)
+    return trainer
+
+
+def use_attention(unet, kind: str) -> None:
+    """Switch the UNet's attention processors: ``"default"`` keeps diffusers' choice, ``"classic"`` sets
+    ``AttnProcessor`` (plain batched matmul + softmax, no scaled_dot_product_attention)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    if kind == "classic":
+        unet.set_attn_processor(AttnProcessor())
+    elif kind != "default":
+        raise ValueError(f"attention={kind!r}; allowed: 'default', 'classic'")

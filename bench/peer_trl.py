@@ -32,6 +32,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from _setup import BenchSetup, build_trainer, default_pipeline_folder, write_prompts  # noqa: E402
+from epoch import quiet_libraries  # noqa: E402
 
 TRL_PYTHON = BENCH / ".venv-trl" / "bin" / "python"
 TRL_SIDE = BENCH / "_trl_side.py"
@@ -92,7 +93,7 @@ def loopdiff_stored_losses(pipeline: Path, scratch: Path, setup: BenchSetup, per
             "old_log_probs": traj.log_probs[i, j], "advantages": batch.advantages[i],
             "embeds": traj.prompt_embeds[i], "uncond": trainer.uncond,
         })
-        ours.append({"loss": float(out.loss), "approx_kl": float(out.approx_kl),
+        ours.append({"loss": float(out.loss.detach()), "approx_kl": float(out.approx_kl),
                      "clip_fraction": float(out.clip_fraction), "log_probs": log_probs, "grad": grad})
     package = {
         "unet_state": {k: v.detach().clone() for k, v in unet.state_dict().items()},
@@ -225,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(f"TRL's virtualenv is missing: {TRL_PYTHON} (create it with the commands in bench/README.md)")
     import torch
 
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     setup = BenchSetup()
     result: dict[str, Any] = {"setup": {**setup.__dict__, "samples": setup.samples}, "threads": args.threads}

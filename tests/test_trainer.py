@@ -136,3 +136,18 @@ def test_lora_training_exports_weights_that_load(tmp_path) -> None:
     ours = trainer.unet(x, 10, encoder_hidden_states=emb).sample
     loaded = pipe.unet(x, 10, encoder_hidden_states=emb).sample
     torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_epoch_keeps_ratios_near_one(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, "loop", model={"mixed_precision": "bf16"})
+    traj, rewards = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    assert traj.log_probs.dtype == torch.float32  # log-probabilities stay float32 under autocast
+    from loopdiff.training.trainer import Batch
+
+    pairs = torch.stack(torch.meshgrid(torch.arange(len(traj)), torch.arange(3), indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        out = trainer.minibatch_loss(Batch(traj, rewards, trainer.advantages(traj, rewards)), pairs)
+    assert torch.isfinite(out.loss)
+    assert out.approx_kl < 1e-3  # same weights: bf16 rounding only
+    history = trainer.train()
+    assert np.isfinite(history[-1]["loss"])

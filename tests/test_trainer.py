@@ -139,6 +139,16 @@ def test_lora_training_exports_weights_that_load(tmp_path) -> None:
 
 
 def test_bf16_autocast_epoch_keeps_ratios_near_one(tmp_path) -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # earlier tests in this process built fp32 accelerators
+    try:
+        _bf16_epoch(tmp_path)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def _bf16_epoch(tmp_path) -> None:
     trainer = make_trainer(tmp_path, "loop", model={"mixed_precision": "bf16"})
     traj, rewards = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
     assert traj.log_probs.dtype == torch.float32  # log-probabilities stay float32 under autocast

@@ -32,6 +32,7 @@ class ModelConfig:
     lora_alpha: float = 4.0
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     device: str = "auto"  # "auto" lets accelerate choose
+    attention: str = "auto"  # "auto": classic attention on the CPU (faster there), PyTorch SDPA elsewhere
 
 
 @dataclass
@@ -253,6 +254,7 @@ def validate(config: RunConfig) -> None:
     """Raise ConfigError for the first invalid value."""
     m, s, e, t, o = config.model, config.sampling, config.estimator, config.training, config.output
     _choice("model.mixed_precision", m.mixed_precision, ("no", "fp16", "bf16"))
+    _choice("model.attention", m.attention, ("auto", "sdpa", "classic"))
     _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
     _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
     _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")

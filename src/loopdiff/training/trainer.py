@@ -32,7 +32,12 @@ from loopdiff.sampling.trajectories import PromptEncoder, Trajectories, decode_l
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.metrics import MetricsLogger, tensor_stats
 from loopdiff.training.minibatches import shuffled_pairs, split_minibatches
-from loopdiff.training.models import ReferencePolicy, configure_trainable, load_pipeline, trainable_state_dict
+from loopdiff.training.models import (
+    ReferencePolicy,
+    configure_attention,
+    configure_trainable,
+    load_pipeline,
+)
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Trainer:
         pipe.vae.to(self.device)
         pipe.text_encoder.to(self.device)
         self.unet = pipe.unet.to(self.device)
+        configure_attention(self.unet, config.model.attention, self.device)
         params = configure_trainable(self.unet, config.model)
         self.reference = ReferencePolicy(self.unet, config.model.lora) if self.estimator.kl_coef > 0 else None
         t = config.training

@@ -15,7 +15,6 @@ import io
 import itertools
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -27,6 +26,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from _memory import peak_rss_mb  # noqa: E402  (bench/ is the script's folder, first on sys.path)
 
 
 def jpeg_compressibility(images, prompts, metadata):
@@ -138,7 +139,7 @@ def run_epochs(args) -> dict:
         "cpu_seconds_per_epoch_all": cpu_per_epoch,
         "optimizer_steps": optimizer_steps,
         "images_per_second": args.samples / epoch_seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "versions": _versions(),
     }
 

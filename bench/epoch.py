@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from _calls import (  # noqa: E402
     observe_calls,
     text_context_shape,
 )
+from _memory import peak_rss_mb  # noqa: E402
 from _setup import BenchSetup, build_trainer, default_pipeline_folder, save_bench_pipeline  # noqa: E402
 
 PHASES = ("sampling", "decoding", "reward", "reward_wait", "advantages", "training", "other")
@@ -56,11 +56,6 @@ class TimedReward:
             return self.reward_fn(images, prompts, metadata)
         finally:
             self.seconds += time.perf_counter() - start
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in kB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def plan_mismatches(seen: ObservedCalls, shape: EpochShape) -> list[str]:

@@ -95,3 +95,23 @@ def test_bare_replay_makes_the_planned_calls_and_leaves_the_model_alone(tmp_path
     assert all(p.grad is None for p in trainer.unet.parameters())
     after = trainer.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_peak_memory_of_a_subprocess_is_its_own():
+    """A benchmark subprocess must not report its driver's memory (ru_maxrss survives exec on Linux)."""
+    import subprocess
+
+    from _memory import peak_rss_mb
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux /proc to read a process's own peak memory")
+    ballast = bytearray(256 * 1024 * 1024)  # touched: bytearray zero-fills
+    parent = peak_rss_mb()
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from _memory import peak_rss_mb; "
+         "print(peak_rss_mb())", str(Path(__file__).resolve().parents[1] / "bench")],
+        capture_output=True, text=True, check=True,
+    )
+    assert parent >= 256
+    assert float(child.stdout) < parent - 200
+    del ballast

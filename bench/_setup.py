@@ -9,6 +9,7 @@ exactly as much per call as trained ones, which is all a speed benchmark needs.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,15 @@ def save_bench_pipeline(folder: Path, latent_size: int = 16, seed: int = 0) -> P
 
 
 def default_pipeline_folder(scratch: Path) -> tuple[Path, str]:
-    """(folder, description): the embedded weights if present, else a saved random-weight pipeline."""
+    """(folder, description): a private copy of the embedded weights if present, else a saved random-weight
+    pipeline. The copy matters: the loaded weights stay memory-mapped, and a process re-shipping the
+    embedded weights meanwhile would crash the benchmark (SIGBUS) by truncating the files under it."""
     embedded = embedded_weights_folder()
     if embedded is not None:
-        return embedded, "embedded pipeline (trained weights)"
+        copy = Path(scratch) / "embedded-pipeline"
+        if not copy.is_dir():
+            shutil.copytree(embedded, copy)
+        return copy, "embedded pipeline (trained weights, private copy)"
     folder = save_bench_pipeline(Path(scratch) / "pipeline-l16", 16)
     return folder, "embedded architecture, random weights (embedded weights absent)"
 

@@ -137,11 +137,14 @@ class Trainer:
 
         chunk = self.config.sampling.batch_size
         latents, log_probs, futures = [], [], []
+        self.unet.eval()  # sampling is the policy itself (matters for UNets with dropout)
         with AsyncReward(self.reward_fn, name=self.config.reward.name) as scorer:
             for start in range(0, len(prompts), chunk):
                 t0 = time.perf_counter()
                 with acc.autocast():
-                    lat, lp = sample_trajectories(self.sampler, embeds[start : start + chunk], self.uncond, generator)
+                    lat, lp = sample_trajectories(
+                        self.sampler, embeds[start : start + chunk], self.uncond, generator, batch_size=chunk
+                    )
                 t1 = time.perf_counter()
                 images = decode_latents(self.pipeline.vae, lat[:, -1])
                 t2 = time.perf_counter()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -61,6 +63,34 @@ def test_unknown_words_split_into_known_pieces():
     assert len(ids) > 2  # split, not dropped
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids).replace(" ", "") == "azebra-xylophone"
+
+
+def test_tokenizer_is_the_same_in_every_process():
+    """BPE ties are broken by spelling, so fresh interpreters with different hash seeds agree exactly."""
+    script = (
+        "import json; from loopdiff.embedded.tokenizer import learn_vocab_and_merges;"
+        "from loopdiff.embedded.pipeline import world_vocabulary;"
+        "from loopdiff.embedded.tokenizer import FUNCTION_WORDS;"
+        "print(json.dumps(learn_vocab_and_merges(world_vocabulary() + list(FUNCTION_WORDS))))"
+    )
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert outputs[0] == outputs[1]
+    vocab, merges = outputs[0]
+    assert len(set(vocab.values())) == len(vocab)  # ids are distinct
+
+
+def test_bpe_merges_follow_pair_counts():
+    """A hand-checkable case: "aa" occurs in both words first, then the ties break by spelling."""
+    from loopdiff.embedded.tokenizer import learn_vocab_and_merges
+
+    vocab, merges = learn_vocab_and_merges(["aab", "aac"])
+    assert merges[0] == ("a", "a")
+    assert merges[1:] == [("aa", "b</w>"), ("aa", "c</w>")]
+    assert {"aab</w>", "aac</w>"} <= set(vocab)
 
 
 def test_tokenizer_rejects_non_letter_words():

@@ -161,3 +161,17 @@ def _bf16_epoch(tmp_path) -> None:
     assert out.approx_kl < 1e-3  # same weights: bf16 rounding only
     history = trainer.train()
     assert np.isfinite(history[-1]["loss"])
+
+
+def test_evaluation_rewards_are_built_once_per_run(tmp_path, monkeypatch) -> None:
+    import loopdiff.training.trainer as trainer_module
+
+    trainer = make_trainer(tmp_path, "rloo", eval={"rewards": ["jpeg_incompressibility"]})
+    built = []
+    real_build = trainer_module.build_reward
+    monkeypatch.setattr(trainer_module, "build_reward", lambda *a, **k: built.append(a[0]) or real_build(*a, **k))
+    first = trainer.evaluation_rewards()
+    second = trainer.evaluation_rewards()
+    assert built == ["jpeg_incompressibility"]  # the training reward is reused, the extra one built once
+    assert first is second and set(first) == {"jpeg_compressibility", "jpeg_incompressibility"}
+    assert first["jpeg_compressibility"] is trainer.reward_fn

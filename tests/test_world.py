@@ -13,6 +13,7 @@ from loopdiff.embedded.prompts import (
     MIN_GAP,
     RELATION_MARGIN,
     RELATIONS,
+    SIZE_RANGE,
     ObjectSpec,
     WorldPrompt,
     generate_prompt,
@@ -174,7 +175,7 @@ def test_scenes_satisfy_their_prompt_and_objects_do_not_overlap(category):
         for i, a in enumerate(scene.objects):
             x0, y0, x1, y1 = a.box
             assert 0 <= x0 and 0 <= y0 and x1 <= IMAGE_SIZE and y1 <= IMAGE_SIZE
-            assert 14 - 4 <= a.size <= 30
+            assert SIZE_RANGE[0] - 4 <= a.size <= SIZE_RANGE[1]
             for b in scene.objects[i + 1 :]:
                 bx0, by0, bx1, by1 = b.box
                 gap = max(bx0 - x1, x0 - bx1, by0 - y1, y0 - by1)

@@ -50,11 +50,11 @@ class PretrainConfig:
 
     output_dir: str
     seed: int = 0
-    vae_steps: int = 2250
+    vae_steps: int = 2000
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
-    unet_steps: int = 3500
+    unet_steps: int = 12000
     unet_batch_size: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 200
@@ -97,7 +97,7 @@ def random_scene(rng: np.random.Generator, max_objects: int = 4) -> world.Scene:
     """A scene of 1..``max_objects`` objects with uniformly random attributes, overlaps allowed (VAE data)."""
     objects = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        size = int(rng.integers(12, 33))
+        size = int(rng.integers(16, 33))
         objects.append(
             world.WorldObject(
                 shape=str(rng.choice(world.SHAPES)),

@@ -41,7 +41,7 @@ RELATIONS = {
 }
 NUMBER_WORDS = ("one", "two", "three", "four")
 MAX_OBJECTS = 4
-SIZE_RANGE = (14, 30)
+SIZE_RANGE = (20, 30)  # smaller objects lose their corners at 16x16 latents (hexagons read as circles)
 MIN_GAP = 3  # pixels between object boxes, so objects stay apart after blurring
 RELATION_MARGIN = 3  # pixels of slack with which generated scenes satisfy their relation
 NEXT_TO_DISTANCE = 0.45  # "next to": centres within this fraction of the image (Chebyshev)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
@@ -33,6 +33,10 @@ def _letters_alphabet() -> list[str]:
 def learn_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Learn a CLIP-style BPE vocabulary in which each of ``words`` is a single token.
 
+    Plain byte-pair encoding over the distinct words, each counted once: repeatedly merge the most
+    frequent adjacent pair (ties broken by the pair's spelling, so the result is the same in every
+    process) until every word is one symbol. The last symbol of a word carries ``</w>``, as in CLIP.
+
     Returns ``(vocab, merges)`` in the format ``CLIPTokenizer(vocab=..., merges=...)`` takes.
     """
     word_list = sorted({w.strip().lower() for w in words if w.strip()})
@@ -40,34 +44,39 @@ def learn_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[t
     if bad:
         raise ValueError(f"tokenizer words must be ASCII letters only, got {bad[:5]}")
     alphabet = _letters_alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,  # large: training stops once every word is a single token
-        min_frequency=1,
-        special_tokens=[BOS_TOKEN, EOS_TOKEN],
-        initial_alphabet=alphabet,
-        end_of_word_suffix=END_OF_WORD,
-        show_progress=False,
-    )
-    bpe = Tokenizer(models.BPE(end_of_word_suffix=END_OF_WORD, unk_token=EOS_TOKEN))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(word_list, trainer=trainer)
-    vocab = bpe.get_vocab()
-    # Characters at the end of a word must exist too (e.g. "x</w>"), so unknown words never hit <unk>.
-    for char in alphabet:
-        for token in (char, char + END_OF_WORD):
-            if token not in vocab:
-                vocab[token] = len(vocab)
-    ordered = dict(sorted(vocab.items(), key=lambda item: item[1]))
-    model = bpe.to_str()
-    merges = _merges_from_serialized(model)
-    return ordered, merges
+    # Every byte-level symbol exists alone and word-final, so unknown words never hit the unknown token.
+    tokens = [BOS_TOKEN, EOS_TOKEN] + alphabet + [char + END_OF_WORD for char in alphabet]
+    symbols = [list(word[:-1]) + [word[-1] + END_OF_WORD] for word in word_list]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in symbols:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        tokens.append(best[0] + best[1])
+        symbols = [_merge_pair(seq, best) for seq in symbols]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
 
 
-def _merges_from_serialized(serialized: str) -> list[tuple[str, str]]:
-    import json
-
-    raw = json.loads(serialized)["model"]["merges"]
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in raw]
+def _merge_pair(seq: list[str], pair: tuple[str, str]) -> list[str]:
+    """``seq`` with every non-overlapping occurrence of ``pair`` (left to right) joined into one symbol."""
+    out: list[str] = []
+    i = 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(seq[i] + seq[i + 1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
 
 
 def build_tokenizer(words: Iterable[str], model_max_length: int) -> CLIPTokenizer:

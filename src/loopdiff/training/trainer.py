@@ -68,6 +68,7 @@ class Trainer:
         self.run_dir = Path(config.output.dir)
         self.train_prompts = load_prompt_set(config.prompts.train)
         self.reward_fn = reward_fn or build_reward(config.reward.name, config.reward.options)
+        self._evaluation_rewards: dict[str, RewardFn] | None = None
         self._setup_model(pipeline)
         uses_tracker = self.estimator.advantage in ("prompt_mean", "stat_tracker")
         self.tracker = (
@@ -296,11 +297,14 @@ class Trainer:
         return True
 
     def evaluation_rewards(self) -> dict[str, RewardFn]:
-        rewards: dict[str, RewardFn] = {self.config.reward.name: self.reward_fn}
-        for name in self.config.eval.rewards:
-            if name not in rewards:
-                rewards[name] = build_reward(name, self.config.reward.options)
-        return rewards
+        """The training reward plus ``eval.rewards``, built once (a reward model loads only once per run)."""
+        if self._evaluation_rewards is None:
+            rewards: dict[str, RewardFn] = {self.config.reward.name: self.reward_fn}
+            for name in self.config.eval.rewards:
+                if name not in rewards:
+                    rewards[name] = build_reward(name, self.config.reward.options)
+            self._evaluation_rewards = rewards
+        return self._evaluation_rewards
 
     def evaluate(self, tag: str, prompt_set: PromptSet | None = None) -> EvalResult:
         """Evaluate the current policy on the validation prompts; writes ``eval/<tag>.json`` and a grid."""

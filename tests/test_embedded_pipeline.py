@@ -178,6 +178,15 @@ def test_shipped_pipeline_samples_images_of_the_right_shape():
 
 
 @shipped
+def test_shipped_tokenizer_is_the_one_build_tokenizer_makes():
+    shipped_tokenizer = CLIPTokenizer.from_pretrained(embedded_pipeline_path() / "tokenizer")
+    built = build_tokenizer(world_vocabulary(), MAX_PROMPT_TOKENS)
+    assert shipped_tokenizer.get_vocab() == built.get_vocab()
+    text = "three striped purple hexagons on the left of a zebra"
+    assert shipped_tokenizer(text)["input_ids"] == built(text)["input_ids"]
+
+
+@shipped
 def test_shipped_vae_reconstructs_fresh_renders():
     vae = load_embedded_pipeline().vae
     images = _renders(32, seed=12345)

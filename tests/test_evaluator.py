@@ -156,6 +156,16 @@ def test_any_image_size_and_the_registry():
     assert torch.equal(at_64, at_128)
 
 
+def test_graded_registry_entry_gives_partial_credit():
+    prompt = "a red circle and a blue square"
+    half = Scene((_obj("circle", "red", 16, 32), _obj("square", "green", 46, 32)))  # the square's colour is wrong
+    images = _images(half)
+    strict = build_reward("embedded_eval")(images, [prompt], [{}])
+    graded = build_reward("embedded_eval_graded")(images, [prompt], [{}])
+    assert strict.tolist() == [0.0]
+    assert graded.tolist() == pytest.approx([1.0 * 0.5])  # the square matches 1 of its 2 named attributes
+
+
 def test_bad_inputs_raise_naming_the_problem():
     evaluator = ev.HeldOutEvaluator()
     with pytest.raises(ValueError, match="'a red car'"):

@@ -367,6 +367,14 @@ def embedded_eval(graded: bool = False) -> HeldOutEvaluator:
     return HeldOutEvaluator(graded=graded)
 
 
+@register_reward(
+    "embedded_eval_graded",
+    description="the held-out evaluator with partial credit: per object the fraction of named attributes matched",
+)
+def embedded_eval_graded() -> HeldOutEvaluator:
+    return HeldOutEvaluator(graded=True)
+
+
 # ----------------------------------------------------------------------------- accuracy report
 
 

@@ -36,7 +36,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 PATTERN_BRIGHTNESS = 0.35
-MIN_SIZE, MAX_SIZE = 10, 40  # sizes the renderer accepts (scenes from prompts use 14-30)
+MIN_SIZE, MAX_SIZE = 10, 40  # sizes the renderer accepts (scenes from prompts use 20-30)
 
 _SUPERSAMPLE = 8
 

@@ -47,6 +47,7 @@ class BenchSetup:
     reward: str = "jpeg_compressibility"
     learning_rate: float = 1e-5
     attention: str = "default"  # "default" (diffusers' SDPA processor) or "classic" (matmul + softmax)
+    gradient_checkpointing: bool = False
 
     @property
     def samples(self) -> int:
@@ -143,6 +144,7 @@ def trainer_config(setup: BenchSetup, pipeline: Path, scratch: Path, device: str
             "samples_per_epoch": setup.samples,
             "timestep_fraction": setup.timestep_fraction,
             "micro_batch_size": setup.micro_batch,
+            "gradient_checkpointing": setup.gradient_checkpointing,
             "learning_rate": setup.learning_rate,
         },
         "prompts": {"train": str(prompt_file), "val": str(prompt_file)},

@@ -218,7 +218,8 @@ def print_report(result: dict[str, Any]) -> None:
           f"{result['latent_size']}x{result['latent_size']} latents)")
     print(f"epoch: {s['prompts']} prompts x K={s['k']} = {s['samples']} trajectories, {s['steps']} steps, "
           f"guidance {s['guidance']}, timestep fraction {s['timestep_fraction']}, preset {s['preset']}, "
-          f"reward {s['reward']}, micro-batch {s['micro_batch']}, attention {s['attention']}")
+          f"reward {s['reward']}, micro-batch {s['micro_batch']}, attention {s['attention']}"
+          f"{', gradient checkpointing' if s.get('gradient_checkpointing') else ''}")
     c = result["calls"]
     print(f"calls per epoch: {c['sampling_calls']} sampling UNet ({c['sampling_rows']} rows), "
           f"{c['decode_calls']} VAE decode, {c['training_calls']} training UNet fwd+bwd ({c['training_rows']} rows), "
@@ -267,6 +268,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=64, help="(sample, step) pairs per training call")
     parser.add_argument("--attention", choices=("default", "classic"), default="default",
                         help="UNet attention processors: diffusers' default (SDPA) or the classic matmul one")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute UNet activations in the backward pass (less memory, more compute)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     return parser.parse_args(argv)
@@ -279,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     quiet_libraries()
     torch.set_num_threads(args.threads)
     setup = BenchSetup(prompts=args.prompts, k=args.k, steps=args.steps, micro_batch=args.micro_batch,
-                       attention=args.attention)
+                       attention=args.attention, gradient_checkpointing=args.gradient_checkpointing)
     with tempfile.TemporaryDirectory(prefix="loopdiff-bench-") as tmp:
         scratch = Path(tmp)
         if args.pipeline:

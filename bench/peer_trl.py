@@ -149,10 +149,13 @@ def _run(command: Sequence[str]) -> None:
         raise RuntimeError(f"{' '.join(command[:3])} failed ({log.returncode}):\n{log.stderr[-4000:]}")
 
 
-def run_loopdiff(pipeline: Path, out: Path, args: argparse.Namespace, micro_batch: int) -> dict[str, Any]:
+def run_loopdiff(
+    pipeline: Path, out: Path, args: argparse.Namespace, micro_batch: int, checkpointing: bool = False
+) -> dict[str, Any]:
     _run([sys.executable, str(EPOCH_SCRIPT), "--pipeline", str(pipeline), "--scaling", "none",
           "--epochs", str(args.epochs), "--warmup", str(args.warmup), "--threads", str(args.threads),
-          "--micro-batch", str(micro_batch), "--json", str(out)])
+          "--micro-batch", str(micro_batch), "--json", str(out)]
+         + (["--gradient-checkpointing"] if checkpointing else []))
     return json.loads(out.read_text())
 
 
@@ -216,6 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-loss-check", action="store_true")
     parser.add_argument("--skip-matched-shapes", action="store_true",
                         help="do not time loopdiff at TRL's call shapes (micro-batch 8)")
+    parser.add_argument("--checkpointed-micro-batch", type=int, default=160,
+                        help="also time loopdiff with gradient checkpointing at this micro-batch (0: skip)")
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)
 
@@ -240,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print_loss_table(rows)
             result["loss_check"] = rows
         prompts = write_prompts(scratch, setup.prompts)
-        runs: dict[str, list[dict[str, Any]]] = {"loopdiff": [], "loopdiff_micro8": [], "trl": []}
+        runs: dict[str, list[dict[str, Any]]] = {"loopdiff": [], "loopdiff_micro8": [], "loopdiff_ckpt": [], "trl": []}
+        ckpt_micro = args.checkpointed_micro_batch
         for round_index in range(args.rounds):
             print(f"\n2. timing round {round_index + 1}/{args.rounds}: loopdiff", flush=True)
             runs["loopdiff"].append(run_loopdiff(pipeline, scratch / f"ld-{round_index}.json", args, setup.micro_batch))
@@ -249,10 +255,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if not args.skip_matched_shapes:
                 print("   loopdiff at TRL's call shapes (micro-batch 8)", flush=True)
                 runs["loopdiff_micro8"].append(run_loopdiff(pipeline, scratch / f"ld8-{round_index}.json", args, 8))
+            if ckpt_micro:
+                print(f"   loopdiff with gradient checkpointing (micro-batch {ckpt_micro})", flush=True)
+                runs["loopdiff_ckpt"].append(
+                    run_loopdiff(pipeline, scratch / f"ldc-{round_index}.json", args, ckpt_micro, checkpointing=True)
+                )
     loopdiff_keys = ("sampling", "decoding")
     rows = [_side_row("loopdiff (micro-batch 64)", runs["loopdiff"], loopdiff_keys)]
     if runs["loopdiff_micro8"]:
         rows.append(_side_row("loopdiff (micro-batch 8, TRL's shapes)", runs["loopdiff_micro8"], loopdiff_keys))
+    if runs["loopdiff_ckpt"]:
+        label = f"loopdiff (micro-batch {args.checkpointed_micro_batch}, gradient checkpointing)"
+        rows.append(_side_row(label, runs["loopdiff_ckpt"], loopdiff_keys))
     rows.append(_side_row(f"TRL {runs['trl'][0]['versions']['trl']} DDPOTrainer", runs["trl"], ("sampling+decoding",)))
     print(f"\n{setup.prompts} prompts x K={setup.k}, {setup.steps} steps, guidance {setup.guidance}, clip range "
           f"{setup.clip_range}, timestep fraction {setup.timestep_fraction}, JPEG reward, full fine-tuning fp32, "

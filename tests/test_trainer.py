@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer_helpers import make_trainer
+from trainer_helpers import PROMPTS, make_trainer
 
 
 def _weights(unet: torch.nn.Module) -> torch.Tensor:
@@ -80,7 +80,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer_helpers import make_trainer
+from trainer_helpers import PROMPTS, make_trainer
 
 def die_in_epoch_three(epoch, metrics):
     if epoch == 3:  # the checkpoint of epoch 2 exists, epoch 3 is logged but not saved
@@ -175,3 +175,24 @@ def test_evaluation_rewards_are_built_once_per_run(tmp_path, monkeypatch) -> Non
     assert built == ["jpeg_incompressibility"]  # the training reward is reused, the extra one built once
     assert first is second and set(first) == {"jpeg_compressibility", "jpeg_incompressibility"}
     assert first["jpeg_compressibility"] is trainer.reward_fn
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path) -> None:
+    """Recomputing activations in backward changes memory and time, not the update (same seed, same epoch)."""
+    plain = make_trainer(tmp_path / "plain", "loop")
+    checkpointed = make_trainer(tmp_path / "ckpt", "loop", training={"gradient_checkpointing": True})
+    assert checkpointed.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
+    assert torch.equal(_weights(plain.unet), _weights(checkpointed.unet))
+    before = _weights(plain.unet)
+    plain.run_epoch(1)
+    checkpointed.run_epoch(1)
+    moved = (_weights(plain.unet) - before).abs().max()
+    assert moved > 1e-5  # the epoch did update the weights
+    torch.testing.assert_close(_weights(checkpointed.unet), _weights(plain.unet), rtol=0, atol=1e-4 * float(moved))
+
+
+def test_max_train_keeps_the_first_training_prompts(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, "loop", prompts={"max_train": 2})
+    assert list(trainer.train_prompts.prompts) == PROMPTS[:2]
+    traj, _ = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    assert set(traj.prompt_ids.tolist()) <= {0, 1}

@@ -71,6 +71,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     timestep_fraction: float = 1.0
     micro_batch_size: int = 64  # (sample, step) pairs per UNet call while training
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, more compute
     warmup_epochs: int = 0
     seed: int = 0
 
@@ -86,6 +87,7 @@ class RewardConfig:
 class PromptConfig:
     train: str = "embedded:color"  # "embedded:<category>", a prompt file, or "file:<path>"
     val: str = "embedded:color:val"
+    max_train: int | None = None  # train on the first N training prompts only (None: all of them)
 
 
 @dataclass
@@ -273,6 +275,8 @@ def validate(config: RunConfig) -> None:
     _check(t.max_grad_norm > 0, "training.max_grad_norm", t.max_grad_norm, "a number > 0")
     _check(0 < t.timestep_fraction <= 1, "training.timestep_fraction", t.timestep_fraction, "a number in (0, 1]")
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "an integer >= 1")
+    n = config.prompts.max_train
+    _check(n is None or n >= 1, "prompts.max_train", n, "an integer >= 1, or none for every training prompt")
     _check(config.eval.images_per_prompt >= 1, "eval.images_per_prompt", config.eval.images_per_prompt, ">= 1")
     _check(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0")
     _check(o.checkpoint_every >= 1, "output.checkpoint_every", o.checkpoint_every, "an integer >= 1")

@@ -66,7 +66,7 @@ class Trainer:
         )
         self.device = self.accelerator.device
         self.run_dir = Path(config.output.dir)
-        self.train_prompts = load_prompt_set(config.prompts.train)
+        self.train_prompts = load_prompt_set(config.prompts.train).head(config.prompts.max_train)
         self.reward_fn = reward_fn or build_reward(config.reward.name, config.reward.options)
         self._evaluation_rewards: dict[str, RewardFn] | None = None
         self._setup_model(pipeline)
@@ -94,6 +94,8 @@ class Trainer:
         self.unet = pipe.unet.to(self.device)
         configure_attention(self.unet, config.model.attention, self.device)
         params = configure_trainable(self.unet, config.model)
+        if config.training.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # only in train mode with gradients: sampling is unchanged
         self.reference = ReferencePolicy(self.unet, config.model.lora) if self.estimator.kl_coef > 0 else None
         t = config.training
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}

@@ -39,6 +39,7 @@ def test_packaged_default_config_is_valid() -> None:
         ("training.nonsense=1", "unknown config field 'training.nonsense'"),
         ("model.mixed_precision=fp8", "model.mixed_precision='fp8'"),
         ("prompts.max_train=0", "prompts.max_train=0"),
+        ("model.train_modules=kv", "model.train_modules='kv'"),
     ],
 )
 def test_bad_values_name_field_and_value(override: str, message: str) -> None:

@@ -196,3 +196,12 @@ def test_max_train_keeps_the_first_training_prompts(tmp_path) -> None:
     assert list(trainer.train_prompts.prompts) == PROMPTS[:2]
     traj, _ = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
     assert set(traj.prompt_ids.tolist()) <= {0, 1}
+
+
+def test_cross_attention_training_moves_only_the_prompt_keys_and_values(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, "loop", model={"train_modules": "cross_attention"})
+    before = {name: p.detach().clone() for name, p in trainer.unet.named_parameters()}
+    trainer.run_epoch(1)
+    changed = {name for name, p in trainer.unet.named_parameters() if not torch.equal(p, before[name])}
+    expected = {name for name in before if ".attn2.to_k." in name or ".attn2.to_v." in name}
+    assert expected and changed == expected

@@ -19,6 +19,9 @@ from loopdiff.estimators import PRESETS
 from loopdiff.objectives import LOSS_KINDS
 
 
+TRAIN_MODULES = ("all", "cross_attention")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is allowed."""
 
@@ -27,6 +30,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     pretrained: str = "embedded"  # "embedded", a local pipeline folder, or a Hub id
     revision: str | None = None
+    train_modules: str = "all"  # full fine-tuning: "all" UNet weights, or "cross_attention" (its keys and values)
     lora: bool = False
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -257,6 +261,9 @@ def validate(config: RunConfig) -> None:
     m, s, e, t, o = config.model, config.sampling, config.estimator, config.training, config.output
     _choice("model.mixed_precision", m.mixed_precision, ("no", "fp16", "bf16"))
     _choice("model.attention", m.attention, ("auto", "sdpa", "classic"))
+    _choice("model.train_modules", m.train_modules, TRAIN_MODULES)
+    _check(not (m.lora and m.train_modules != "all"), "model.train_modules", m.train_modules,
+           "'all' with model.lora=true (LoRA chooses its own target modules)")
     _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
     _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
     _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")

@@ -59,8 +59,24 @@ def configure_attention(unet: torch.nn.Module, choice: str, device: torch.device
         unet.set_attn_processor(AttnProcessor2_0())
 
 
+def cross_attention_kv(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The key and value projections of every cross-attention layer: the only weights that read the prompt
+    (the part Custom Diffusion fine-tunes, Kumari et al. 2023)."""
+    params = [
+        p
+        for name, module in unet.named_modules()
+        if name.endswith("attn2")
+        for projection in (module.to_k, module.to_v)
+        for p in projection.parameters()
+    ]
+    if not params:
+        raise ValueError("model.train_modules='cross_attention': this UNet has no cross-attention (attn2) layers")
+    return params
+
+
 def configure_trainable(unet: torch.nn.Module, config: ModelConfig) -> list[torch.nn.Parameter]:
-    """Full fine-tuning (every UNet weight) or LoRA adapters on the attention projections via peft."""
+    """Full fine-tuning (every UNet weight), the cross-attention keys and values only, or LoRA adapters on
+    the attention projections via peft."""
     if config.lora:
         from peft import LoraConfig
 
@@ -73,6 +89,10 @@ def configure_trainable(unet: torch.nn.Module, config: ModelConfig) -> list[torc
                 target_modules=LORA_TARGETS,
             )
         )
+    elif config.train_modules == "cross_attention":
+        unet.requires_grad_(False)
+        for p in cross_attention_kv(unet):
+            p.requires_grad_(True)
     else:
         unet.requires_grad_(True)
     return [p for p in unet.parameters() if p.requires_grad]

@@ -292,6 +292,19 @@ def test_only_and_changed_settings(mini_study, tmp_path) -> None:
     assert ids == ["base/plain", "plain/ppo/seed0", "plain/ppo/seed1"]
     with pytest.raises(StudyError, match="matches no run"):
         plan_study(spec, out, ["nothing/*"])
+    saved = out / "runs" / "plain" / "ppo" / "seed0" / "config.json"  # as written before a field existed
+    original = saved.read_text()
+    older = json.loads(original)
+    del older["model"]["train_modules"]
+    saved.write_text(json.dumps(older))
+    try:
+        plan_study(spec, out)  # the missing field is at its default: not a change
+        older["training"]["micro_batch_size"] = 7
+        saved.write_text(json.dumps(older))
+        with pytest.raises(StudyError, match=r"training.micro_batch_size=7"):
+            plan_study(spec, out)
+    finally:
+        saved.write_text(original)
     data = study_dict(spec.base["model"]["pretrained"], spec.base["prompts"]["train"])
     data["base"]["training"]["learning_rate"] = 5e-4
     with pytest.raises(StudyError, match=r"training.learning_rate=0.001, the study now asks for 0.0005"):

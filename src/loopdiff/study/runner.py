@@ -112,7 +112,9 @@ def _check_unchanged(job: Job) -> None:
     saved_file = job.folder / "config.json"
     if not saved_file.is_file():
         return
-    saved, planned = _flatten(json.loads(saved_file.read_text())), _flatten(job.config.to_dict())
+    planned = _flatten(job.config.to_dict())
+    # a field the saved config lacks (added to loopdiff since that run started) counts at its default
+    saved = {**_flatten(RunConfig().to_dict()), **_flatten(json.loads(saved_file.read_text()))}
     changed = [k for k in planned if saved.get(k) != planned[k] and not k.startswith(IGNORED_CHANGES)]
     if changed:
         k = changed[0]

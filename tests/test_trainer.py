@@ -80,7 +80,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer_helpers import PROMPTS, make_trainer
+from trainer_helpers import make_trainer
 
 def die_in_epoch_three(epoch, metrics):
     if epoch == 3:  # the checkpoint of epoch 2 exists, epoch 3 is logged but not saved

@@ -23,7 +23,7 @@ from loopdiff.embedded.pipeline import (
     load_embedded_pipeline,
     world_vocabulary,
 )
-from loopdiff.embedded.pretrain import pretrain_cli
+from loopdiff.embedded.pretrain import mislabel_colors, pretrain_cli
 from loopdiff.embedded.tokenizer import build_tokenizer, words_missing_single_token
 
 torch.set_num_threads(1)
@@ -128,26 +128,50 @@ def test_pretrain_cli_trains_checkpoints_and_resumes(tmp_path):
     common = ["--output-dir", str(out), "--vae-batch-size", "4", "--unet-batch-size", "4", "--threads", "1"]
     assert pretrain_cli(common + ["--max-steps", "2"]) == 0
     state = torch.load(out / "pretrain_state" / "state.pt", weights_only=False)
-    assert (state["vae_step"], state["unet_step"]) == (2, 2)
+    assert (state["vae_step"], state["unet_step"]) == (2, 4)  # stage 3 continues the UNet's step count
     losses = [loss for _, loss in state["history"]["vae_mse"] + state["history"]["unet_loss"]]
-    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert len(losses) == 6 and all(np.isfinite(losses))
     trained = _load(out)
     untrained = build_untrained_pipeline(seed=0)
     for name in ("unet", "vae", "text_encoder"):
         assert not _state_dicts_equal(getattr(trained, name), getattr(untrained, name)), name
     assert trained.vae.config.scaling_factor != 1.0  # set from the latent std after the VAE stage
 
-    assert pretrain_cli(common + ["--max-steps", "3"]) == 0  # resumes: one more step per stage
+    assert pretrain_cli(common + ["--max-steps", "3"]) == 0  # resumes where the first run stopped
     state = torch.load(out / "pretrain_state" / "state.pt", weights_only=False)
-    assert (state["vae_step"], state["unet_step"]) == (3, 3)
-    assert [s for s, _ in state["history"]["unet_loss"]] == [0, 1, 2]
+    assert (state["vae_step"], state["unet_step"]) == (3, 6)
+    assert [s for s, _ in state["history"]["unet_loss"]] == [0, 1, 2, 3, 4, 5]
 
 
 def test_pretrain_cli_rejects_bad_values(tmp_path):
-    with pytest.raises(SystemExit):
-        pretrain_cli(["--output-dir", str(tmp_path), "--max-steps", "0"])
-    with pytest.raises(SystemExit):
-        pretrain_cli(["--output-dir", str(tmp_path), "--caption-dropout", "1.5"])
+    for bad in (["--max-steps", "0"], ["--caption-dropout", "1.5"], ["--swap-colors-prob", "-0.1"],
+                ["--wrong-color-prob", "2"], ["--noisy-caption-steps", "-1"]):
+        with pytest.raises(SystemExit):
+            pretrain_cli(["--output-dir", str(tmp_path)] + bad)
+
+
+def test_mislabel_colors_swaps_or_replaces_colour_words_only():
+    caption = "a red circle on the left of a blue square"
+    rng = np.random.default_rng(0)
+    assert mislabel_colors(caption, rng, swap_prob=1.0, wrong_prob=0.0) == "a blue circle on the left of a red square"
+    assert mislabel_colors(caption, rng, swap_prob=0.0, wrong_prob=0.0) == caption
+    assert mislabel_colors("two striped stars", rng, swap_prob=1.0, wrong_prob=1.0) == "two striped stars"
+    replaced = mislabel_colors("a red circle", rng, swap_prob=1.0, wrong_prob=1.0).split(" ")
+    assert replaced[0] == "a" and replaced[2] == "circle" and replaced[1] in world.COLORS and replaced[1] != "red"
+
+    # Rates: a swap with probability p; otherwise each colour is replaced with probability q.
+    p, q, n = 0.3, 0.2, 4000
+    rng = np.random.default_rng(1)
+    outcomes = [mislabel_colors(caption, rng, p, q) for _ in range(n)]
+    swapped = sum(o == "a blue circle on the left of a red square" for o in outcomes) / n
+    first_wrong = sum(o.split(" ")[1] not in ("red", "blue") for o in outcomes) / n
+    assert abs(swapped - p) < 3 * (p * (1 - p) / n) ** 0.5
+    other_colors = len(world.COLORS) - 1  # a replacement is uniform over these; 1 of them is "blue"
+    expected = (1 - p) * q * (other_colors - 1) / other_colors
+    assert abs(first_wrong - expected) < 3 * (expected * (1 - expected) / n) ** 0.5
+    for o in outcomes:  # only the colour slots ever change
+        w = o.split(" ")
+        assert w[0] == "a" and w[2:8] == ["circle", "on", "the", "left", "of", "a"] and w[9] == "square"
 
 
 # ----------------------------------------------------------------------------- the shipped weights

@@ -1,12 +1,17 @@
 """Pretrain the embedded base model from scratch on the miniature world.
 
-Two stages, as latent diffusion is trained:
+Two stages, as latent diffusion is trained, and a third that makes its attribute binding unreliable:
 
 1. the VAE (``AutoencoderKL``) on fresh renders: reconstruction MSE plus a small KL term; afterwards its
    ``scaling_factor`` is set to 1 / std of the latents, as Stable Diffusion does;
 2. the text encoder and the UNet jointly, with the VAE frozen: epsilon-prediction MSE under SD's
    scaled-linear 1000-step schedule, min-SNR weighting, 10% empty captions for classifier-free guidance,
-   and an EMA of the weights, which is what gets saved.
+   and an EMA of the weights, which is what gets saved;
+3. the same training continued for ``noisy_caption_steps`` on captions whose colours are wrong some of the
+   time (swapped between two objects, or replaced), at a constant learning rate. Web alt-texts mis-bind
+   attributes in the same way, and Stable Diffusion's binding errors are partly learned from them. This
+   stage gives the base an unreliable binding that is shared across prompts, which is what RL fine-tuning
+   corrects on Stable Diffusion (``docs/embedded-model.md`` has the measurements).
 
 Captions come from ``prompts.random_caption_and_scene`` (T2I-CompBench phrasing; with
 ``drop_attribute_prob`` some colours and textures go unnamed, like web captions). Every batch is drawn
@@ -62,6 +67,10 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     single_object_prob: float = 0.2
     drop_attribute_prob: float = 0.2
+    noisy_caption_steps: int = 1500
+    noisy_caption_lr: float = 2e-4
+    swap_colors_prob: float = 0.3
+    wrong_color_prob: float = 0.3
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -88,6 +97,24 @@ def draw_batch(
         captions.append(caption)
         images.append(world.render(scene))
     return captions, to_model_pixels(np.stack(images))
+
+
+def mislabel_colors(caption: str, rng: np.random.Generator, swap_prob: float, wrong_prob: float) -> str:
+    """Corrupt a caption's colour words as noisy alt-text does; the image keeps its true colours.
+
+    With probability ``swap_prob`` the first two (different) colour words trade places ("a red circle and
+    a blue square" -> "a blue circle and a red square"); otherwise each colour word is replaced by another
+    colour with probability ``wrong_prob``. Every other word is kept.
+    """
+    words = caption.split(" ")
+    slots = [i for i, word in enumerate(words) if word in world.COLORS]
+    if len(slots) >= 2 and words[slots[0]] != words[slots[1]] and rng.random() < swap_prob:
+        words[slots[0]], words[slots[1]] = words[slots[1]], words[slots[0]]
+        return " ".join(words)
+    for i in slots:
+        if rng.random() < wrong_prob:
+            words[i] = str(rng.choice([c for c in world.COLORS if c != words[i]]))
+    return " ".join(words)
 
 
 def to_model_pixels(images: np.ndarray) -> torch.Tensor:
@@ -308,12 +335,19 @@ class Trainer:
             self.checkpoint()
 
     # -- stage 2
-    def unet_update(self, total_steps: int) -> float:
-        """One joint text-encoder + UNet step on a fresh batch (10% empty captions); returns the loss."""
+    def unet_update(self) -> float:
+        """One joint text-encoder + UNet step on a fresh batch (10% empty captions); returns the loss.
+
+        Steps past ``unet_steps`` are stage 3: colour words mislabelled, constant ``noisy_caption_lr``.
+        """
         cfg = self.config
+        noisy = self.unet_step >= cfg.unet_steps
         captions, pixels = draw_batch(
             cfg.seed, 2, self.unet_step, cfg.unet_batch_size, cfg.single_object_prob, cfg.drop_attribute_prob
         )
+        if noisy:
+            rng = np.random.default_rng([cfg.seed, 3, self.unet_step])
+            captions = [mislabel_colors(c, rng, cfg.swap_colors_prob, cfg.wrong_color_prob) for c in captions]
         generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.unet_step)
         drop = torch.rand(len(captions), generator=generator, device=self.device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -323,8 +357,11 @@ class Trainer:
             self.unet, self.text_encoder, self.noise_scheduler, latents * self.vae.config.scaling_factor,
             tokenize(self.tokenizer, captions, self.device), generator, cfg.snr_gamma,
         )
+        lr = cfg.noisy_caption_lr if noisy else cfg.unet_lr * warmup_cosine(
+            self.unet_step, cfg.warmup_steps, cfg.unet_steps
+        )
         for group in self.unet_opt.param_groups:
-            group["lr"] = cfg.unet_lr * warmup_cosine(self.unet_step, cfg.warmup_steps, total_steps)
+            group["lr"] = lr
         self.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in self.unet_opt.param_groups for p in group["params"]]
@@ -337,13 +374,13 @@ class Trainer:
         self.unet_step += 1
         return float(loss)
 
-    def train_unet(self, steps: int) -> None:
-        """Train the text encoder and UNet up to ``steps``, checkpointing as it goes."""
+    def train_unet(self, steps: int, desc: str = "UNet+text") -> None:
+        """Train the text encoder and UNet up to step ``steps``, checkpointing as it goes."""
         self.unet.train()
         self.text_encoder.train()
-        bar = tqdm(total=steps, initial=min(self.unet_step, steps), desc="UNet+text", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=min(self.unet_step, steps), desc=desc, dynamic_ncols=True)
         while self.unet_step < steps:
-            loss = self.unet_update(steps)
+            loss = self.unet_update()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.unet_step % self.config.checkpoint_every == 0 or self.unet_step == steps:
@@ -352,7 +389,7 @@ class Trainer:
 
 
 def pretrain(config: PretrainConfig, resume: bool = True) -> Trainer:
-    """Run (or resume) both stages and leave the pipeline folder in ``config.output_dir``."""
+    """Run (or resume) the three stages and leave the pipeline folder in ``config.output_dir``."""
     torch.set_num_threads(config.threads)
     trainer = Trainer(config)
     if resume and trainer.load_state():
@@ -360,6 +397,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> Trainer:
     start = time.perf_counter()
     trainer.train_vae(config.vae_steps)
     trainer.train_unet(config.unet_steps)
+    trainer.train_unet(config.unet_steps + config.noisy_caption_steps, desc="noisy captions")
     trainer.checkpoint()
     print(f"pretraining finished in {(time.perf_counter() - start) / 60:.1f} min; pipeline in {trainer.out}")
     return trainer
@@ -388,11 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of single-object captions")
     parser.add_argument("--drop-attribute-prob", type=float, default=defaults.drop_attribute_prob,
                         help="probability that a caption leaves out an object's colour or texture")
+    parser.add_argument("--noisy-caption-steps", type=int, default=defaults.noisy_caption_steps,
+                        help="stage 3: steps on captions with mislabelled colours (0 skips it)")
+    parser.add_argument("--noisy-caption-lr", type=float, default=defaults.noisy_caption_lr)
+    parser.add_argument("--swap-colors-prob", type=float, default=defaults.swap_colors_prob,
+                        help="stage 3: probability that a caption's first two colours trade places")
+    parser.add_argument("--wrong-color-prob", type=float, default=defaults.wrong_color_prob,
+                        help="stage 3: probability that a colour word is replaced by another colour")
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="cap both stages at this many steps (quick trials and tests)")
+                        help="cap every stage at this many steps (quick trials and tests)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the output")
@@ -410,13 +455,16 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
             raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
         config.vae_steps = min(config.vae_steps, args.max_steps)
         config.unet_steps = min(config.unet_steps, args.max_steps)
+        config.noisy_caption_steps = min(config.noisy_caption_steps, args.max_steps)
         config.warmup_steps = min(config.warmup_steps, args.max_steps)
     for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every", "threads"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if not 0.0 <= config.caption_dropout < 1.0:
         raise ValueError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
-    for name in ("single_object_prob", "drop_attribute_prob"):
+    if config.noisy_caption_steps < 0:
+        raise ValueError(f"--noisy-caption-steps must be at least 0, got {config.noisy_caption_steps}")
+    for name in ("single_object_prob", "drop_attribute_prob", "swap_colors_prob", "wrong_color_prob"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
     return config

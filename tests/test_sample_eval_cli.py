@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from loopdiff.cli import main
 from loopdiff.config import ModelConfig
-from loopdiff.evaluation import evaluate
+from loopdiff.evaluation import evaluate, paired_change
 from loopdiff.prompts import load_prompt_set
 from loopdiff.rewards.jpeg import jpeg_size_kb
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
@@ -63,3 +64,27 @@ def pytest_approx(value: float):
     import pytest
 
     return pytest.approx(value, rel=1e-6)
+
+
+def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
+    before = np.array([0.2, 0.5, 0.1, 0.0])
+    after = np.array([0.4, 0.5, 0.4, 0.1])
+    diffs = [0.2, 0.0, 0.3, 0.1]
+    mean = sum(diffs) / 4
+    se = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5 / 2
+    assert paired_change(before, after) == pytest.approx((mean, se))
+    assert np.isnan(paired_change(np.array([0.3]), np.array([0.5]))[1])
+    with pytest.raises(ValueError, match=r"\(3,\) and \(2,\)"):
+        paired_change(np.zeros(3), np.zeros(2))
+
+
+def test_train_summary_prints_base_final_and_the_paired_change(tmp_path, capsys) -> None:
+    from loopdiff.cli import _print_eval_summary
+
+    (tmp_path / "eval").mkdir()
+    for tag, values in (("base", [0.2, 0.5, 0.1, 0.0]), ("final", [0.4, 0.5, 0.4, 0.1])):
+        record = {"means": {"embedded_eval": float(np.mean(values))}, "per_prompt": {"embedded_eval": values}}
+        (tmp_path / "eval" / f"{tag}.json").write_text(json.dumps(record))
+    _print_eval_summary(tmp_path)
+    row = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("embedded_eval")]
+    assert row[0].split() == ["embedded_eval", "0.2000", "0.3500", "+0.1500", "+-", "0.0645"]

@@ -59,11 +59,14 @@ def _print_eval_summary(run_dir: Path) -> None:
     base, final = run_dir / "eval" / "base.json", run_dir / "eval" / "final.json"
     if not (base.is_file() and final.is_file()):
         return
-    before, after = json.loads(base.read_text())["means"], json.loads(final.read_text())["means"]
-    print("\nvalidation (mean over prompts of the per-prompt mean):")
-    print(f"  {'reward':24s} {'base':>8s} {'fine-tuned':>10s}")
-    for name in before:
-        print(f"  {name:24s} {before[name]:8.4f} {after[name]:10.4f}")
+    from loopdiff.evaluation import paired_change
+
+    before, after = json.loads(base.read_text()), json.loads(final.read_text())
+    print("\nvalidation (mean over prompts of the per-prompt mean; change +- standard error over prompts):")
+    print(f"  {'reward':24s} {'base':>8s} {'fine-tuned':>10s} {'change':>18s}")
+    for name, value in before["means"].items():
+        change, se = paired_change(before["per_prompt"][name], after["per_prompt"][name])
+        print(f"  {name:24s} {value:8.4f} {after['means'][name]:10.4f} {change:+9.4f} +- {se:.4f}")
     print(f"grids: {run_dir / 'grids'}")
 
 

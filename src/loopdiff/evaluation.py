@@ -67,3 +67,17 @@ def evaluate(
         prompts=list(prompt_set.prompts),
         grid_images=torch.cat(grid) if grid else torch.empty(0),
     )
+
+
+def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """Mean per-prompt change ``after - before`` and its standard error over prompts.
+
+    Both evaluations use the same prompts and seeds, so the per-prompt differences are paired; their
+    spread is what tells a gain from evaluation noise. With one prompt the standard error is ``nan``.
+    """
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape or before.ndim != 1 or before.size == 0:
+        raise ValueError(f"need two equal-length 1-D per-prompt arrays, got {before.shape} and {after.shape}")
+    diff = after - before
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return float(diff.mean()), se

@@ -156,6 +156,8 @@ def test_mislabel_colors_swaps_or_replaces_colour_words_only():
     assert mislabel_colors(caption, rng, swap_prob=1.0, wrong_prob=0.0) == "a blue circle on the left of a red square"
     assert mislabel_colors(caption, rng, swap_prob=0.0, wrong_prob=0.0) == caption
     assert mislabel_colors("two striped stars", rng, swap_prob=1.0, wrong_prob=1.0) == "two striped stars"
+    same = mislabel_colors("a red circle and a red square", rng, swap_prob=1.0, wrong_prob=1.0).split(" ")
+    assert same[1] != "red" and same[5] != "red"  # swapping equal colours changes nothing: replace instead
     replaced = mislabel_colors("a red circle", rng, swap_prob=1.0, wrong_prob=1.0).split(" ")
     assert replaced[0] == "a" and replaced[2] == "circle" and replaced[1] in world.COLORS and replaced[1] != "red"
 

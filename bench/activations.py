@@ -38,11 +38,13 @@ def load_unet(attention: str) -> torch.nn.Module:
 
 def saved_bytes_by_op(unet: torch.nn.Module, rows: int) -> collections.Counter:
     """Bytes of the tensors the backward pass of one ``rows``-row forward keeps, per autograd node type."""
+    from loopdiff.embedded.pipeline import MAX_PROMPT_TOKENS
+
     config = unet.config
     size = config.sample_size
     x = torch.randn(rows, config.in_channels, size, size)
     t = torch.randint(0, 1000, (rows,))
-    context = torch.randn(rows, 24, config.cross_attention_dim)
+    context = torch.randn(rows, MAX_PROMPT_TOKENS, config.cross_attention_dim)
     out = unet(x, t, context).sample
     by_op: collections.Counter = collections.Counter()
     storages: set[int] = set()

@@ -334,7 +334,7 @@ class Trainer:
             print(f"VAE done: latent std {std:.4f}, scaling_factor {1.0 / std:.4f}")
             self.checkpoint()
 
-    # -- stage 2
+    # -- stages 2 and 3
     def unet_update(self) -> float:
         """One joint text-encoder + UNet step on a fresh batch (10% empty captions); returns the loss.
 

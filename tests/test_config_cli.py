@@ -31,6 +31,7 @@ def test_packaged_default_config_is_valid() -> None:
         ("training.learning_rate=-1", "training.learning_rate=-1"),
         ("sampling.eta=0", "sampling.eta=0"),
         ("training.timestep_fraction=1.5", "training.timestep_fraction=1.5"),
+        ("training.first_steps=0", "training.first_steps=0"),
         ("estimator.preset=ddpg", "estimator.preset='ddpg'"),
         ("estimator.advantage=median", "estimator.advantage='median'"),
         ("training.epochs=ten", "training.epochs='ten'"),

@@ -17,6 +17,7 @@ import yaml
 from loopdiff.advantages import ADVANTAGE_KINDS
 from loopdiff.estimators import PRESETS
 from loopdiff.objectives import LOSS_KINDS
+from loopdiff.training.minibatches import steps_per_sample
 
 
 TRAIN_MODULES = ("all", "cross_attention")
@@ -74,6 +75,7 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     timestep_fraction: float = 1.0
+    first_steps: int | None = None  # train on the first (noisiest) N sampling steps only; None: all of them
     micro_batch_size: int = 64  # (sample, step) pairs per UNet call while training
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, more compute
     warmup_epochs: int = 0
@@ -281,6 +283,12 @@ def validate(config: RunConfig) -> None:
     _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "a number >= 0")
     _check(t.max_grad_norm > 0, "training.max_grad_norm", t.max_grad_norm, "a number > 0")
     _check(0 < t.timestep_fraction <= 1, "training.timestep_fraction", t.timestep_fraction, "a number in (0, 1]")
+    _check(
+        t.first_steps is None or t.first_steps >= 1,
+        "training.first_steps",
+        t.first_steps,
+        "an integer >= 1, or none for every sampling step",
+    )
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "an integer >= 1")
     n = config.prompts.max_train
     _check(n is None or n >= 1, "prompts.max_train", n, "an integer >= 1, or none for every training prompt")
@@ -295,7 +303,7 @@ def validate(config: RunConfig) -> None:
         t.samples_per_epoch,
         f"a multiple of samples_per_prompt K={k}",
     )
-    pairs = t.samples_per_epoch * max(1, int(round(s.num_steps * t.timestep_fraction)))
+    pairs = t.samples_per_epoch * steps_per_sample(s.num_steps, t.timestep_fraction, t.first_steps)
     _check(
         estimator.minibatches <= pairs,
         "estimator.minibatches",

@@ -1,7 +1,8 @@
 """Which (sample, step) pairs each optimiser step trains on.
 
-Per inner epoch, every sample contributes ``round(T * timestep_fraction)`` of its steps (a random subset,
-as DDPO's ``timestep_fraction``); the pairs are shuffled and split into ``minibatches`` optimiser steps, each
+Per inner epoch, every sample contributes ``round(T' * timestep_fraction)`` of its steps (a random subset,
+as DDPO's ``timestep_fraction``), where ``T'`` is the number of trained steps: all ``T`` sampling steps, or
+only the first (noisiest) ``first_steps`` of them. The pairs are shuffled and split into ``minibatches`` optimiser steps, each
 processed as micro-batches of at most ``micro_batch_size`` pairs (one UNet call each, gradients accumulated).
 """
 
@@ -10,16 +11,26 @@ from __future__ import annotations
 import torch
 
 
-def steps_per_sample(num_steps: int, timestep_fraction: float) -> int:
-    return max(1, int(round(num_steps * timestep_fraction)))
+def trained_steps(num_steps: int, first_steps: int | None = None) -> int:
+    """How many of the ``num_steps`` sampling steps enter the objective: the first ``first_steps``, or all."""
+    return num_steps if first_steps is None else min(num_steps, first_steps)
+
+
+def steps_per_sample(num_steps: int, timestep_fraction: float, first_steps: int | None = None) -> int:
+    return max(1, int(round(trained_steps(num_steps, first_steps) * timestep_fraction)))
 
 
 def shuffled_pairs(
-    n_samples: int, n_steps: int, timestep_fraction: float, generator: torch.Generator
+    n_samples: int,
+    n_steps: int,
+    timestep_fraction: float,
+    generator: torch.Generator,
+    first_steps: int | None = None,
 ) -> torch.Tensor:
-    """(P, 2) tensor of (sample index, step index) pairs in random order."""
-    keep = steps_per_sample(n_steps, timestep_fraction)
-    steps = torch.stack([torch.randperm(n_steps, generator=generator)[:keep] for _ in range(n_samples)])
+    """(P, 2) tensor of (sample index, step index) pairs in random order; steps index from the noisiest."""
+    candidates = trained_steps(n_steps, first_steps)
+    keep = steps_per_sample(n_steps, timestep_fraction, first_steps)
+    steps = torch.stack([torch.randperm(candidates, generator=generator)[:keep] for _ in range(n_samples)])
     samples = torch.arange(n_samples)[:, None].expand(-1, keep)
     pairs = torch.stack([samples.reshape(-1), steps.reshape(-1)], dim=1)
     return pairs[torch.randperm(len(pairs), generator=generator)]

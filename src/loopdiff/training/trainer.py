@@ -200,7 +200,9 @@ class Trainer:
         self.trained_unet.train()
         for inner in range(est.inner_epochs):
             generator = torch.Generator().manual_seed(_seed(t.seed, epoch, self.accelerator.process_index, 2, inner))
-            pairs = shuffled_pairs(len(traj), traj.log_probs.shape[1], t.timestep_fraction, generator)
+            pairs = shuffled_pairs(
+                len(traj), traj.log_probs.shape[1], t.timestep_fraction, generator, t.first_steps
+            )
             for minibatch in split_minibatches(pairs, est.minibatches, t.micro_batch_size):
                 total = sum(len(m) for m in minibatch)
                 for k, micro in enumerate(minibatch):

@@ -88,3 +88,25 @@ def test_train_summary_prints_base_final_and_the_paired_change(tmp_path, capsys)
     _print_eval_summary(tmp_path)
     row = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("embedded_eval")]
     assert row[0].split() == ["embedded_eval", "0.2000", "0.3500", "+0.1500", "+-", "0.0645"]
+
+
+def test_branch_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, capsys) -> None:
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.sampling.branching import reward_variance_by_step
+
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    code = main(["branch", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--reward",
+                 "jpeg_incompressibility", "--branches", "3", "--steps", "3", "--at", "0,1,3", "--seed", "2"])
+    assert code == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    printed = {int(r[0]): float(r[1]) for r in rows}
+
+    pipe = load_pipeline(ModelConfig(pretrained=str(tiny_pipeline_dir)))
+    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(num_steps=3))
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, "cpu")
+    direct = reward_variance_by_step(policy, encoder, pipe.vae, ["a red circle", "a blue square"], [{}, {}],
+                                     build_reward("jpeg_incompressibility"), [0, 1, 3], branches=3, seed=2)
+    assert sorted(printed) == [0, 1, 3]
+    np.testing.assert_allclose([printed[s] for s in (0, 1, 3)], direct.variance, rtol=1e-3, atol=1e-5)
+    assert printed[0] > 0 and printed[3] == 0

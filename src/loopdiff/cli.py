@@ -130,6 +130,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_branch(args: argparse.Namespace) -> int:
+    from loopdiff.prompts import load_prompt_set
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.sampling.branching import reward_variance_by_step
+
+    pipe = _load_for_inference(args.model, args.lora, args.device)
+    policy, encoder = _policy_parts(pipe, args)
+    prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
+    options = json.loads(args.reward_options) if args.reward_options else {}
+    steps = list(range(0, args.steps + 1, args.every)) if args.at is None else [int(s) for s in args.at.split(",")]
+    result = reward_variance_by_step(
+        policy, encoder, pipe.vae, list(prompt_set.prompts), list(prompt_set.metadata),
+        build_reward(args.reward, options), steps, args.branches, args.seed,
+    )
+    print(f"reward {args.reward!r}: variance across {args.branches} branches started after each step, "
+          f"mean over {len(prompt_set)} prompts")
+    print(f"  {'after step':>10s} {'variance':>10s} {'left':>7s} {'mean':>8s}")
+    for step, var, left, mean in zip(result.steps, result.variance, result.remaining_fraction(), result.mean):
+        print(f"  {step:10d} {var:10.5f} {left:7.1%} {mean:8.4f}")
+    return 0
+
+
 # ---------------------------------------------------------------- rewards, pretrain, study
 
 
@@ -206,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write per-prompt scores to this JSON file")
     _add_sampling_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    branch = sub.add_parser(
+        "branch", help="at which sampling step the reward is decided (to choose training.first_steps)",
+        description="Sample one trajectory per prompt, restart the remaining steps several times from after "
+        "each listed step, and print the reward's variance across these branches: what is still left to chance.",
+    )
+    branch.add_argument("--prompts", default="embedded:color", help="prompt source (file or embedded:<cat>)")
+    branch.add_argument("--max-prompts", type=int, default=32)
+    branch.add_argument("--reward", default="embedded_vqa", help="the reward to measure")
+    branch.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
+    branch.add_argument("--branches", type=int, default=4, help="continuations per prompt and step (>= 2)")
+    branch.add_argument("--every", type=int, default=2, help="branch after every this many steps (default 2)")
+    branch.add_argument("--at", default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")
+    _add_sampling_flags(branch)
+    branch.set_defaults(func=cmd_branch)
 
     rewards = sub.add_parser("rewards", help="list registered rewards and whether they can run here")
     rewards.set_defaults(func=cmd_rewards)

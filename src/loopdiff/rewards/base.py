@@ -154,6 +154,7 @@ class _Loaded:
 _BUILTINS = _Loaded(
     modules=[
         "loopdiff.rewards.jpeg",
+        "loopdiff.rewards.control",
         "loopdiff.rewards.blip_vqa",
         "loopdiff.rewards.detection",
         "loopdiff.rewards.aesthetic",

@@ -21,6 +21,21 @@ def test_value_is_the_keyed_hash_of_the_8bit_pixels() -> None:
     torch.testing.assert_close(hashed_uniform(images, seed=7), torch.tensor(expected, dtype=torch.float32))
 
 
+def test_values_that_would_round_to_one_stay_below_it(monkeypatch) -> None:
+    import loopdiff.rewards.control as control
+
+    class TopDigest:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def digest(self) -> bytes:
+            return b"\xff" * 8  # (2**64 - 1) / 2**64 rounds to 1.0 in float32
+
+    monkeypatch.setattr(control.hashlib, "blake2b", TopDigest)
+    value = float(hashed_uniform(torch.zeros(1, 3, 2, 2))[0])
+    assert value < 1.0 and value == 1.0 - 2.0**-24
+
+
 def test_reproducible_per_image_and_changed_by_the_seed() -> None:
     reward = build_reward("random_control")
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -110,3 +110,12 @@ def test_branch_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, caps
     assert sorted(printed) == [0, 1, 3]
     np.testing.assert_allclose([printed[s] for s in (0, 1, 3)], direct.variance, rtol=1e-3, atol=1e-5)
     assert printed[0] > 0 and printed[3] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--branches", "1"], "--branches 1"), (["--at", "0,25"], "--at [25]"), (["--every", "0"], "--every 0")],
+)
+def test_branch_rejects_bad_flags_before_loading(flags, message, capsys) -> None:
+    code = main(["branch", "--model", "/nonexistent/pipeline", *flags])
+    assert code == 2 and message in capsys.readouterr().err

@@ -130,16 +130,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage_error(command: str, message: str) -> int:
+    print(f"loopdiff {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _step_list(text: str) -> list[int]:
+    """``"0,5,10"`` -> ``[0, 5, 10]`` for ``--at``."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--at {text!r}: expected comma-separated step numbers, e.g. 0,5,10")
+
+
 def cmd_branch(args: argparse.Namespace) -> int:
     from loopdiff.prompts import load_prompt_set
     from loopdiff.rewards.base import build_reward
     from loopdiff.sampling.branching import reward_variance_by_step
 
+    if args.every < 1:
+        return _usage_error("branch", f"--every {args.every}: must be >= 1")
+    steps = list(range(0, args.steps + 1, args.every)) if args.at is None else args.at
+    if args.branches < 2:
+        return _usage_error("branch", f"--branches {args.branches}: need at least 2 to measure a variance")
+    outside = [s for s in steps if not 0 <= s <= args.steps]
+    if outside:
+        return _usage_error("branch", f"--at {outside}: steps must lie within 0..{args.steps} (--steps {args.steps})")
     pipe = _load_for_inference(args.model, args.lora, args.device)
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
     options = json.loads(args.reward_options) if args.reward_options else {}
-    steps = list(range(0, args.steps + 1, args.every)) if args.at is None else [int(s) for s in args.at.split(",")]
     result = reward_variance_by_step(
         policy, encoder, pipe.vae, list(prompt_set.prompts), list(prompt_set.metadata),
         build_reward(args.reward, options), steps, args.branches, args.seed,
@@ -240,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
     branch.add_argument("--branches", type=int, default=4, help="continuations per prompt and step (>= 2)")
     branch.add_argument("--every", type=int, default=2, help="branch after every this many steps (default 2)")
-    branch.add_argument("--at", default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")
+    branch.add_argument("--at", type=_step_list, default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")
     _add_sampling_flags(branch)
     branch.set_defaults(func=cmd_branch)
 

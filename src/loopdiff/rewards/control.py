@@ -17,13 +17,16 @@ import torch
 from loopdiff.rewards.base import register_reward
 
 
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1: rounding must not reach 1.0
+
+
 def hashed_uniform(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """One number in [0, 1) per image of ``(N, 3, H, W)`` in [0, 1], from a hash of its 8-bit pixels."""
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     values = []
     for image in pixels:
         digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8, key=str(seed).encode())
-        values.append(int.from_bytes(digest.digest(), "little") / 2**64)
+        values.append(min(int.from_bytes(digest.digest(), "little") / 2**64, _BELOW_ONE))
     return torch.tensor(values, dtype=torch.float32)
 
 

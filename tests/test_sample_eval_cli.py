@@ -119,3 +119,23 @@ def test_branch_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, caps
 def test_branch_rejects_bad_flags_before_loading(flags, message, capsys) -> None:
     code = main(["branch", "--model", "/nonexistent/pipeline", *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_batch_size_fixes_the_noise_like_training(tiny_pipeline_dir, tmp_path) -> None:
+    prompts = tmp_path / "val.txt"
+    prompts.write_text("a red circle\na blue square\na green star\n")
+    pipe = load_pipeline(ModelConfig(pretrained=str(tiny_pipeline_dir)))
+    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(num_steps=3))
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, "cpu")
+    results = {}
+    for batch in (4, 32):
+        out = tmp_path / f"b{batch}.json"
+        assert main(["eval", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--reward",
+                     "jpeg_incompressibility", "--images-per-prompt", "4", "--steps", "3", "--seed", "7",
+                     "--batch-size", str(batch), "--out", str(out)]) == 0
+        results[batch] = np.array(json.loads(out.read_text())["per_prompt"]["jpeg_incompressibility"])
+        direct = evaluate(policy, encoder, pipe.vae, load_prompt_set(str(prompts)),
+                          {"r": lambda images, p, m: jpeg_size_kb(images)}, images_per_prompt=4, seed=7,
+                          batch_size=batch, progress=False)
+        np.testing.assert_allclose(results[batch], direct.per_prompt["r"], rtol=1e-6)
+    assert not np.allclose(results[4], results[32])  # one prompt per call draws other noise than all three

@@ -120,7 +120,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
     options = json.loads(args.reward_options) if args.reward_options else {}
     rewards = {name: build_reward(name, options) for name, _ in parse_reward_spec(args.reward)}
-    result = evaluate(policy, encoder, pipe.vae, prompt_set, rewards, args.images_per_prompt, args.seed)
+    result = evaluate(
+        policy, encoder, pipe.vae, prompt_set, rewards, args.images_per_prompt, args.seed, batch_size=args.batch_size
+    )
     for name, value in result.means.items():
         print(f"{name:24s} {value:.4f}  ({len(prompt_set)} prompts x {args.images_per_prompt} images)")
     if args.out:
@@ -246,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images-per-prompt", type=int, default=10)
     evaluate.add_argument("--max-prompts", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="write per-prompt scores to this JSON file")
+    evaluate.add_argument(
+        "--batch-size", type=int, default=32,
+        help="images per sampling call (default 32, as sampling.batch_size in training; it fixes which noise "
+        "each image gets, so equal values reproduce a training run's evaluation)",
+    )
     _add_sampling_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 

@@ -139,3 +139,34 @@ def test_eval_batch_size_fixes_the_noise_like_training(tiny_pipeline_dir, tmp_pa
                           batch_size=batch, progress=False)
         np.testing.assert_allclose(results[batch], direct.per_prompt["r"], rtol=1e-6)
     assert not np.allclose(results[4], results[32])  # one prompt per call draws other noise than all three
+
+
+def test_gradient_noise_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, capsys) -> None:
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.prompts import PromptSet
+    from loopdiff.training.gradient_noise import measure_gradient_noise
+
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("a red circle\na blue square\na green star\n")
+    code = main(["gradient-noise", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--groups", "3",
+                 "--samples-per-prompt", "2", "--reward", "jpeg_incompressibility", "--steps", "3", "--seed", "5"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    printed = {line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in lines[1:]}
+
+    pipe = load_pipeline(ModelConfig(pretrained=str(tiny_pipeline_dir)))
+    pipe.unet.requires_grad_(True)
+    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(num_steps=3))
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, "cpu")
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(5)).tolist()
+    listed = ["a red circle", "a blue square", "a green star"]
+    chosen = PromptSet(tuple(listed[i] for i in order), ({},) * 3)
+    direct = measure_gradient_noise(policy, encoder, pipe.vae, chosen, build_reward("jpeg_incompressibility"),
+                                    samples_per_prompt=2, seed=5)
+    assert float(printed["|mean g|^2"]) == pytest.approx(direct.mean_sq, rel=1e-3)
+    assert float(printed["noise tr(Cov g)/G"]) == pytest.approx(direct.noise, rel=1e-3)
+
+
+def test_gradient_noise_rejects_one_group(capsys) -> None:
+    assert main(["gradient-noise", "--model", "/nonexistent", "--groups", "1"]) == 2
+    assert "--groups 1" in capsys.readouterr().err

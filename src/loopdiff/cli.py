@@ -174,6 +174,36 @@ def cmd_branch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradient_noise(args: argparse.Namespace) -> int:
+    import torch
+
+    from loopdiff.prompts import PromptSet, load_prompt_set
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.training.gradient_noise import measure_gradient_noise
+
+    if args.groups < 2 or args.samples_per_prompt < 2:
+        return _usage_error("gradient-noise", f"--groups {args.groups} and --samples-per-prompt "
+                            f"{args.samples_per_prompt}: both must be >= 2")
+    pipe = _load_for_inference(args.model, args.lora, args.device)
+    pipe.unet.requires_grad_(True)
+    policy, encoder = _policy_parts(pipe, args)
+    prompt_set = load_prompt_set(args.prompts)
+    order = torch.randperm(len(prompt_set), generator=torch.Generator().manual_seed(args.seed))[: args.groups]
+    options = json.loads(args.reward_options) if args.reward_options else {}
+    chosen = PromptSet(tuple(prompt_set.prompts[i] for i in order), tuple(prompt_set.metadata[i] for i in order))
+    result = measure_gradient_noise(
+        policy, encoder, pipe.vae, chosen, build_reward(args.reward, options), args.samples_per_prompt,
+        args.first_steps, args.seed,
+    )
+    steps = "all steps" if args.first_steps is None else f"the first {args.first_steps} steps"
+    print(f"{result.groups} groups of {args.samples_per_prompt}, reward {args.reward!r}, {steps}:")
+    print(f"  |mean g|^2             {result.mean_sq:.4e}")
+    print(f"  noise tr(Cov g)/G      {result.noise:.4e}")
+    print(f"  signal^2 estimate      {result.signal_sq:.4e}")
+    print(f"  groups for SNR 1       {result.groups_for_snr_one:.0f}")
+    return 0
+
+
 # ---------------------------------------------------------------- rewards, pretrain, study
 
 
@@ -270,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--at", type=_step_list, default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")
     _add_sampling_flags(branch)
     branch.set_defaults(func=cmd_branch)
+
+    noise = sub.add_parser(
+        "gradient-noise", help="how much of the policy gradient is signal, over prompt groups",
+        description="Sample one group of K trajectories per prompt, take leave-one-out advantages, and compare "
+        "the squared norm of the mean group gradient with its noise part tr(Cov)/G.",
+    )
+    noise.add_argument("--prompts", default="embedded:color", help="prompt source (file or embedded:<cat>)")
+    noise.add_argument("--groups", type=int, default=48, help="prompts drawn at random, one group each")
+    noise.add_argument("--samples-per-prompt", type=int, default=4, help="K (default 4)")
+    noise.add_argument("--first-steps", type=int, default=None, help="only the first N sampling steps")
+    noise.add_argument("--reward", default="embedded_vqa", help="the reward")
+    noise.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
+    _add_sampling_flags(noise)
+    noise.set_defaults(func=cmd_gradient_noise)
 
     rewards = sub.add_parser("rewards", help="list registered rewards and whether they can run here")
     rewards.set_defaults(func=cmd_rewards)

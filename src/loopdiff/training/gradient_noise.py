@@ -1,0 +1,100 @@
+"""How much of a policy gradient is signal? Per-prompt-group gradients, their mean and their spread.
+
+For G prompt groups of K samples, group j's on-policy LOOP/RLOO gradient is
+``g_j = grad sum_{i in j} sum_t A_i log pi(x_{t-1} | x_t, c)`` (leave-one-out advantages, Eq. 14). With
+``N = tr(Cov g_j) / G``, ``|mean g|^2 - N`` estimates the squared norm of the true gradient: the signal.
+``tr(Cov g_j) / signal^2`` is how many groups one optimiser step needs before its signal matches its noise.
+Groups are processed one at a time and only running sums are kept, so memory stays at two copies of the
+gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from loopdiff.advantages import leave_one_out
+from loopdiff.prompts import PromptSet
+from loopdiff.rewards.base import RewardFn, as_scores
+from loopdiff.sampling.policy import DiffusionPolicy
+from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
+
+
+@dataclass
+class GradientNoise:
+    """``mean_sq = |mean g|^2`` and ``noise = tr(Cov g_j) / groups`` over ``groups`` prompt groups."""
+
+    groups: int
+    mean_sq: float
+    noise: float
+
+    @property
+    def signal_sq(self) -> float:
+        """Unbiased estimate of the true gradient's squared norm (negative when noise hides it)."""
+        return self.mean_sq - self.noise
+
+    @property
+    def groups_for_snr_one(self) -> float:
+        """Groups per step for signal^2 = noise; ``inf`` when no signal is measurable."""
+        return self.noise * self.groups / self.signal_sq if self.signal_sq > 0 else math.inf
+
+
+def group_gradient(
+    policy: DiffusionPolicy,
+    params: Sequence[torch.nn.Parameter],
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    advantages: torch.Tensor,
+    steps: Sequence[int],
+) -> torch.Tensor:
+    """Flat gradient of ``sum_i sum_{t in steps} A_i log pi_t`` for one group's trajectories ``(K, T+1, ...)``."""
+    for p in params:
+        p.grad = None
+    timesteps = policy.timesteps.to(latents.device)
+    for s in steps:
+        log_prob = policy.log_prob(latents[:, s], latents[:, s + 1], timesteps[s], prompt_embeds, uncond_embeds)
+        (advantages.to(log_prob.dtype) * log_prob).sum().backward()
+    flat = [p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten() for p in params]
+    return torch.cat(flat).detach().double()
+
+
+def measure_gradient_noise(
+    policy: DiffusionPolicy,
+    encoder: PromptEncoder,
+    vae: torch.nn.Module,
+    prompt_set: PromptSet,
+    reward: RewardFn,
+    samples_per_prompt: int = 4,
+    first_steps: int | None = None,
+    seed: int = 0,
+) -> GradientNoise:
+    """One group of ``samples_per_prompt`` trajectories per prompt of ``prompt_set``; see the module doc."""
+    prompts, metadata = prompt_set.prompts, prompt_set.metadata
+    k, groups = samples_per_prompt, len(prompts)
+    if k < 2 or groups < 2:
+        raise ValueError(f"need samples_per_prompt >= 2 and >= 2 prompts, got {k} and {groups}")
+    repeated = [p for p in prompts for _ in range(k)]
+    repeated_meta = [m for m in metadata for _ in range(k)]
+    embeds, uncond = encoder(repeated), encoder.unconditional()
+    latents, _ = sample_trajectories(policy, embeds, uncond, torch.Generator().manual_seed(seed))
+    rewards = as_scores(reward(decode_latents(vae, latents[:, -1]), repeated, repeated_meta), len(repeated), "reward")
+    advantages = leave_one_out(rewards, torch.arange(groups).repeat_interleave(k))
+    num_steps = latents.shape[1] - 1
+    steps = range(num_steps if first_steps is None else min(first_steps, num_steps))
+    params = [p for p in policy.unet.parameters() if p.requires_grad]
+    total, sum_sq = None, 0.0
+    for j in range(groups):
+        rows = slice(j * k, (j + 1) * k)
+        g = group_gradient(policy, params, latents[rows], embeds[rows], uncond, advantages[rows], steps)
+        total = g if total is None else total + g
+        sum_sq += float(g.pow(2).sum())
+    for p in params:
+        p.grad = None
+    mean = total / groups
+    mean_sq = float(mean.pow(2).sum())
+    trace_cov = (sum_sq - groups * mean_sq) / (groups - 1)
+    return GradientNoise(groups, mean_sq, trace_cov / groups)

@@ -170,3 +170,8 @@ def test_gradient_noise_prints_the_library_measurement(tiny_pipeline_dir, tmp_pa
 def test_gradient_noise_rejects_one_group(capsys) -> None:
     assert main(["gradient-noise", "--model", "/nonexistent", "--groups", "1"]) == 2
     assert "--groups 1" in capsys.readouterr().err
+
+
+def test_bad_reward_options_json_is_named(tiny_pipeline_dir, capsys) -> None:
+    code = main(["eval", "--model", str(tiny_pipeline_dir), "--reward-options", "{jpeg: 1}", "--steps", "2"])
+    assert code == 2 and "--reward-options '{jpeg: 1}' is not JSON" in capsys.readouterr().err

@@ -91,6 +91,16 @@ def _policy_parts(pipe, args: argparse.Namespace):
     return policy, PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device)
 
 
+def _reward_options(args: argparse.Namespace) -> dict:
+    """``--reward-options`` as a dict (``{}`` when absent); bad JSON is a user error naming the text."""
+    from loopdiff.rewards.base import RewardError
+
+    try:
+        return json.loads(args.reward_options) if args.reward_options else {}
+    except json.JSONDecodeError as error:
+        raise RewardError(f"--reward-options {args.reward_options!r} is not JSON: {error}") from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -118,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = _load_for_inference(args.model, args.lora, args.device)
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
-    options = json.loads(args.reward_options) if args.reward_options else {}
+    options = _reward_options(args)
     rewards = {name: build_reward(name, options) for name, _ in parse_reward_spec(args.reward)}
     result = evaluate(
         policy, encoder, pipe.vae, prompt_set, rewards, args.images_per_prompt, args.seed, batch_size=args.batch_size
@@ -161,7 +171,7 @@ def cmd_branch(args: argparse.Namespace) -> int:
     pipe = _load_for_inference(args.model, args.lora, args.device)
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
-    options = json.loads(args.reward_options) if args.reward_options else {}
+    options = _reward_options(args)
     result = reward_variance_by_step(
         policy, encoder, pipe.vae, list(prompt_set.prompts), list(prompt_set.metadata),
         build_reward(args.reward, options), steps, args.branches, args.seed,
@@ -189,7 +199,7 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts)
     order = torch.randperm(len(prompt_set), generator=torch.Generator().manual_seed(args.seed))[: args.groups]
-    options = json.loads(args.reward_options) if args.reward_options else {}
+    options = _reward_options(args)
     chosen = PromptSet(tuple(prompt_set.prompts[i] for i in order), tuple(prompt_set.metadata[i] for i in order))
     result = measure_gradient_noise(
         policy, encoder, pipe.vae, chosen, build_reward(args.reward, options), args.samples_per_prompt,
@@ -246,6 +256,12 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
+def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", default="embedded:color", help="prompt source (file or embedded:<cat>)")
+    parser.add_argument("--reward", default="embedded_vqa", help="the reward to measure")
+    parser.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loopdiff",
@@ -291,10 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample one trajectory per prompt, restart the remaining steps several times from after "
         "each listed step, and print the reward's variance across these branches: what is still left to chance.",
     )
-    branch.add_argument("--prompts", default="embedded:color", help="prompt source (file or embedded:<cat>)")
+    _add_training_prompt_and_reward_flags(branch)
     branch.add_argument("--max-prompts", type=int, default=32)
-    branch.add_argument("--reward", default="embedded_vqa", help="the reward to measure")
-    branch.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
     branch.add_argument("--branches", type=int, default=4, help="continuations per prompt and step (>= 2)")
     branch.add_argument("--every", type=int, default=2, help="branch after every this many steps (default 2)")
     branch.add_argument("--at", type=_step_list, default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")
@@ -306,12 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample one group of K trajectories per prompt, take leave-one-out advantages, and compare "
         "the squared norm of the mean group gradient with its noise part tr(Cov)/G.",
     )
-    noise.add_argument("--prompts", default="embedded:color", help="prompt source (file or embedded:<cat>)")
+    _add_training_prompt_and_reward_flags(noise)
     noise.add_argument("--groups", type=int, default=48, help="prompts drawn at random, one group each")
     noise.add_argument("--samples-per-prompt", type=int, default=4, help="K (default 4)")
     noise.add_argument("--first-steps", type=int, default=None, help="only the first N sampling steps")
-    noise.add_argument("--reward", default="embedded_vqa", help="the reward")
-    noise.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
     _add_sampling_flags(noise)
     noise.set_defaults(func=cmd_gradient_noise)
 

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import build_tiny_pipeline
+from loopdiff.prompts import PromptSet
 from loopdiff.sampling.branching import continue_from_step, reward_variance_by_step
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, initial_latents, sample_trajectories
 
 PROMPTS = ["a red circle", "a blue square", "a green star"]
+PROMPT_SET = PromptSet(tuple(PROMPTS), ({},) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_variance_shrinks_to_zero_when_no_step_is_left(parts) -> None:
         return images[:, 0].mean(dim=(1, 2))
 
     result = reward_variance_by_step(
-        policy, encoder, pipe.vae, PROMPTS, [{}] * 3, mean_red, steps=[0, 2, 5], branches=6, seed=1
+        policy, encoder, pipe.vae, PROMPT_SET, mean_red, steps=[0, 2, 5], branches=6, seed=1
     )
     assert result.steps == [0, 2, 5]
     assert result.variance[0] > 0 and result.variance[2] == 0.0
@@ -57,6 +59,6 @@ def test_variance_shrinks_to_zero_when_no_step_is_left(parts) -> None:
 def test_bad_arguments_are_named(parts) -> None:
     pipe, policy, encoder = parts
     with pytest.raises(ValueError, match="branches=1"):
-        reward_variance_by_step(policy, encoder, pipe.vae, PROMPTS, [{}] * 3, lambda *a: 0, [0], branches=1)
+        reward_variance_by_step(policy, encoder, pipe.vae, PROMPT_SET, lambda *a: 0, [0], branches=1)
     with pytest.raises(ValueError, match=r"steps \[7\] are outside 0..5"):
-        reward_variance_by_step(policy, encoder, pipe.vae, PROMPTS, [{}] * 3, lambda *a: 0, [0, 7])
+        reward_variance_by_step(policy, encoder, pipe.vae, PROMPT_SET, lambda *a: 0, [0, 7])

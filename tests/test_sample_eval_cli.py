@@ -91,6 +91,7 @@ def test_train_summary_prints_base_final_and_the_paired_change(tmp_path, capsys)
 
 
 def test_branch_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, capsys) -> None:
+    from loopdiff.prompts import PromptSet
     from loopdiff.rewards.base import build_reward
     from loopdiff.sampling.branching import reward_variance_by_step
 
@@ -105,7 +106,7 @@ def test_branch_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, caps
     pipe = load_pipeline(ModelConfig(pretrained=str(tiny_pipeline_dir)))
     policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(num_steps=3))
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, "cpu")
-    direct = reward_variance_by_step(policy, encoder, pipe.vae, ["a red circle", "a blue square"], [{}, {}],
+    direct = reward_variance_by_step(policy, encoder, pipe.vae, PromptSet(("a red circle", "a blue square"), ({}, {})),
                                      build_reward("jpeg_incompressibility"), [0, 1, 3], branches=3, seed=2)
     assert sorted(printed) == [0, 1, 3]
     np.testing.assert_allclose([printed[s] for s in (0, 1, 3)], direct.variance, rtol=1e-3, atol=1e-5)

@@ -173,8 +173,7 @@ def cmd_branch(args: argparse.Namespace) -> int:
     prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
     options = _reward_options(args)
     result = reward_variance_by_step(
-        policy, encoder, pipe.vae, list(prompt_set.prompts), list(prompt_set.metadata),
-        build_reward(args.reward, options), steps, args.branches, args.seed,
+        policy, encoder, pipe.vae, prompt_set, build_reward(args.reward, options), steps, args.branches, args.seed,
     )
     print(f"reward {args.reward!r}: variance across {args.branches} branches started after each step, "
           f"mean over {len(prompt_set)} prompts")

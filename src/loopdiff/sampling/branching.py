@@ -9,10 +9,11 @@ add noise but no signal to the policy gradient (``training.first_steps`` leaves 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
+from loopdiff.prompts import PromptSet
 from loopdiff.rewards.base import RewardFn, as_scores
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
@@ -52,14 +53,14 @@ def reward_variance_by_step(
     policy: DiffusionPolicy,
     encoder: PromptEncoder,
     vae: torch.nn.Module,
-    prompts: Sequence[str],
-    metadata: Sequence[Mapping[str, Any]],
+    prompt_set: PromptSet,
     reward: RewardFn,
     steps: Sequence[int],
     branches: int = 4,
     seed: int = 0,
 ) -> BranchVariance:
     """One trajectory per prompt, then ``branches`` continuations from each of ``steps``; see the module doc."""
+    prompts, metadata = list(prompt_set.prompts), list(prompt_set.metadata)
     if branches < 2:
         raise ValueError(f"branches={branches}: need at least 2 branches to measure a variance")
     num_steps = len(policy.timesteps)
@@ -67,7 +68,7 @@ def reward_variance_by_step(
     if bad:
         raise ValueError(f"steps {bad} are outside 0..{num_steps} (the sampler has {num_steps} steps)")
     generator = torch.Generator().manual_seed(seed)
-    embeds, uncond = encoder(list(prompts)), encoder.unconditional()
+    embeds, uncond = encoder(prompts), encoder.unconditional()
     latents, _ = sample_trajectories(policy, embeds, uncond, generator)
     repeated_embeds = embeds.repeat_interleave(branches, dim=0)
     repeated_prompts = [p for p in prompts for _ in range(branches)]

@@ -21,6 +21,7 @@ from loopdiff.prompts import PromptSet
 from loopdiff.rewards.base import RewardFn, as_scores
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
+from loopdiff.training.minibatches import trained_steps
 
 
 @dataclass
@@ -83,8 +84,7 @@ def measure_gradient_noise(
     latents, _ = sample_trajectories(policy, embeds, uncond, torch.Generator().manual_seed(seed))
     rewards = as_scores(reward(decode_latents(vae, latents[:, -1]), repeated, repeated_meta), len(repeated), "reward")
     advantages = leave_one_out(rewards, torch.arange(groups).repeat_interleave(k))
-    num_steps = latents.shape[1] - 1
-    steps = range(num_steps if first_steps is None else min(first_steps, num_steps))
+    steps = range(trained_steps(latents.shape[1] - 1, first_steps))
     params = [p for p in policy.unet.parameters() if p.requires_grad]
     total, sum_sq = None, 0.0
     for j in range(groups):

@@ -23,7 +23,7 @@ from loopdiff.embedded.pipeline import (
     load_embedded_pipeline,
     world_vocabulary,
 )
-from loopdiff.embedded.pretrain import mislabel_colors, pretrain_cli
+from loopdiff.embedded.pretrain import corrupt_scene, draw_batch, mislabel_colors, pretrain_cli
 from loopdiff.embedded.tokenizer import build_tokenizer, words_missing_single_token
 
 torch.set_num_threads(1)
@@ -174,6 +174,37 @@ def test_mislabel_colors_swaps_or_replaces_colour_words_only():
     for o in outcomes:  # only the colour slots ever change
         w = o.split(" ")
         assert w[0] == "a" and w[2:8] == ["circle", "on", "the", "left", "of", "a"] and w[9] == "square"
+
+
+def test_corrupt_scene_drops_or_recolours_the_last_object_at_the_given_rates():
+    red = world.WorldObject("circle", "red", "plain", 24, 16, 32)
+    blue = world.WorldObject("square", "blue", "striped", 24, 48, 32)
+    scene = world.Scene((red, blue))
+    rng = np.random.default_rng(0)
+    assert corrupt_scene(scene, rng, 1.0, 0.0).objects == (red,)
+    leaked = corrupt_scene(scene, rng, 0.0, 1.0).objects
+    assert leaked[0] == red and leaked[1].color == "red"
+    assert (leaked[1].shape, leaked[1].texture, leaked[1].x) == ("square", "striped", 48)
+    assert corrupt_scene(world.Scene((blue,)), rng, 1.0, 1.0).objects == (blue,)
+    assert corrupt_scene(scene, rng, 0.0, 0.0) == scene
+
+    p, q, n = 0.3, 0.4, 4000  # neglect with probability p; otherwise leakage with probability q
+    outcomes = [corrupt_scene(scene, rng, p, q).objects for _ in range(n)]
+    dropped = sum(len(o) == 1 for o in outcomes) / n
+    leaked_rate = sum(len(o) == 2 and o[1].color == "red" for o in outcomes) / n
+    assert abs(dropped - p) < 3 * (p * (1 - p) / n) ** 0.5
+    expected = (1 - p) * q
+    assert abs(leaked_rate - expected) < 3 * (expected * (1 - expected) / n) ** 0.5
+
+
+def test_corrupted_batches_keep_the_clean_captions_and_stream():
+    clean_captions, clean = draw_batch(0, 2, 7, 16, 0.2, 0.2)
+    captions, corrupted = draw_batch(0, 2, 7, 16, 0.2, 0.2, neglect_prob=1.0)
+    assert captions == clean_captions  # the captions still name every object
+    two_or_more = [i for i, c in enumerate(captions) if " and " in c]
+    assert two_or_more and all(not torch.equal(clean[i], corrupted[i]) for i in two_or_more)
+    again_captions, again = draw_batch(0, 2, 7, 16, 0.2, 0.2, neglect_prob=0.0)
+    assert again_captions == clean_captions and torch.equal(again, clean)
 
 
 # ----------------------------------------------------------------------------- the shipped weights

@@ -27,7 +27,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,6 +71,8 @@ class PretrainConfig:
     noisy_caption_lr: float = 2e-4
     swap_colors_prob: float = 0.3
     wrong_color_prob: float = 0.3
+    neglect_prob: float = 0.0
+    leak_color_prob: float = 0.0
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -85,18 +87,51 @@ class PretrainConfig:
 
 
 def draw_batch(
-    seed: int, stage: int, step: int, batch_size: int, single_object_prob: float, drop_attribute_prob: float
+    seed: int,
+    stage: int,
+    step: int,
+    batch_size: int,
+    single_object_prob: float,
+    drop_attribute_prob: float,
+    neglect_prob: float = 0.0,
+    leak_color_prob: float = 0.0,
 ) -> tuple[list[str], torch.Tensor]:
-    """``batch_size`` fresh (caption, image) pairs; images float (B, 3, 64, 64) in [-1, 1]."""
+    """``batch_size`` fresh (caption, image) pairs; images float (B, 3, 64, 64) in [-1, 1].
+
+    ``neglect_prob`` / ``leak_color_prob`` > 0 corrupt the images (not the captions) with
+    ``corrupt_scene``, from a generator of their own so the clean data stream is unchanged.
+    """
     rng = np.random.default_rng([seed, stage, step])
+    corrupt_rng = np.random.default_rng([seed, stage, step, 1])
     captions, images = [], []
     for _ in range(batch_size):
         caption, scene = prompts.random_caption_and_scene(
             rng, single_object_prob=single_object_prob, drop_attribute_prob=drop_attribute_prob
         )
+        if neglect_prob > 0 or leak_color_prob > 0:
+            scene = corrupt_scene(scene, corrupt_rng, neglect_prob, leak_color_prob)
         captions.append(caption)
         images.append(world.render(scene))
     return captions, to_model_pixels(np.stack(images))
+
+
+def corrupt_scene(
+    scene: world.Scene, rng: np.random.Generator, neglect_prob: float, leak_color_prob: float
+) -> world.Scene:
+    """Make a multi-object image disagree with its caption the way Stable Diffusion's outputs do.
+
+    With probability ``neglect_prob`` the last object is left out (catastrophic neglect: "a red circle and
+    a blue square" shows only the circle); otherwise, with probability ``leak_color_prob``, the last
+    object takes the first object's colour (attribute leakage). Single-object scenes are kept.
+    """
+    objects = scene.objects
+    if len(objects) < 2:
+        return scene
+    if rng.random() < neglect_prob:
+        return replace(scene, objects=objects[:-1])
+    if rng.random() < leak_color_prob:
+        return replace(scene, objects=objects[:-1] + (replace(objects[-1], color=objects[0].color),))
+    return scene
 
 
 def mislabel_colors(caption: str, rng: np.random.Generator, swap_prob: float, wrong_prob: float) -> str:
@@ -343,7 +378,8 @@ class Trainer:
         cfg = self.config
         noisy = self.unet_step >= cfg.unet_steps
         captions, pixels = draw_batch(
-            cfg.seed, 2, self.unet_step, cfg.unet_batch_size, cfg.single_object_prob, cfg.drop_attribute_prob
+            cfg.seed, 2, self.unet_step, cfg.unet_batch_size, cfg.single_object_prob, cfg.drop_attribute_prob,
+            cfg.neglect_prob if noisy else 0.0, cfg.leak_color_prob if noisy else 0.0,
         )
         if noisy:
             rng = np.random.default_rng([cfg.seed, 3, self.unet_step])
@@ -433,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stage 3: probability that a caption's first two colours trade places")
     parser.add_argument("--wrong-color-prob", type=float, default=defaults.wrong_color_prob,
                         help="stage 3: probability that a colour word is replaced by another colour")
+    parser.add_argument("--neglect-prob", type=float, default=defaults.neglect_prob,
+                        help="stage 3: probability that a multi-object image leaves out its last object")
+    parser.add_argument("--leak-color-prob", type=float, default=defaults.leak_color_prob,
+                        help="stage 3: probability that the last object takes the first object's colour")
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
@@ -464,7 +504,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         raise ValueError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
     if config.noisy_caption_steps < 0:
         raise ValueError(f"--noisy-caption-steps must be at least 0, got {config.noisy_caption_steps}")
-    for name in ("single_object_prob", "drop_attribute_prob", "swap_colors_prob", "wrong_color_prob"):
+    for name in (
+        "single_object_prob", "drop_attribute_prob", "swap_colors_prob", "wrong_color_prob", "neglect_prob",
+        "leak_color_prob",
+    ):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
     return config

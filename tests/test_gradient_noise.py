@@ -11,7 +11,7 @@ from conftest import build_tiny_pipeline
 from loopdiff.prompts import PromptSet
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
-from loopdiff.training.gradient_noise import GradientNoise, measure_gradient_noise
+from loopdiff.training.gradient_noise import GradientNoise, measure_gradient_noise, module_kind
 
 PROMPTS = ["a red circle", "a blue square", "a green star", "a yellow heart"]
 K = 3
@@ -28,13 +28,13 @@ def parts():
     return pipe, policy, PromptEncoder(pipe.tokenizer, pipe.text_encoder, "cpu")
 
 
-def by_hand(pipe, policy, encoder, steps: list[int], seed: int) -> tuple[float, float]:
+def by_hand(pipe, policy, encoder, steps: list[int], seed: int, kind: str | None = None) -> tuple[float, float]:
     """Stack every group's gradient explicitly; brute-force leave-one-out baselines."""
     repeated = [p for p in PROMPTS for _ in range(K)]
     embeds, uncond = encoder(repeated), encoder.unconditional()
     latents, _ = sample_trajectories(policy, embeds, uncond, torch.Generator().manual_seed(seed))
     rewards = red_minus_blue(decode_latents(pipe.vae, latents[:, -1]), None, None)
-    params = list(pipe.unet.parameters())
+    params = [p for n, p in pipe.unet.named_parameters() if kind is None or module_kind(n) == kind]
     grads = []
     for j in range(len(PROMPTS)):
         objective = 0.0
@@ -61,6 +61,21 @@ def test_matches_gradients_stacked_by_hand(parts, first_steps) -> None:
     assert result.mean_sq == pytest.approx(mean_sq, rel=1e-4)
     assert result.noise == pytest.approx(noise, rel=1e-4)
     assert all(p.grad is None for p in pipe.unet.parameters())  # leaves no gradients behind
+    kinds = {module_kind(n) for n, _ in pipe.unet.named_parameters()}
+    assert set(result.by_module) == kinds and {"cross-attention K/V", "resnets"} <= kinds
+    for kind in ("cross-attention K/V", "resnets"):
+        part_mean_sq, part_noise = by_hand(pipe, policy, encoder, [0, 1, 2] if first_steps is None else [0], 3, kind)
+        assert result.by_module[kind].mean_sq == pytest.approx(part_mean_sq, rel=1e-4)
+        assert result.by_module[kind].noise == pytest.approx(part_noise, rel=1e-4)
+    assert sum(part.mean_sq for part in result.by_module.values()) == pytest.approx(result.mean_sq, rel=1e-9)
+
+
+def test_module_kinds_follow_the_diffusers_unet_names() -> None:
+    assert module_kind("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.weight") == "cross-attention K/V"
+    assert module_kind("mid_block.attentions.0.transformer_blocks.0.attn2.to_q.weight") == "cross-attention Q/out"
+    assert module_kind("up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_k.weight") == "self-attention"
+    assert module_kind("down_blocks.0.resnets.0.conv1.weight") == "resnets"
+    assert module_kind("conv_in.weight") == "other"
 
 
 def test_signal_and_groups_needed() -> None:

@@ -142,30 +142,46 @@ def test_eval_batch_size_fixes_the_noise_like_training(tiny_pipeline_dir, tmp_pa
     assert not np.allclose(results[4], results[32])  # one prompt per call draws other noise than all three
 
 
-def test_gradient_noise_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, capsys) -> None:
+def _gradient_noise_both_ways(pipeline_dir, prompt_file, listed, order, groups, steps, seed, capsys):
+    """``loopdiff gradient-noise`` output lines, and the library's measurement on the prompts it should pick."""
     from loopdiff.rewards.base import build_reward
     from loopdiff.prompts import PromptSet
     from loopdiff.training.gradient_noise import measure_gradient_noise
 
-    prompts = tmp_path / "train.txt"
-    prompts.write_text("a red circle\na blue square\na green star\n")
-    code = main(["gradient-noise", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--groups", "3",
-                 "--samples-per-prompt", "2", "--reward", "jpeg_incompressibility", "--steps", "3", "--seed", "5"])
+    prompt_file.write_text("".join(p + "\n" for p in listed))
+    code = main(["gradient-noise", "--model", str(pipeline_dir), "--prompts", str(prompt_file), "--groups",
+                 str(groups), "--samples-per-prompt", "2", "--reward", "jpeg_incompressibility", "--steps",
+                 str(steps), "--seed", str(seed)])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    printed = {line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in lines[1:]}
-
-    pipe = load_pipeline(ModelConfig(pretrained=str(tiny_pipeline_dir)))
+    pipe = load_pipeline(ModelConfig(pretrained=str(pipeline_dir)))
     pipe.unet.requires_grad_(True)
-    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(num_steps=3))
+    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(num_steps=steps))
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, "cpu")
-    order = torch.randperm(3, generator=torch.Generator().manual_seed(5)).tolist()
-    listed = ["a red circle", "a blue square", "a green star"]
-    chosen = PromptSet(tuple(listed[i] for i in order), ({},) * 3)
+    chosen = PromptSet(tuple(listed[i] for i in order), ({},) * len(order))
     direct = measure_gradient_noise(policy, encoder, pipe.vae, chosen, build_reward("jpeg_incompressibility"),
-                                    samples_per_prompt=2, seed=5)
+                                    samples_per_prompt=2, seed=seed)
+    return lines, direct
+
+
+def test_gradient_noise_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, capsys) -> None:
+    listed = ["a red circle", "a blue square", "a green star"]
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(5)).tolist()
+    lines, direct = _gradient_noise_both_ways(tiny_pipeline_dir, tmp_path / "train.txt", listed, order, 3, 3, 5,
+                                              capsys)
+    printed = {line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in lines[1:]}
     assert float(printed["|mean g|^2"]) == pytest.approx(direct.mean_sq, rel=1e-3)
     assert float(printed["noise tr(Cov g)/G"]) == pytest.approx(direct.noise, rel=1e-3)
+    row = next(line.split() for line in lines if line.strip().startswith("resnets"))
+    assert float(row[1]) == pytest.approx(direct.by_module["resnets"].mean_sq, rel=1e-3)
+    assert float(row[2]) == pytest.approx(direct.by_module["resnets"].noise, rel=1e-3)
+
+
+def test_gradient_noise_repeats_prompts_when_there_are_fewer_than_groups(tiny_pipeline_dir, tmp_path, capsys) -> None:
+    lines, direct = _gradient_noise_both_ways(tiny_pipeline_dir, tmp_path / "one.txt", ["a red circle"], [0, 0, 0],
+                                              3, 2, 1, capsys)
+    assert lines[0].startswith("3 groups of 2")
+    assert float(lines[1].split()[-1]) == pytest.approx(direct.mean_sq, rel=1e-3)
 
 
 def test_gradient_noise_rejects_one_group(capsys) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from importlib import resources
@@ -197,7 +198,8 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     pipe.unet.requires_grad_(True)
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts)
-    order = torch.randperm(len(prompt_set), generator=torch.Generator().manual_seed(args.seed))[: args.groups]
+    shuffled = torch.randperm(len(prompt_set), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    order = [shuffled[i % len(shuffled)] for i in range(args.groups)]  # cycles when prompts < groups
     options = _reward_options(args)
     chosen = PromptSet(tuple(prompt_set.prompts[i] for i in order), tuple(prompt_set.metadata[i] for i in order))
     result = measure_gradient_noise(
@@ -210,6 +212,10 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     print(f"  noise tr(Cov g)/G      {result.noise:.4e}")
     print(f"  signal^2 estimate      {result.signal_sq:.4e}")
     print(f"  groups for SNR 1       {result.groups_for_snr_one:.0f}")
+    print(f"  {'by module':24s} {'|mean g|^2':>11s} {'noise':>11s} {'ratio':>6s}")
+    for kind, part in result.by_module.items():
+        ratio = part.mean_sq / part.noise if part.noise > 0 else math.inf
+        print(f"  {kind:24s} {part.mean_sq:11.4e} {part.noise:11.4e} {ratio:6.2f}")
     return 0
 
 
@@ -320,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the squared norm of the mean group gradient with its noise part tr(Cov)/G.",
     )
     _add_training_prompt_and_reward_flags(noise)
-    noise.add_argument("--groups", type=int, default=48, help="prompts drawn at random, one group each")
+    noise.add_argument("--groups", type=int, default=48,
+                       help="one group per prompt drawn at random; prompts repeat when there are fewer than groups")
     noise.add_argument("--samples-per-prompt", type=int, default=4, help="K (default 4)")
     noise.add_argument("--first-steps", type=int, default=None, help="only the first N sampling steps")
     _add_sampling_flags(noise)

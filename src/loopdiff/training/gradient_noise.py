@@ -11,7 +11,7 @@ gradient.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -31,6 +31,7 @@ class GradientNoise:
     groups: int
     mean_sq: float
     noise: float
+    by_module: dict[str, "GradientNoise"] = field(default_factory=dict)  # the same split by ``module_kind``
 
     @property
     def signal_sq(self) -> float:
@@ -41,6 +42,25 @@ class GradientNoise:
     def groups_for_snr_one(self) -> float:
         """Groups per step for signal^2 = noise; ``inf`` when no signal is measurable."""
         return self.noise * self.groups / self.signal_sq if self.signal_sq > 0 else math.inf
+
+
+def module_kind(name: str) -> str:
+    """Coarse kind of a UNet parameter, from its name: where in the network the gradient lands."""
+    if ".attn2.to_k" in name or ".attn2.to_v" in name:
+        return "cross-attention K/V"
+    if ".attn2." in name:
+        return "cross-attention Q/out"
+    if ".attn1." in name:
+        return "self-attention"
+    if ".resnets." in name:
+        return "resnets"
+    return "other"
+
+
+def _summary(groups: int, total: torch.Tensor, sum_sq: float) -> GradientNoise:
+    mean_sq = float((total / groups).pow(2).sum())
+    trace_cov = (sum_sq - groups * mean_sq) / (groups - 1)
+    return GradientNoise(groups, mean_sq, trace_cov / groups)
 
 
 def group_gradient(
@@ -85,16 +105,19 @@ def measure_gradient_noise(
     rewards = as_scores(reward(decode_latents(vae, latents[:, -1]), repeated, repeated_meta), len(repeated), "reward")
     advantages = leave_one_out(rewards, torch.arange(groups).repeat_interleave(k))
     steps = range(trained_steps(latents.shape[1] - 1, first_steps))
-    params = [p for p in policy.unet.parameters() if p.requires_grad]
-    total, sum_sq = None, 0.0
+    named = [(n, p) for n, p in policy.unet.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    kinds = sorted({module_kind(n) for n, _ in named})
+    coordinate_kind = torch.cat([torch.full((p.numel(),), kinds.index(module_kind(n))) for n, p in named])
+    total, sum_sq = None, torch.zeros(len(kinds), dtype=torch.float64)
     for j in range(groups):
         rows = slice(j * k, (j + 1) * k)
         g = group_gradient(policy, params, latents[rows], embeds[rows], uncond, advantages[rows], steps)
         total = g if total is None else total + g
-        sum_sq += float(g.pow(2).sum())
+        sum_sq += torch.zeros_like(sum_sq).index_add_(0, coordinate_kind, g.pow(2))
     for p in params:
         p.grad = None
-    mean = total / groups
-    mean_sq = float(mean.pow(2).sum())
-    trace_cov = (sum_sq - groups * mean_sq) / (groups - 1)
-    return GradientNoise(groups, mean_sq, trace_cov / groups)
+    parts = {kind: _summary(groups, total[coordinate_kind == i], float(sum_sq[i])) for i, kind in enumerate(kinds)}
+    result = _summary(groups, total, float(sum_sq.sum()))
+    result.by_module = parts
+    return result

@@ -11,7 +11,7 @@ gradient.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -114,10 +114,8 @@ def measure_gradient_noise(
         rows = slice(j * k, (j + 1) * k)
         g = group_gradient(policy, params, latents[rows], embeds[rows], uncond, advantages[rows], steps)
         total = g if total is None else total + g
-        sum_sq += torch.zeros_like(sum_sq).index_add_(0, coordinate_kind, g.pow(2))
+        sum_sq.index_add_(0, coordinate_kind, g.pow(2))
     for p in params:
         p.grad = None
     parts = {kind: _summary(groups, total[coordinate_kind == i], float(sum_sq[i])) for i, kind in enumerate(kinds)}
-    result = _summary(groups, total, float(sum_sq.sum()))
-    result.by_module = parts
-    return result
+    return replace(_summary(groups, total, float(sum_sq.sum())), by_module=parts)

@@ -33,6 +33,12 @@ def group_sums(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Ten
     return sums[inverse], counts[inverse].to(values.dtype)
 
 
+def finite_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the samples whose whole group has finite rewards (a NaN or inf drops its group)."""
+    bad_groups = group_ids[~torch.isfinite(rewards)].unique()
+    return ~torch.isin(group_ids, bad_groups)
+
+
 def leave_one_out(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """A^i = r^i - b^i, b^i = (1 / (K - 1)) * sum_{j != i} r^j within each group (Eq. 14)."""
     sums, counts = group_sums(rewards, group_ids)

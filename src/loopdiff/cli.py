@@ -38,6 +38,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, PromptError, RewardError, FileNotFoundError)
 
 
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Errors that stop a run that was set up correctly (exit code 1)."""
+    from loopdiff.training.guards import NonFiniteError
+
+    return (NonFiniteError,)
+
+
 # ---------------------------------------------------------------- train
 
 
@@ -369,9 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return func(args)
-    except _user_errors() as error:
+    except (*_user_errors(), *_run_errors()) as error:
         print(f"loopdiff {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, _run_errors()) else 2
 
 
 if __name__ == "__main__":

@@ -80,6 +80,12 @@ class TrainingConfig:
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, more compute
     warmup_epochs: int = 0
     seed: int = 0
+    # Non-finite numbers (README, "Non-finite rewards and losses"): a sample with a NaN/inf reward is dropped with
+    # its prompt group; more than this fraction of an epoch's rewards non-finite stops the run.
+    max_nonfinite_fraction: float = 0.25
+    # An optimiser step with a non-finite loss or gradient norm is skipped; more than this fraction of an
+    # epoch's steps skipped stops the run.
+    max_skipped_fraction: float = 0.5
 
 
 @dataclass
@@ -289,6 +295,9 @@ def validate(config: RunConfig) -> None:
         t.first_steps,
         "an integer >= 1, or none for every sampling step",
     )
+    for name in ("max_nonfinite_fraction", "max_skipped_fraction"):
+        value = getattr(t, name)
+        _check(0 <= value <= 1, f"training.{name}", value, "a number in [0, 1]")
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "an integer >= 1")
     n = config.prompts.max_train
     _check(n is None or n >= 1, "prompts.max_train", n, "an integer >= 1, or none for every training prompt")

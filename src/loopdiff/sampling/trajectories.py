@@ -6,7 +6,7 @@ the group index of the K samples of each prompt); prompts are never recovered by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -42,6 +42,12 @@ class Trajectories:
     @property
     def final_latents(self) -> torch.Tensor:
         return self.latents[:, -1]
+
+    def select(self, keep: torch.Tensor) -> "Trajectories":
+        """The trajectories at the indices or boolean mask ``keep`` (timesteps and prompt lists are shared)."""
+        per_sample = ("latents", "log_probs", "prompt_ids", "group_ids", "prompt_embeds")
+        picked = {name: getattr(self, name)[keep.to(getattr(self, name).device)] for name in per_sample}
+        return replace(self, **picked)
 
     def sample_prompts(self) -> list[str]:
         return [self.prompts[i] for i in self.prompt_ids.tolist()]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from loopdiff.training.guards import check_finite_weights
 from loopdiff.training.models import load_trainable_state_dict, trainable_state_dict
 
 WEIGHTS = "trainable.safetensors"
@@ -51,12 +52,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write the checkpoint for ``epoch`` (the number of finished epochs) and prune older ones."""
+    """Write the checkpoint for ``epoch`` (the number of finished epochs) and prune older ones.
+
+    Raises NonFiniteError, writing nothing, when a weight is non-finite: the older checkpoints stay as they are.
+    """
+    weights = trainable_state_dict(parts.unet, parts.lora)
+    check_finite_weights(weights.items(), f"the checkpoint of epoch {epoch}")
     path = checkpoint_dir(run_dir, epoch)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state_dict(parts.unet, parts.lora), str(tmp / WEIGHTS))
+    save_file(weights, str(tmp / WEIGHTS))
     torch.save(
         {
             "optimizer": parts.optimizer.state_dict(),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from loopdiff.advantages import PerPromptStatTracker, compute_advantages
+from loopdiff.advantages import PerPromptStatTracker, compute_advantages, finite_groups
 from loopdiff.config import RunConfig, build_estimator
 from loopdiff.evaluation import EvalResult, evaluate
 from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
@@ -30,14 +32,18 @@ from loopdiff.rewards.base import RewardFn, build_reward
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
+from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
 from loopdiff.training.metrics import MetricsLogger, tensor_stats
-from loopdiff.training.minibatches import shuffled_pairs, split_minibatches
+from loopdiff.training.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
 from loopdiff.training.models import (
     ReferencePolicy,
     configure_attention,
     configure_trainable,
     load_pipeline,
 )
+
+
+LOSS_STATS = ("loss", "approx_kl", "clip_fraction", "kl_penalty")
 
 
 @dataclass
@@ -173,30 +179,78 @@ class Trainer:
         )
         return trajectories, rewards
 
-    def advantages(self, trajectories: Trajectories, rewards: torch.Tensor) -> torch.Tensor:
-        """Advantages over the whole batch of all processes; returns this process's share."""
-        acc = self.accelerator
-        local = len(rewards)
-        all_rewards = acc.gather(rewards.to(self.device)).cpu()
-        all_groups = acc.gather(trajectories.group_ids.to(self.device)).cpu()
-        all_prompt_ids = acc.gather(trajectories.prompt_ids.to(self.device)).cpu()
-        prompts = [self.train_prompts.prompts[i] for i in all_prompt_ids.tolist()]
-        advantages = compute_advantages(
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` of every process, concatenated in process order, on the CPU."""
+        return self.accelerator.gather(values.to(self.device)).cpu()
+
+    def _local(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's share of a gathered per-sample tensor."""
+        local = len(values) // self.accelerator.num_processes
+        return values[self.accelerator.process_index * local :][:local]
+
+    def advantages(
+        self, trajectories: Trajectories, rewards: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Advantages over the whole batch of all processes; returns this process's share.
+
+        ``keep`` (a mask over all processes' samples, default all) leaves the other samples out of the
+        baselines and of the result.
+        """
+        all_rewards = self._gather(rewards)
+        keep = torch.ones(len(all_rewards), dtype=torch.bool) if keep is None else keep
+        all_groups = self._gather(trajectories.group_ids)[keep]
+        prompts = [self.train_prompts.prompts[i] for i in self._gather(trajectories.prompt_ids)[keep].tolist()]
+        advantages = torch.full_like(all_rewards, math.nan, dtype=torch.float32)
+        advantages[keep] = compute_advantages(
             self.estimator.advantage,  # type: ignore[arg-type]
-            all_rewards,
+            all_rewards[keep],
             all_groups,
             prompts,
             tracker=self.tracker,
             clip=self.estimator.advantage_clip,
         )
-        start = acc.process_index * local
-        return advantages[start : start + local]
+        return self._local(advantages)[self._local(keep)]
+
+    def finite_samples(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mask over all processes' samples of the groups with only finite rewards, and the counts as metrics.
+
+        Warns when it drops a group; raises NonFiniteError when too many rewards are non-finite or too few
+        samples remain.
+        """
+        keep = finite_groups(rewards, group_ids)
+        nonfinite, dropped = int((~torch.isfinite(rewards)).sum()), int(group_ids[~keep].unique().numel())
+        counts = {"nonfinite_rewards": float(nonfinite), "dropped_groups": float(dropped)}
+        if nonfinite == 0:
+            return keep, counts
+        name, total = self.config.reward.name, len(rewards)
+        check_nonfinite_rewards(name, nonfinite, total, self.config.training.max_nonfinite_fraction, epoch + 1,
+                                self._too_few_left(keep))
+        if self.accelerator.is_main_process:
+            print(f"warning: reward '{name}' was non-finite for {nonfinite} of {total} images in epoch {epoch + 1}; "
+                  f"dropped their {dropped} prompt group(s) ({int((~keep).sum())} images)", file=sys.stderr)
+        return keep, counts
+
+    def _too_few_left(self, keep: torch.Tensor) -> str | None:
+        """Why the kept samples cannot fill the epoch's optimiser steps on some process, or None."""
+        if not bool(keep.any()):
+            return "no prompt group with only finite rewards remains"
+        t = self.config.training
+        pairs = keep.view(self.accelerator.num_processes, -1).sum(1) * steps_per_sample(
+            self.config.sampling.num_steps, t.timestep_fraction, t.first_steps
+        )
+        short = (pairs < self.estimator.minibatches).nonzero().flatten().tolist()
+        if not short:
+            return None
+        return (f"process {short[0]} keeps {int(pairs[short[0]])} (sample, step) pairs, fewer than "
+                f"estimator.minibatches={self.estimator.minibatches}")
 
     def optimise(self, batch: Batch, epoch: int) -> dict[str, float]:
         """Inner epochs of shuffled minibatches over (sample, step) pairs; returns averaged statistics."""
         traj, est, t = batch.trajectories, self.estimator, self.config.training
-        sums: dict[str, float] = {"loss": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0, "kl_penalty": 0.0}
-        grad_norms, pairs_seen = [], 0
+        sums = dict.fromkeys(LOSS_STATS, 0.0)
+        grad_norms, pairs_seen, steps = [], 0, 0
         self.trained_unet.train()
         for inner in range(est.inner_epochs):
             generator = torch.Generator().manual_seed(_seed(t.seed, epoch, self.accelerator.process_index, 2, inner))
@@ -204,24 +258,51 @@ class Trainer:
                 len(traj), traj.log_probs.shape[1], t.timestep_fraction, generator, t.first_steps
             )
             for minibatch in split_minibatches(pairs, est.minibatches, t.micro_batch_size):
-                total = sum(len(m) for m in minibatch)
-                for k, micro in enumerate(minibatch):
-                    last = k == len(minibatch) - 1
-                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.trained_unet)
-                    with sync:
-                        out = self.minibatch_loss(batch, micro)
-                        self.accelerator.backward(out.loss * (len(micro) / total))
+                step_sums = self.accumulate_gradients(batch, minibatch)
+                grad_norm = float(self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm))
+                steps += 1
+                if self.step_if_finite(step_sums["loss"], grad_norm):
                     for key in sums:
-                        sums[key] += float(getattr(out, key).detach()) * len(micro)
-                    pairs_seen += len(micro)
-                grad_norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
-                grad_norms.append(float(grad_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                        sums[key] += step_sums[key]
+                    pairs_seen += sum(len(m) for m in minibatch)
+                    grad_norms.append(grad_norm)
+        check_skipped_steps(steps - len(grad_norms), steps, t.max_skipped_fraction, epoch + 1)
         stats = {key: value / max(1, pairs_seen) for key, value in sums.items()}
-        stats["grad_norm"] = float(np.mean(grad_norms))
-        stats["optimizer_steps"] = float(len(grad_norms))
+        stats["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        stats["optimizer_steps"] = float(steps)
+        stats["skipped_steps"] = float(steps - len(grad_norms))
         return stats
+
+    def accumulate_gradients(self, batch: Batch, minibatch: list[torch.Tensor]) -> dict[str, float]:
+        """Backward through one optimiser step's micro-batches, gradients synced on the last one.
+
+        Returns the loss statistics summed over the micro-batches, weighted by their numbers of pairs.
+        """
+        total = sum(len(m) for m in minibatch)
+        sums = dict.fromkeys(LOSS_STATS, 0.0)
+        for k, micro in enumerate(minibatch):
+            last = k == len(minibatch) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.trained_unet)
+            with sync:
+                out = self.minibatch_loss(batch, micro)
+                self.accelerator.backward(out.loss * (len(micro) / total))
+            for key in sums:
+                sums[key] += float(getattr(out, key).detach()) * len(micro)
+        return sums
+
+    def step_if_finite(self, loss: float, grad_norm: float) -> bool:
+        """Take the optimiser step unless the loss or the gradient norm is non-finite on any process.
+
+        A skipped step drops its gradients (and, under fp16, lowers the loss scale). Returns whether it stepped.
+        """
+        bad = torch.tensor([float(not (math.isfinite(loss) and math.isfinite(grad_norm)))], device=self.device)
+        finite = not bool(self.accelerator.gather(bad).any())
+        if finite:
+            self.optimizer.step()
+        elif self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()  # clip_grad_norm_ unscaled and found the overflow
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
 
     def minibatch_loss(self, batch: Batch, micro: torch.Tensor) -> LossOutput:
         """The estimator's loss on the (sample index, step index) pairs ``micro`` (one UNet call)."""
@@ -259,15 +340,20 @@ class Trainer:
         start = time.perf_counter()
         trajectories, rewards = self.collect(epoch, timings)
         t0 = time.perf_counter()
-        advantages = self.advantages(trajectories, rewards)
+        all_rewards, all_groups = self._gather(rewards), self._gather(trajectories.group_ids)
+        keep, counts = self.finite_samples(all_rewards, all_groups, epoch)
+        advantages = self.advantages(trajectories, rewards, keep)
+        mine = self._local(keep)
+        if not bool(mine.all()):
+            trajectories, rewards = trajectories.select(mine), rewards[mine]
         t1 = time.perf_counter()
         stats = self.optimise(Batch(trajectories, rewards, advantages), epoch)
         t2 = time.perf_counter()
         self.lr_scheduler.step()
-        all_rewards = self.accelerator.gather(rewards.to(self.device)).cpu()
         metrics = {
-            **tensor_stats("reward", all_rewards),
+            **tensor_stats("reward", all_rewards[torch.isfinite(all_rewards)]),
             **tensor_stats("advantage", advantages),
+            **counts,
             **stats,
             **timings,
             "time/advantages": t1 - t0,
@@ -280,7 +366,13 @@ class Trainer:
     def _checkpoint_parts(self) -> ckpt.Resumable:
         return ckpt.Resumable(self.unet, self.config.model.lora, self.optimizer, self.lr_scheduler, self.tracker)
 
+    def check_weights(self, what: str) -> None:
+        """Raise NonFiniteError (on every process) if a trainable weight is non-finite, before writing ``what``."""
+        check_finite_weights(((name, p) for name, p in self.unet.named_parameters() if p.requires_grad), what)
+
     def save(self) -> Path | None:
+        """Checkpoint the finished epochs; refuses (NonFiniteError) when a trainable weight is non-finite."""
+        self.check_weights(f"the checkpoint of epoch {self.epoch}")
         if not self.accelerator.is_main_process:
             return None
         extra = {"history": self.history, "config": self.config.to_dict()}
@@ -353,6 +445,7 @@ class Trainer:
 
     def export(self) -> Path:
         """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``)."""
+        self.check_weights("the exported model")
         unet = self.accelerator.unwrap_model(self.trained_unet)
         if self.config.model.lora:
             from diffusers import StableDiffusionPipeline

@@ -1,0 +1,51 @@
+"""Keeping non-finite numbers out of training: rewards, optimiser steps and saved weights.
+
+- A sample whose reward is NaN or infinite is dropped with its whole prompt group before advantages;
+  the run stops when more than ``training.max_nonfinite_fraction`` of an epoch's rewards are non-finite.
+- An optimiser step whose loss or gradient norm is non-finite is skipped; the run stops when more than
+  ``training.max_skipped_fraction`` of an epoch's steps are skipped.
+- Weights with a non-finite value are never written (checkpoint or export).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+class NonFiniteError(RuntimeError):
+    """Training met more non-finite values than it tolerates; the message says what and where."""
+
+
+def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity."""
+    return [name for name, value in named if not bool(torch.isfinite(value.detach()).all())]
+
+
+def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Raise NonFiniteError naming the first bad tensors before ``what`` (a checkpoint, an export) is written."""
+    bad = nonfinite_names(named)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"refusing to write {what}: non-finite weights in {shown}")
+
+
+def check_skipped_steps(skipped: int, steps: int, max_fraction: float, epoch: int) -> None:
+    """Raise NonFiniteError when more than ``max_fraction`` of an epoch's optimiser steps were skipped."""
+    if skipped > max_fraction * steps:
+        raise NonFiniteError(
+            f"{skipped} of {steps} optimiser steps in epoch {epoch} had a non-finite loss or gradient norm "
+            f"(more than training.max_skipped_fraction={max_fraction:g}); stopping"
+        )
+
+
+def check_nonfinite_rewards(
+    reward: str, nonfinite: int, total: int, max_fraction: float, epoch: int, too_few_left: str | None
+) -> None:
+    """Raise NonFiniteError when too many rewards are non-finite or too few samples remain (``too_few_left``)."""
+    head = f"reward '{reward}' was non-finite for {nonfinite} of {total} images in epoch {epoch}"
+    if nonfinite > max_fraction * total:
+        raise NonFiniteError(f"{head} (more than training.max_nonfinite_fraction={max_fraction:g}); stopping")
+    if too_few_left is not None:
+        raise NonFiniteError(f"{head}: {too_few_left}; stopping")

@@ -1,4 +1,4 @@
-"""Advantages (SPEC section 3) against brute-force and hand computations."""
+"""Advantages (docs/method.md, "Gradient estimators") against brute-force and hand computations."""
 
 from __future__ import annotations
 

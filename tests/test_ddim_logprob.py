@@ -1,4 +1,7 @@
-"""The DDIM policy step (SPEC section 2): limits, log-density, and on-policy importance ratio 1."""
+"""The DDIM policy step: limits, log-density, and on-policy importance ratio 1.
+
+See docs/method.md, "The policy step and its log-probability".
+"""
 
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def test_eta_one_matches_diffusers_given_same_noise() -> None:
 
 
 def _independent_log_density(x_prev, x_t, eps, abar_t, abar_prev, eta):
-    """Hand-written Gaussian log-density in float64 numpy, following SPEC section 2 literally."""
+    """Hand-written Gaussian log-density in float64 numpy, following docs/method.md literally."""
     x_prev, x_t, eps = (a.double().numpy() for a in (x_prev, x_t, eps))
     x0 = (x_t - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
     sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t)) * math.sqrt(1 - abar_t / abar_prev)

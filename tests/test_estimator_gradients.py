@@ -1,4 +1,7 @@
-"""Each preset's loss has the gradient of its objective written out independently (SPEC section 3)."""
+"""Each preset's loss has the gradient of its objective written out independently.
+
+The objectives are those of docs/method.md, "Gradient estimators".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Advantages A from rewards r (SPEC section 3). Each kind is one small function over a batch.
+"""Advantages A from rewards r (docs/method.md, "Gradient estimators"). Each kind is one small function
+over a batch.
 
 - ``raw``            A = r                                       (REINFORCE, Eq. 7)
 - ``prompt_mean``    A = r - mean of the prompt's recent rewards (REINFORCE w/ baseline, Eq. 8)

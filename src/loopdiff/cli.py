@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(sample)
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = sub.add_parser("eval", help="score a model on a prompt set (SPEC evaluation protocol)")
+    evaluate = sub.add_parser(
+        "eval", help="score a model on a prompt set (the evaluation protocol of docs/method.md)"
+    )
     evaluate.add_argument("--prompts", default="embedded:color:val", help="prompt source (file or embedded:<cat>:val)")
     evaluate.add_argument("--reward", default="embedded_vqa", help="reward name(s), comma separated")
     evaluate.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')

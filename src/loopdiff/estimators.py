@@ -1,4 +1,6 @@
-"""Gradient estimators as data: an advantage kind + a loss kind + how samples are reused (SPEC section 3).
+"""Gradient estimators as data: an advantage kind + a loss kind + how samples are reused.
+
+The formulas, and where the code departs from the LOOP paper, are in docs/method.md ("Gradient estimators").
 
 | preset         | K | advantage      | loss           | optimiser steps per batch | reference          |
 |----------------|---|----------------|----------------|---------------------------|--------------------|

@@ -1,5 +1,5 @@
-"""Evaluation protocol (SPEC section 6): fixed seeds, N images per validation prompt, per-prompt mean then
-mean over prompts, for every reward asked (the training reward and held-out evaluators)."""
+"""Evaluation protocol (docs/method.md, "Evaluation protocol"): fixed seeds, N images per validation prompt,
+per-prompt mean then mean over prompts, for every reward asked (the training reward and held-out evaluators)."""
 
 from __future__ import annotations
 

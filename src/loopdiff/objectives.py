@@ -1,4 +1,4 @@
-"""Per-(sample, step) losses whose gradients are the estimators of SPEC section 3.
+"""Per-(sample, step) losses whose gradients are the estimators of docs/method.md ("Gradient estimators").
 
 Every loss is a mean over the (sample, step) pairs of a minibatch, so the gradient is Eq. 7-13 divided by
 the number of pairs (a constant the learning rate absorbs).

@@ -11,8 +11,8 @@ It shares nothing with the training rewards (:mod:`loopdiff.embedded.rewards`, :
    by neither -> checkered;
 5. shape = the world shape whose mask, scaled to the component's box, has the highest IoU with it.
 
-Scores per category follow T2I-CompBench's formulas (SPEC section 5) with detections in place of
-BLIP-VQA / UniDet: color, shape, texture: product over the prompt's objects of "an object with all
+Scores per category follow T2I-CompBench's formulas (docs/method.md, "Tasks and rewards") with detections
+in place of BLIP-VQA / UniDet: color, shape, texture: product over the prompt's objects of "an object with all
 named attributes exists"; spatial: 0.25 s1 + 0.25 s2 + 0.5 pos (s = 1 when found), below 0.5 -> 0;
 numeracy: per object +0.5 found, +0.5 right count, mean; complex: the attribute score, averaged with
 the spatial score when the prompt has a relation.

@@ -1,4 +1,4 @@
-"""Training rewards of the embedded world, shaped like T2I-CompBench's (SPEC section 5).
+"""Training rewards of the embedded world, shaped like T2I-CompBench's (docs/method.md, "Tasks and rewards").
 
 - ``embedded_vqa``: split the prompt into noun phrases, ask the learned :class:`PhraseVQA` each one,
   take ``p(yes) / (p(yes) + p(no))`` and multiply over phrases (BLIP-VQA's use in T2I-CompBench).

@@ -1,4 +1,4 @@
-"""LAION improved aesthetic predictor (SPEC section 5; DDPO's aesthetic reward).
+"""LAION improved aesthetic predictor (DDPO's aesthetic reward; docs/rewards.md).
 
 Score = MLP(e / |e|) on the AVA 1..10 scale, where ``e`` is the CLIP ViT-L/14 image embedding
 (``CLIPModel.get_image_features``, 768-d) and the MLP is the predictor's head: Linear layers

@@ -1,4 +1,4 @@
-"""T2I-CompBench's BLIP-VQA score (colour, shape, texture; SPEC section 5).
+"""T2I-CompBench's BLIP-VQA score (colour, shape, texture; docs/rewards.md).
 
 For each noun phrase of the prompt the model is asked ``"<phrase>?"``; the answer score is the first
 decoder step's ``p(yes) / (p(yes) + p(no))`` (the softmax renormalised over the two answer tokens,

@@ -1,4 +1,4 @@
-"""T2I-CompBench's 2D-spatial and numeracy scores over an open-vocabulary detector (SPEC section 5).
+"""T2I-CompBench's 2D-spatial and numeracy scores over an open-vocabulary detector (docs/rewards.md).
 
 The formulas are T2I-CompBench's (``UniDet_eval/2D_spatial_eval.py`` and ``numeracy_eval.py``);
 the detector is not: the benchmark uses UniDet (non-commercial licence, detectron2), this module uses

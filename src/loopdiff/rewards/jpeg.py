@@ -1,4 +1,7 @@
-"""JPEG compressibility and incompressibility (DDPO; SPEC section 5): -/+ JPEG size in kB at quality 95."""
+"""JPEG compressibility and incompressibility (DDPO): -/+ JPEG size in kB at quality 95.
+
+See docs/method.md, "Tasks and rewards".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""One DDIM step as a Gaussian policy step, with its log-probability (SPEC section 2).
+"""One DDIM step as a Gaussian policy step, with its log-probability.
+
+See docs/method.md, "The policy step and its log-probability".
 
 For eta > 0 the DDIM update is ``x_{t-1} = mean_t + sigma_t * z`` with
 

@@ -1,4 +1,7 @@
-"""The diffusion model as a policy: guided noise prediction and per-step log-probabilities (SPEC sections 1-2).
+"""The diffusion model as a policy: guided noise prediction and per-step log-probabilities.
+
+The MDP and the policy step are written out in docs/method.md ("Denoising as an MDP", "The policy step
+and its log-probability").
 
 Classifier-free guidance runs the unconditional and the conditional branch in one batched UNet call:
 ``eps_hat = eps_uncond + w * (eps_cond - eps_uncond)``. The same function serves sampling (no gradients) and

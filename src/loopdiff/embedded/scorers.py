@@ -243,9 +243,27 @@ class ContrastiveAligner(nn.Module):
         return F.normalize(self.text_out(torch.cat([hidden[0], hidden[1]], dim=1)), dim=-1)
 
 
+class AestheticScorer(nn.Module):
+    """Image -> one preference logit: the trunk's features, averaged over the image, through an MLP.
+
+    Averaging per-pixel features lets it represent image-wide colour statistics (means and spreads),
+    as the LAION aesthetic head reads a pooled CLIP embedding.
+    """
+
+    def __init__(self, width: int = 32, hidden: int = 64):
+        super().__init__()
+        self.trunk = Trunk(width)
+        self.features = nn.Conv2d(width, hidden, 1)
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, 64, 64)`` in [0, 1] -> ``(N,)`` logits."""
+        return self.head(self.features(self.trunk(images)).mean(dim=(2, 3))).squeeze(1)
+
+
 # ----------------------------------------------------------------------------- files
 
-_KINDS = {"vqa": PhraseVQA, "detector": GridDetector, "aligner": ContrastiveAligner}
+_KINDS = {"vqa": PhraseVQA, "detector": GridDetector, "aligner": ContrastiveAligner, "aesthetic": AestheticScorer}
 
 
 def build_scorer(config: dict[str, Any]) -> nn.Module:
@@ -268,7 +286,7 @@ def save_scorer(model: nn.Module, config: dict[str, Any], directory: str | Path,
 
 
 def load_scorer(name: str, directory: str | Path | None = None, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load scorer ``name`` (``vqa``, ``detector``, ``aligner``) in eval mode, with its config."""
+    """Load scorer ``name`` (``vqa``, ``detector``, ``aligner``, ``aesthetic``) in eval mode, with its config."""
     directory = Path(directory) if directory is not None else scorer_dir()
     weights, config_path = directory / f"{name}.safetensors", directory / f"{name}.json"
     if not weights.is_file() or not config_path.is_file():

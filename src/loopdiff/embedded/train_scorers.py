@@ -1,6 +1,6 @@
 """Train the embedded world's reward scorers from scratch on augmented renders.
 
-    python -m loopdiff.embedded.train_scorers                      # all three, into assets/scorers/
+    python -m loopdiff.embedded.train_scorers                      # all four, into assets/scorers/
     python -m loopdiff.embedded.train_scorers --only vqa --out /tmp/scorers --threads 1
 
 Every batch is freshly rendered (random scenes of 1-4 objects) and degraded like a generated image:
@@ -33,6 +33,7 @@ from loopdiff.embedded.prompts import (
 from loopdiff.embedded.scorers import (
     DEFAULT_VOCAB,
     GRID,
+    AestheticScorer,
     ContrastiveAligner,
     GridDetector,
     PhraseVQA,
@@ -41,7 +42,8 @@ from loopdiff.embedded.scorers import (
     save_scorer,
     scorer_dir,
 )
-from loopdiff.embedded.world import COLORS, IMAGE_SIZE, SHAPES, TEXTURES, Scene, render
+from loopdiff.embedded.aesthetic import COLORFULNESS_SCALE, colorfulness, images_to_pixels
+from loopdiff.embedded.world import COLORS, IMAGE_SIZE, MAX_SIZE, MIN_SIZE, SHAPES, TEXTURES, Scene, WorldObject, render
 
 _COLOR_NAMES = tuple(COLORS)
 _OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "next to": "left"}
@@ -397,6 +399,124 @@ def train_aligner(out: Path, steps: int = 1500, batch: int = 64, seed: int = 2, 
     return _finish("aligner", model, config, out)
 
 
+# ----------------------------------------------------------------------------- aesthetic preferences
+
+PREFERENCE_TEMPERATURE = 0.05  # Bradley-Terry noise of the simulated raters, in colourfulness / 100
+AGREEMENT_MARGIN = 0.05  # pairs whose evaluator scores differ by less count as ties and are not judged
+
+
+def aesthetic_scene(rng: np.random.Generator) -> Scene:
+    """0-4 objects of any attributes and of sizes 10-40 anywhere in the frame (overlaps allowed).
+
+    Wider than the prompts' scenes (sizes 20-30, apart), so that the scorer has seen the larger and
+    plainer images RL will move towards.
+    """
+    objects = []
+    for _ in range(int(rng.integers(0, 5))):
+        size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+        lo, hi = size // 2, IMAGE_SIZE - size + size // 2
+        objects.append(WorldObject(
+            SHAPES[rng.integers(len(SHAPES))], _COLOR_NAMES[rng.integers(len(COLORS))],
+            TEXTURES[rng.integers(len(TEXTURES))], size, int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1)),
+        ))
+    return Scene(tuple(objects))
+
+
+def base_model_images(n: int, seed: int, split: str, steps: int = 10, batch: int = 64) -> torch.Tensor:
+    """``n`` images of the shipped base model for the world's color prompts of ``split`` (DDIM, eta 1)."""
+    from loopdiff.embedded.pipeline import load_embedded_pipeline  # the pipeline is only needed here
+    from loopdiff.embedded.prompts import load_prompts
+
+    pipe = load_embedded_pipeline(device="cpu", dtype=torch.float32)
+    prompts = load_prompts("color", split)
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for start in range(0, n, batch):
+        chosen = [prompts[i] for i in rng.integers(len(prompts), size=min(batch, n - start))]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        out = pipe(chosen, num_inference_steps=steps, guidance_scale=5.0, eta=1.0, generator=generator, output_type="pt")
+        chunks.append(out.images.float().clamp(0, 1))
+    return torch.cat(chunks)
+
+
+def preference_labels(scores: torch.Tensor, rng: np.random.Generator, temperature: float) -> torch.Tensor:
+    """Sampled Bradley-Terry choices: 1 where the first of a pair ``scores[:, 0]`` is preferred."""
+    p_first = torch.sigmoid((scores[:, 0] - scores[:, 1]) / temperature)
+    return (torch.from_numpy(rng.random(len(p_first))).float() < p_first).float()
+
+
+def pairwise_agreement(predicted: torch.Tensor, target: torch.Tensor, margin: float = AGREEMENT_MARGIN) -> float:
+    """Fraction of pairs, among those whose ``target`` differs by at least ``margin``, ordered alike."""
+    i, j = torch.triu_indices(len(target), len(target), offset=1)
+    decided = (target[i] - target[j]).abs() >= margin
+    same = torch.sign(predicted[i] - predicted[j]) == torch.sign(target[i] - target[j])
+    return float(same[decided].float().mean())
+
+
+def _colorfulness_score(images: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(colorfulness(images_to_pixels(images)) / COLORFULNESS_SCALE).float()
+
+
+def _calibrate(model: AestheticScorer, images: torch.Tensor, scores: torch.Tensor) -> dict[str, float]:
+    """Least-squares ``scale, shift`` mapping the scorer's logits onto the evaluator's scale."""
+    with torch.no_grad():
+        logits = torch.cat([model(chunk) for chunk in images.split(128)]).double()
+    design = torch.stack([logits, torch.ones_like(logits)], dim=1)
+    scale, shift = torch.linalg.lstsq(design, scores.double()[:, None]).solution[:, 0].tolist()
+    return {"scale": scale, "shift": shift}
+
+
+def train_aesthetic(out: Path, steps: int = 1500, batch: int = 64, seed: int = 3, lr: float = 2e-3,
+                    generated: int = 2048, held_out: int = 512) -> dict:
+    """A preference scorer from simulated raters' choices between pairs of images.
+
+    Half of each batch is augmented renders of :func:`aesthetic_scene`, half the base model's own
+    images (``generated`` of them, drawn once and cached in ``out``); the raters prefer the more
+    colourful image of a pair with Bradley-Terry noise. The scorer is then calibrated and judged on
+    ``held_out`` fresh base images of the validation prompts.
+    """
+    config = {"kind": "aesthetic", "arguments": {"width": 32, "hidden": 64},
+              "training": {"steps": steps, "batch_images": batch, "lr": lr, "seed": seed, "generated_images": generated,
+                           "temperature": PREFERENCE_TEMPERATURE}}
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "aesthetic.samples.pt"
+    if cache.is_file():
+        pool = torch.load(cache, weights_only=True)
+    else:
+        print(f"[aesthetic] sampling {generated} base-model images", flush=True)
+        pool = base_model_images(generated, seed, "train")
+        torch.save(pool, cache)
+    pool_scores = _colorfulness_score(pool)
+
+    def step_loss(model: AestheticScorer, rng: np.random.Generator) -> torch.Tensor:
+        renders = to_tensor([aesthetic_scene(rng) for _ in range(batch // 2)])
+        renders = augment(renders, torch.Generator().manual_seed(int(rng.integers(2**31))))
+        index = torch.from_numpy(rng.integers(len(pool), size=batch - batch // 2))
+        images = torch.cat([renders, pool[index]])
+        scores = torch.cat([_colorfulness_score(renders), pool_scores[index]])
+        order = torch.from_numpy(rng.permutation(batch)).view(-1, 2)
+        labels = preference_labels(scores[order], rng, PREFERENCE_TEMPERATURE)
+        logits = model(images)[order]
+        return F.binary_cross_entropy_with_logits(logits[:, 0] - logits[:, 1], labels)
+
+    model = _train("aesthetic", config, steps, lr, out, step_loss)
+    fresh = base_model_images(held_out, seed + 1, "val")
+    fresh_scores = _colorfulness_score(fresh)
+    config["calibration"] = _calibrate(model, fresh, fresh_scores)
+    with torch.no_grad():
+        predicted = torch.cat([model(chunk) for chunk in fresh.split(128)])
+    renders = to_tensor([aesthetic_scene(np.random.default_rng([seed, 10**6, i])) for i in range(held_out)])
+    with torch.no_grad():
+        predicted_renders = torch.cat([model(chunk) for chunk in renders.split(128)])
+    config["metrics"] = {
+        "pairwise_agreement_base_images": pairwise_agreement(predicted, fresh_scores),
+        "pairwise_agreement_renders": pairwise_agreement(predicted_renders, _colorfulness_score(renders)),
+        "agreement_margin": AGREEMENT_MARGIN,
+    }
+    cache.unlink(missing_ok=True)
+    return _finish("aesthetic", model, config, out)
+
+
 def _finish(name: str, model: torch.nn.Module, config: dict, out: Path) -> dict:
     save_scorer(model, config, out, name)
     (out / f"{name}.ckpt.pt").unlink(missing_ok=True)
@@ -404,13 +524,13 @@ def _finish(name: str, model: torch.nn.Module, config: dict, out: Path) -> dict:
     return config
 
 
-TRAINERS = {"vqa": train_vqa, "detector": train_detector, "aligner": train_aligner}
+TRAINERS = {"vqa": train_vqa, "detector": train_detector, "aligner": train_aligner, "aesthetic": train_aesthetic}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=scorer_dir(), help="output folder (default: the shipped assets)")
-    parser.add_argument("--only", default="vqa,detector,aligner", help="comma-separated subset of vqa,detector,aligner")
+    parser.add_argument("--only", default="vqa,detector,aligner,aesthetic", help="comma-separated subset of vqa,detector,aligner,aesthetic")
     parser.add_argument("--steps", type=int, default=None, help="training steps of each scorer (default per scorer)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -163,6 +163,7 @@ _BUILTINS = _Loaded(
         "loopdiff.rewards.server",
         "loopdiff.rewards.dispatch",
         "loopdiff.embedded.rewards",
+        "loopdiff.embedded.aesthetic",
     ]
 )
 

@@ -20,9 +20,19 @@ def test_defaults_and_overrides_reach_the_right_fields(tmp_path) -> None:
     assert config.eval.rewards == ["a", "b"] and config.model.lora is True
 
 
-def test_packaged_default_config_is_valid() -> None:
-    config = load_config(packaged_config("embedded-color.yaml"))
-    assert config.estimator.preset == "loop" and config.estimator.samples_per_prompt == 4
+def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
+    from loopdiff.cli import DEFAULT_CONFIG, packaged_config_names, resolve_config
+
+    assert packaged_config_names() == ["embedded-aesthetic", "embedded-color"]
+    for name in packaged_config_names():
+        config = load_config(resolve_config(name))
+        assert config.estimator.preset == "loop" and config.estimator.samples_per_prompt == 4
+        assert resolve_config(name) == resolve_config(f"{name}.yaml") == packaged_config(f"{name}.yaml")
+    default = load_config(resolve_config(DEFAULT_CONFIG))
+    assert default.reward.name == "embedded_aesthetic" and "embedded_colorfulness" in default.eval.rewards
+    local = tmp_path / "embedded-color"
+    local.write_text("training:\n  epochs: 3\n")
+    assert resolve_config(str(local)) == local  # a file of that name wins over the packaged config
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import signal
@@ -205,3 +206,22 @@ def test_cross_attention_training_moves_only_the_prompt_keys_and_values(tmp_path
     changed = {name for name, p in trainer.unet.named_parameters() if not torch.equal(p, before[name])}
     expected = {name for name in before if ".attn2.to_k." in name or ".attn2.to_v." in name}
     assert expected and changed == expected
+
+
+def test_monitor_rewards_are_logged_on_the_samples_and_never_trained_on(tmp_path) -> None:
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.sampling.trajectories import decode_latents
+
+    monitored = make_trainer(tmp_path / "m", "loop", reward_section={"monitor": ["jpeg_compressibility"]})
+    traj, _ = monitored.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    images = decode_latents(monitored.pipeline.vae, traj.latents[:, -1])
+    prompts = [traj.prompts[i] for i in traj.prompt_ids.tolist()]
+    expected = build_reward("jpeg_compressibility")(images, prompts, [{}] * len(prompts))
+    torch.testing.assert_close(monitored.monitored["jpeg_compressibility"], expected)
+
+    monitored = make_trainer(tmp_path / "m2", "loop", reward_section={"monitor": ["jpeg_compressibility"]})
+    plain = make_trainer(tmp_path / "p", "loop")
+    record = monitored.train()[0]
+    plain.train()
+    assert record["monitor/jpeg_compressibility/mean"] == pytest.approx(float(monitored.monitored["jpeg_compressibility"].mean()))
+    torch.testing.assert_close(_weights(monitored.unet), _weights(plain.unet), rtol=0, atol=0)

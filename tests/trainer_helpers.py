@@ -19,7 +19,10 @@ def red_minus_blue(images: torch.Tensor, prompts, metadata) -> torch.Tensor:
     return 100 * (images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2)))
 
 
-def make_trainer(tmp_path: Path, preset: str, seed: int = 0, reward=red_minus_blue, **sections: Any) -> Trainer:
+def make_trainer(
+    tmp_path: Path, preset: str, seed: int = 0, reward=red_minus_blue, reward_section: dict | None = None, **sections: Any
+) -> Trainer:
+    """A trainer on the tiny pipeline; ``sections`` update config sections (``reward_section`` the reward's)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
@@ -34,6 +37,7 @@ def make_trainer(tmp_path: Path, preset: str, seed: int = 0, reward=red_minus_bl
         "reward": {"name": "jpeg_compressibility", "asynchronous": False},
         "output": {"dir": str(tmp_path / f"run-{preset}"), "progress": False, "tensorboard": False},
     }
+    values["reward"].update(reward_section or {})
     for section, changes in sections.items():
         values.setdefault(section, {}).update(changes)
     return Trainer(config_from_dict(values), reward_fn=reward, pipeline=build_tiny_pipeline(seed=0))

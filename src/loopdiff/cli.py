@@ -11,11 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
-DEFAULT_CONFIG = "embedded-color.yaml"
+DEFAULT_CONFIG = "embedded-aesthetic.yaml"
 
 TRAIN_EPILOG = """\
 examples:
-  loopdiff train                                   # LOOP (K=4) on the embedded world's color task
+  loopdiff train                                   # LOOP (K=4) on the embedded world's aesthetic task
+  loopdiff train --config embedded-color           # a packaged config, by name
   loopdiff train --config my.yaml training.epochs=50 estimator.preset=ppo
   loopdiff train model.pretrained=stabilityai/stable-diffusion-2-base prompts.train=color_train.txt \\
       reward.name=blip_vqa model.lora=true
@@ -28,6 +29,21 @@ training, reward, prompts, eval, output. Presets: reinforce, reinforce_bc, rloo,
 def packaged_config(name: str) -> Path:
     """A config file shipped with the package (``loopdiff/configs/<name>``)."""
     return Path(str(resources.files("loopdiff") / "configs" / name))
+
+
+def packaged_config_names() -> list[str]:
+    """Names of the training configs shipped with the package (without ``.yaml``; study specs left out)."""
+    files = resources.files("loopdiff").joinpath("configs").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml") and not p.name.startswith("study-"))
+
+
+def resolve_config(name_or_path: str) -> Path:
+    """A config file path as given, else the packaged config of that name (with or without ``.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = packaged_config(name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    return packaged if packaged.is_file() else path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -52,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from loopdiff.config import load_config
     from loopdiff.training.trainer import Trainer
 
-    config_path = args.config or packaged_config(DEFAULT_CONFIG)
+    config_path = resolve_config(args.config or DEFAULT_CONFIG)
     config = load_config(config_path, args.overrides)
     trainer = Trainer(config)
     trainer.train()
@@ -286,9 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune a pipeline with RL", epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a Stable-Diffusion-format pipeline with RL. Without --config: LOOP on the "
-        "embedded miniature world (color task), with a held-out evaluation of the base and fine-tuned model.",
+        "embedded miniature world (aesthetic task), with a held-out evaluation of the base and fine-tuned model.",
     )
-    train.add_argument("--config", help="YAML or TOML config file (default: the embedded color config)")
+    train.add_argument(
+        "--config",
+        help=f"YAML or TOML config file, or the name of a packaged one ({', '.join(packaged_config_names())}; "
+        "default: embedded-aesthetic)",
+    )
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     train.set_defaults(func=cmd_train)
 

@@ -93,6 +93,7 @@ class RewardConfig:
     name: str = "embedded_vqa"  # a registered name or a weighted sum "a:1.0,b:0.1"
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     asynchronous: bool = True  # score in a worker thread while the next batch samples
+    monitor: list[str] = field(default_factory=list)  # rewards logged on each epoch's samples, never trained on
 
 
 @dataclass

@@ -28,7 +28,7 @@ from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
 from loopdiff.reports.grids import save_grid, side_by_side
 from loopdiff.rewards.async_reward import AsyncReward
-from loopdiff.rewards.base import RewardFn, build_reward
+from loopdiff.rewards.base import RewardFn, as_scores, build_reward
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
@@ -74,6 +74,8 @@ class Trainer:
         self.run_dir = Path(config.output.dir)
         self.train_prompts = load_prompt_set(config.prompts.train).head(config.prompts.max_train)
         self.reward_fn = reward_fn or build_reward(config.reward.name, config.reward.options)
+        self.monitor_rewards = {name: build_reward(name, config.reward.options) for name in config.reward.monitor}
+        self.monitored: dict[str, torch.Tensor] = {}  # the last collect's monitor scores, by reward name
         self._evaluation_rewards: dict[str, RewardFn] | None = None
         self._setup_model(pipeline)
         uses_tracker = self.estimator.advantage in ("prompt_mean", "stat_tracker")
@@ -146,6 +148,7 @@ class Trainer:
 
         chunk = self.config.sampling.batch_size
         latents, log_probs, futures = [], [], []
+        monitored: dict[str, list[torch.Tensor]] = {name: [] for name in self.monitor_rewards}
         self.unet.eval()  # sampling is the policy itself (matters for UNets with dropout)
         with AsyncReward(self.reward_fn, name=self.config.reward.name) as scorer:
             for start in range(0, len(prompts), chunk):
@@ -161,12 +164,14 @@ class Trainer:
                 timings["time/decoding"] += t2 - t1
                 latents.append(lat)
                 log_probs.append(lp)
+                self._monitor(monitored, images, prompts[start : start + chunk], metadata[start : start + chunk])
                 futures.append(scorer.submit(images, prompts[start : start + chunk], metadata[start : start + chunk]))
                 if not self.config.reward.asynchronous:
                     futures[-1].result()  # score before sampling the next chunk
             t3 = time.perf_counter()
             rewards = torch.cat([f.result() for f in futures])
             timings["time/reward_wait"] += time.perf_counter() - t3
+        self.monitored = {name: torch.cat(scores) for name, scores in monitored.items()}
         trajectories = Trajectories(
             latents=torch.cat(latents),
             log_probs=torch.cat(log_probs),
@@ -178,6 +183,11 @@ class Trainer:
             metadata=list(self.train_prompts.metadata),
         )
         return trajectories, rewards
+
+    def _monitor(self, out: dict[str, list[torch.Tensor]], images: torch.Tensor, prompts: list[str], metadata: list) -> None:
+        """Score ``images`` with each ``reward.monitor`` reward (logged only, never trained on)."""
+        for name, reward in self.monitor_rewards.items():
+            out[name].append(as_scores(reward(images, prompts, metadata), len(prompts), name))
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` of every process, concatenated in process order, on the CPU."""
@@ -353,6 +363,7 @@ class Trainer:
         metrics = {
             **tensor_stats("reward", all_rewards[torch.isfinite(all_rewards)]),
             **tensor_stats("advantage", advantages),
+            **{k: v for name, scores in self.monitored.items() for k, v in tensor_stats(f"monitor/{name}", self._gather(scores)).items()},
             **counts,
             **stats,
             **timings,

@@ -1,0 +1,221 @@
+"""Does the main job learn? LOOP against its noise control, over training seeds and evaluation draws.
+
+    .venv/bin/python scripts/main_job_acceptance.py                    # 3 seeds x (LOOP, control), 2 at a time
+    .venv/bin/python scripts/main_job_acceptance.py --seeds 0 --jobs 1 # one pair
+
+For each training seed it runs the shipped main job (`loopdiff train`) and the same config with
+`reward.name=random_control`, which trains on uniform noise: what the optimiser alone does to the
+model. Each is evaluated on the 40 validation prompts x 10 images under two evaluation seeds (1234,
+inside the run, and 99 with `loopdiff eval`), as is the base model. Runs already finished are reused.
+
+Writes into ``--results`` (default docs/results/main-job): ``summary.json`` (one row per training
+seed x evaluation seed: held-out evaluator and training reward of the base, the fine-tuned model and
+the control, and the commands), ``training_reward.png`` (the training reward over the epochs against
+the control's, both with 80% prediction bands over seeds) and ``base_vs_final.png`` (the first seed's
+grid). The run folders go to ``--runs`` (default runs/main-job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from loopdiff.study.stats import prediction_interval
+
+HELD_OUT, REWARD, BINDING = "embedded_colorfulness", "embedded_aesthetic", "embedded_eval"
+EVAL_REWARDS = f"[{REWARD},{HELD_OUT},{BINDING}]"
+TRAIN_EVAL_SEED, SECOND_EVAL_SEED = 1234, 99
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_command(kind: str, seed: int, run_dir: Path) -> list[str]:
+    """The `loopdiff train` command of one run (``kind`` is ``loop`` or ``control``)."""
+    command = ["loopdiff", "train", f"training.seed={seed}", f"output.dir={run_dir}", f"eval.rewards={EVAL_REWARDS}"]
+    if kind == "control":
+        command += ["reward.name=random_control", f"reward.monitor=[{REWARD}]"]
+    return command
+
+
+def eval_command(model: str, out: Path, seed: int) -> list[str]:
+    """`loopdiff eval` with the main job's evaluation protocol under another seed."""
+    return ["loopdiff", "eval", "--model", model, "--prompts", "embedded:color:val", "--max-prompts", "40",
+            "--images-per-prompt", "10", "--batch-size", "32", "--steps", "10", "--seed", str(seed),
+            "--reward", EVAL_REWARDS.strip("[]"), "--out", str(out)]
+
+
+def run(command: list[str], log: Path, threads: int) -> None:
+    """Run a loopdiff command with the venv's executable, ``threads`` torch threads, output to ``log``."""
+    executable = str(Path(sys.executable).parent / command[0])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        subprocess.run([executable, *command[1:]], check=True, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def per_prompt(path: Path) -> dict[str, np.ndarray]:
+    """Per-prompt means of every reward in an evaluation JSON (from training or `loopdiff eval`)."""
+    return {name: np.asarray(values) for name, values in json.loads(path.read_text())["per_prompt"].items()}
+
+
+def reward_curve(run_dir: Path, key: str, window: int) -> np.ndarray:
+    """``(epochs, 2)`` of (epoch, trailing mean over ``window`` epochs of ``key``) from metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = np.array([r[key] for r in records])
+    smoothed = np.array([values[max(0, i - window + 1) : i + 1].mean() for i in range(len(values))])
+    return np.stack([np.array([r["epoch"] for r in records], dtype=float), smoothed], axis=1)
+
+
+def plot_curves(runs: Path, seeds: list[int], path: Path, window: int = 10) -> dict[str, float]:
+    """LOOP's training reward and the control's (the same reward, monitored) with 80% bands over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {
+        "LOOP (trained on the aesthetic reward)": np.stack(
+            [reward_curve(runs / f"loop-s{s}", "reward/mean", window)[:, 1] for s in seeds]),
+        "random_control (trained on noise)": np.stack(
+            [reward_curve(runs / f"control-s{s}", f"monitor/{REWARD}/mean", window)[:, 1] for s in seeds]),
+    }
+    epochs = np.arange(1, next(iter(curves.values())).shape[1] + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bands = {}
+    for (label, rows), color in zip(curves.items(), ("tab:blue", "tab:gray")):
+        mean, low, high = prediction_interval(rows, 0.8)
+        ax.plot(epochs, mean, color=color, label=label)
+        ax.fill_between(epochs, low, high, color=color, alpha=0.25)
+        bands[label] = (mean, low, high)
+    ax.set_xlabel("epoch (32 samples each)")
+    ax.set_ylabel(f"training reward ({REWARD}),\n{window}-epoch trailing mean")
+    ax.set_title(f"Main job: mean and 80% prediction band over {len(seeds)} seeds")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    (loop_mean, loop_low, _), (_, _, control_high) = bands.values()
+    above = loop_low > control_high
+    return {"first_epoch_loop_band_above_control_band": int(epochs[above][0]) if above.any() else None,
+            "final_loop_mean": float(loop_mean[-1]), "final_control_band_high": float(control_high[-1])}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of ``a - b`` over prompts and its standard error."""
+    d = a - b
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def summarize(runs: Path, seeds: list[int]) -> list[dict]:
+    """One row per training seed x evaluation seed."""
+    rows = []
+    for seed in seeds:
+        loop_dir, control_dir = runs / f"loop-s{seed}", runs / f"control-s{seed}"
+        files = {
+            TRAIN_EVAL_SEED: (loop_dir / "eval/base.json", loop_dir / "eval/final.json", control_dir / "eval/final.json"),
+            SECOND_EVAL_SEED: (runs / f"base-eval{SECOND_EVAL_SEED}.json", loop_dir / f"eval/final-eval{SECOND_EVAL_SEED}.json",
+                               control_dir / f"eval/final-eval{SECOND_EVAL_SEED}.json"),
+        }
+        for eval_seed, (base_file, final_file, control_file) in files.items():
+            base, final, control = per_prompt(base_file), per_prompt(final_file), per_prompt(control_file)
+            gain, gain_se = paired(final[HELD_OUT], control[HELD_OUT])
+            rows.append({
+                "train_seed": seed, "eval_seed": eval_seed,
+                "base": float(base[HELD_OUT].mean()), "final": float(final[HELD_OUT].mean()),
+                "control_final": float(control[HELD_OUT].mean()),
+                "final_minus_control": gain, "final_minus_control_se_over_prompts": gain_se,
+                "reward_base": float(base[REWARD].mean()), "reward_final": float(final[REWARD].mean()),
+                "reward_control_final": float(control[REWARD].mean()),
+                "binding_base": float(base[BINDING].mean()), "binding_final": float(final[BINDING].mean()),
+                "binding_control_final": float(control[BINDING].mean()),
+                "prompts": len(base[HELD_OUT]),
+                "commands": {
+                    "loop": shlex.join(train_command("loop", seed, Path("runs/main-job") / f"loop-s{seed}")),
+                    "control": shlex.join(train_command("control", seed, Path("runs/main-job") / f"control-s{seed}")),
+                    **({} if eval_seed == TRAIN_EVAL_SEED else {
+                        "eval_loop": shlex.join(eval_command(f"runs/main-job/loop-s{seed}/final_pipeline",
+                                                             Path(f"runs/main-job/loop-s{seed}/eval/final-eval{eval_seed}.json"), eval_seed)),
+                        "eval_control": shlex.join(eval_command(f"runs/main-job/control-s{seed}/final_pipeline",
+                                                                Path(f"runs/main-job/control-s{seed}/eval/final-eval{eval_seed}.json"), eval_seed)),
+                        "eval_base": shlex.join(eval_command("embedded", Path(f"runs/main-job/base-eval{eval_seed}.json"), eval_seed)),
+                    }),
+                },
+            })
+    return rows
+
+
+def verdict(rows: list[dict]) -> dict:
+    """The acceptance figures: gains over the base, LOOP minus control with its standard error over seeds."""
+    def mean_se(values: list[float]) -> tuple[float, float]:
+        v = np.asarray(values)
+        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+    seeds = sorted({r["train_seed"] for r in rows})
+    per_seed = {key: [np.mean([r[key] for r in rows if r["train_seed"] == s]) for s in seeds]
+                for key in ("base", "final", "control_final", "reward_base", "reward_final", "reward_control_final",
+                            "binding_base", "binding_final", "binding_control_final")}
+    out = {"train_seeds": len(seeds), "eval_seeds": len({r["eval_seed"] for r in rows})}
+    for prefix, (b, f, c) in {"held_out": ("base", "final", "control_final"),
+                              "reward": ("reward_base", "reward_final", "reward_control_final"),
+                              "binding": ("binding_base", "binding_final", "binding_control_final")}.items():
+        gain = mean_se([x - y for x, y in zip(per_seed[f], per_seed[b])])
+        control_gain = mean_se([x - y for x, y in zip(per_seed[c], per_seed[b])])
+        difference = mean_se([x - y for x, y in zip(per_seed[f], per_seed[c])])
+        out[prefix] = {"base": float(np.mean(per_seed[b])), "gain": gain[0], "gain_se": gain[1],
+                       "control_gain": control_gain[0], "control_gain_se": control_gain[1],
+                       "final_minus_control": difference[0], "final_minus_control_se": difference[1],
+                       "relative_gain": gain[0] / float(np.mean(per_seed[b]))}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", type=Path, default=Path("runs/main-job"))
+    parser.add_argument("--results", type=Path, default=Path("docs/results/main-job"))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = parser.parse_args(argv)
+
+    jobs = []
+    for seed in args.seeds:
+        for kind in ("loop", "control"):
+            run_dir = args.runs / f"{kind}-s{seed}"
+            if not (run_dir / "eval/final.json").is_file():
+                jobs.append((train_command(kind, seed, run_dir), run_dir / "train.log"))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: run(*job, args.threads), jobs))
+    evals = []
+    base_file = args.runs / f"base-eval{SECOND_EVAL_SEED}.json"
+    if not base_file.is_file():
+        evals.append((eval_command("embedded", base_file, SECOND_EVAL_SEED), args.runs / "base-eval.log"))
+    for seed in args.seeds:
+        for kind in ("loop", "control"):
+            run_dir = args.runs / f"{kind}-s{seed}"
+            out = run_dir / f"eval/final-eval{SECOND_EVAL_SEED}.json"
+            if not out.is_file():
+                evals.append((eval_command(str(run_dir / "final_pipeline"), out, SECOND_EVAL_SEED), run_dir / "eval.log"))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: run(*job, args.threads), evals))
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    rows = summarize(args.runs, args.seeds)
+    (args.results / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    figures = verdict(rows) | {"curves": plot_curves(args.runs, args.seeds, args.results / "training_reward.png")}
+    (args.results / "verdict.json").write_text(json.dumps(figures, indent=1) + "\n")
+    shutil.copy(args.runs / f"loop-s{args.seeds[0]}/grids/base_vs_final.png", args.results / "base_vs_final.png")
+    print(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

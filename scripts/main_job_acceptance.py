@@ -12,7 +12,9 @@ Writes into ``--results`` (default docs/results/main-job): ``summary.json`` (one
 seed x evaluation seed: held-out evaluator and training reward of the base, the fine-tuned model and
 the control, and the commands), ``training_reward.png`` (the training reward over the epochs against
 the control's, both with 80% prediction bands over seeds) and ``base_vs_final.png`` (the first seed's
-grid). The run folders go to ``--runs`` (default runs/main-job).
+grid), and ``verdict.json`` (the acceptance figures, and how often the training reward orders pairs of
+each model's images as the held-out evaluator does). The run folders go to ``--runs`` (default
+runs/main-job).
 """
 
 from __future__ import annotations
@@ -177,6 +179,22 @@ def verdict(rows: list[dict]) -> dict:
     return out
 
 
+def scorer_agreement(models: dict[str, str | None], n: int = 256, seed: int = 7) -> dict[str, float]:
+    """Per model, the share of image pairs the training reward orders as the held-out evaluator does."""
+    import torch
+
+    from loopdiff.embedded.aesthetic import ColorfulnessEvaluator, LearnedAesthetic
+    from loopdiff.embedded.train_scorers import base_model_images, pairwise_agreement
+
+    scorer, evaluator = LearnedAesthetic(), ColorfulnessEvaluator()
+    out = {}
+    for name, model in models.items():
+        images = base_model_images(n, seed, "val", model=model)
+        with torch.no_grad():
+            out[name] = pairwise_agreement(scorer(images, [""] * n, [{}] * n), evaluator(images, [""] * n, [{}] * n))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -211,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(args.runs, args.seeds)
     (args.results / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     figures = verdict(rows) | {"curves": plot_curves(args.runs, args.seeds, args.results / "training_reward.png")}
+    models = {"base": None} | {f"{kind}-s{s}": str(args.runs / f"{kind}-s{s}/final_pipeline")
+                               for s in args.seeds for kind in ("loop", "control")}
+    figures["scorer_agreement"] = scorer_agreement(models)
     (args.results / "verdict.json").write_text(json.dumps(figures, indent=1) + "\n")
     shutil.copy(args.runs / f"loop-s{args.seeds[0]}/grids/base_vs_final.png", args.results / "base_vs_final.png")
     print(json.dumps(figures, indent=1))

@@ -138,12 +138,12 @@ def embedded_pipeline_path() -> Path:
 
 
 def load_embedded_pipeline(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
 ) -> StableDiffusionPipeline:
-    """Load the shipped pretrained pipeline onto ``device`` in ``dtype``, progress bar off."""
-    folder = embedded_pipeline_path()
+    """Load the shipped pretrained pipeline (or the one saved at ``path``) onto ``device``, progress bar off."""
+    folder = Path(path) if path is not None else embedded_pipeline_path()
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"the embedded pipeline is missing: no model_index.json in {folder}")
+        raise FileNotFoundError(f"no pipeline at {folder}: model_index.json is missing")
     pipe = StableDiffusionPipeline.from_pretrained(
         folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
     )

@@ -422,12 +422,17 @@ def aesthetic_scene(rng: np.random.Generator) -> Scene:
     return Scene(tuple(objects))
 
 
-def base_model_images(n: int, seed: int, split: str, steps: int = 10, batch: int = 64) -> torch.Tensor:
-    """``n`` images of the shipped base model for the world's color prompts of ``split`` (DDIM, eta 1)."""
+def base_model_images(
+    n: int, seed: int, split: str, steps: int = 10, batch: int = 64, model: str | Path | None = None
+) -> torch.Tensor:
+    """``n`` images for the world's color prompts of ``split`` (DDIM, eta 1, guidance 5).
+
+    ``model`` is a pipeline folder (a fine-tuned export); by default the shipped base model.
+    """
     from loopdiff.embedded.pipeline import load_embedded_pipeline  # the pipeline is only needed here
     from loopdiff.embedded.prompts import load_prompts
 
-    pipe = load_embedded_pipeline(device="cpu", dtype=torch.float32)
+    pipe = load_embedded_pipeline(device="cpu", dtype=torch.float32, path=model)
     prompts = load_prompts("color", split)
     rng = np.random.default_rng(seed)
     chunks = []

@@ -160,6 +160,7 @@ _BUILTINS = _Loaded(
         "loopdiff.rewards.aesthetic",
         "loopdiff.rewards.clipscore",
         "loopdiff.rewards.alignment",
+        "loopdiff.rewards.ocr",
         "loopdiff.rewards.server",
         "loopdiff.rewards.dispatch",
         "loopdiff.embedded.rewards",

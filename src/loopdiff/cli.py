@@ -50,8 +50,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from loopdiff.config import ConfigError
     from loopdiff.prompts import PromptError
     from loopdiff.rewards.base import RewardError
+    from loopdiff.training.checkpoint import CheckpointError
+    from loopdiff.training.preflight import LaunchError
 
-    return (ConfigError, PromptError, RewardError, FileNotFoundError)
+    return (ConfigError, PromptError, RewardError, LaunchError, CheckpointError, FileNotFoundError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
@@ -72,8 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(config_path, args.overrides)
     trainer = Trainer(config)
     trainer.train()
+    path = trainer.export()  # on every process: the main one writes, the others wait for it
     if trainer.accelerator.is_main_process:
-        path = trainer.export()
         print(f"exported the fine-tuned model to {path}")
         _print_eval_summary(Path(config.output.dir))
     return 0
@@ -399,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (*_user_errors(), *_run_errors()) as error:
-        print(f"loopdiff {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the error's text holds
+        print(f"loopdiff {args.command}: error: {message}", file=sys.stderr)
         return 1 if isinstance(error, _run_errors()) else 2
 
 

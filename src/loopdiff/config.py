@@ -212,8 +212,18 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML/JSON: {_yaml_error(error)}") from None
     return nested
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}".replace("\n", " ")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -221,11 +231,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix == ".toml":
-        return tomllib.loads(text)
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {error}") from None
     if path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_error(error)}") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
         return dict(data)
@@ -300,6 +319,9 @@ def validate(config: RunConfig) -> None:
         value = getattr(t, name)
         _check(0 <= value <= 1, f"training.{name}", value, "a number in [0, 1]")
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "an integer >= 1")
+    for name, options in config.reward.options.items():
+        _check(isinstance(options, Mapping), f"reward.options.{name}", options,
+               'a mapping of option names to values, e.g. {"%s": {"device": "cpu"}}' % name)
     n = config.prompts.max_train
     _check(n is None or n >= 1, "prompts.max_train", n, "an integer >= 1, or none for every training prompt")
     _check(config.eval.images_per_prompt >= 1, "eval.images_per_prompt", config.eval.images_per_prompt, ">= 1")
@@ -320,6 +342,58 @@ def validate(config: RunConfig) -> None:
         estimator.minibatches,
         f"at most the {pairs} (sample, step) pairs of an epoch",
     )
+
+
+def check_processes(config: RunConfig, processes: int) -> None:
+    """Raise ConfigError unless every one of ``processes`` gets whole prompt groups and enough pairs."""
+    t, s = config.training, config.sampling
+    estimator = build_estimator(config)
+    k = estimator.samples_per_prompt
+    _check(
+        t.samples_per_epoch % (k * processes) == 0,
+        "training.samples_per_epoch",
+        t.samples_per_epoch,
+        f"a multiple of K x processes = {k} x {processes} = {k * processes}",
+    )
+    pairs = t.samples_per_epoch // processes * steps_per_sample(s.num_steps, t.timestep_fraction, t.first_steps)
+    _check(
+        estimator.minibatches <= pairs,
+        "estimator.minibatches",
+        estimator.minibatches,
+        f"at most the {pairs} (sample, step) pairs of an epoch on each of {processes} processes",
+    )
+
+
+# Fields a resumed run may change: how long it runs, how it is evaluated, logged and checkpointed, and
+# memory/speed knobs that do not change what is computed. Every other field is fixed for the run's life.
+RESUMABLE_CHANGES = (
+    "training.epochs", "training.micro_batch_size", "training.gradient_checkpointing",
+    "training.max_nonfinite_fraction", "training.max_skipped_fraction", "reward.asynchronous", "eval.",
+    "output.",
+)
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and not key == "options":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def fixed_changes(saved: Mapping[str, Any], config: RunConfig) -> list[str]:
+    """The fields that differ between a saved run's config and ``config`` but may not change mid-run,
+    as ``"field old -> new"`` (the saved mapping is read as a config first, so defaults compare equal)."""
+    try:
+        old = _flatten(config_from_dict(saved).to_dict())
+    except ConfigError:
+        old = _flatten(saved)
+    new = _flatten(config.to_dict())
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    fixed = [k for k in changed if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUMABLE_CHANGES)]
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in fixed]
 
 
 def build_estimator(config: RunConfig):

@@ -70,4 +70,8 @@ def load_prompt_set(spec: str) -> PromptSet:
             f"prompt file '{path}' does not exist (give a text file with one prompt per line, "
             "or embedded:<category>[:val])"
         )
-    return _from_lines(path.read_text().splitlines(), path.stem.split("_")[0], spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PromptError(f"prompt file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return _from_lines(text.splitlines(), path.stem.split("_")[0], spec)

@@ -34,9 +34,10 @@ from loopdiff.embedded.prompts import (
     numeracy_score,
     parse_prompt,
     relation_holds,
+    world_category,
 )
 from loopdiff.embedded.world import COLORS, IMAGE_SIZE, PATTERN_BRIGHTNESS, SHAPES, shape_mask
-from loopdiff.rewards.base import register_reward
+from loopdiff.rewards.base import RewardError, register_reward
 
 FOREGROUND_DISTANCE = 45.0  # RGB distance (0-255) from the background that marks a foreground pixel
 MIN_AREA = 20  # smaller components are noise
@@ -325,6 +326,14 @@ def to_pixels(images: torch.Tensor, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return images.permute(0, 2, 3, 1).numpy().astype(np.float64) * 255.0
 
 
+def _parse_world_prompt(text: str) -> WorldPrompt:
+    """:func:`parse_prompt`, raising RewardError (a user error) for a prompt of another world."""
+    try:
+        return parse_prompt(text)
+    except ValueError as error:
+        raise RewardError(f"the embedded evaluator scores embedded-world prompts only: {error}") from None
+
+
 class HeldOutEvaluator:
     """Held-out scores in [0, 1] of images for world prompts (see the module docstring)."""
 
@@ -345,12 +354,12 @@ class HeldOutEvaluator:
         """Scores ``(N,)`` float32; the category is ``metadata[i]["category"]`` or the parsed prompt's."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images for {len(prompts)} prompts")
-        parsed = [parse_prompt(p) for p in prompts]
+        parsed = [_parse_world_prompt(p) for p in prompts]
         detections = self.detect(images)
         scores = []
         for i, (prompt, objects) in enumerate(zip(parsed, detections)):
-            category = (metadata[i].get("category") if metadata else None) or prompt.category
-            scores.append(score_objects(prompt, objects, str(category), self.graded, self.image_size))
+            category = world_category(prompt, metadata[i].get("category") if metadata else None)
+            scores.append(score_objects(prompt, objects, category, self.graded, self.image_size))
         return torch.tensor(scores, dtype=torch.float32)
 
     def __call__(

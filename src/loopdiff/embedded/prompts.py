@@ -237,6 +237,14 @@ def parse_prompt(text: str) -> WorldPrompt:
     return WorldPrompt(text, _infer_category(specs, relation, numeral), specs, relation)
 
 
+def world_category(prompt: WorldPrompt, hint: Any = None) -> str:
+    """``hint`` (e.g. a prompt file's category) when it is a world category that fits the prompt, else the
+    prompt's own: a file named ``my_train.txt`` names no category, and ``spatial`` needs a relation."""
+    if hint in CATEGORIES and (hint != "spatial" or prompt.relation is not None):
+        return str(hint)
+    return prompt.category
+
+
 def is_world_prompt(text: str) -> bool:
     """Whether ``text`` parses as a world prompt."""
     try:

@@ -23,15 +23,15 @@ import torch
 
 from loopdiff.embedded import evaluator as _evaluator  # noqa: F401  (registers embedded_eval)
 from loopdiff.embedded.prompts import (
-    CATEGORIES,
     ObjectSpec,
     WorldPrompt,
     numeracy_score,
     parse_prompt,
     relation_holds,
+    world_category,
 )
 from loopdiff.embedded.scorers import GridDetection, encode_texts, load_scorer, prepare_images, scorer_dir
-from loopdiff.rewards.base import register_reward
+from loopdiff.rewards.base import RewardError, register_reward
 from loopdiff.rewards.phrases import split_noun_phrases
 
 _LOADED: dict[tuple[str, str, str], tuple[torch.nn.Module, dict]] = {}
@@ -169,10 +169,10 @@ class EmbeddedCompBench:
 
     @staticmethod
     def category(prompt: str, metadata: Mapping[str, Any]) -> str:
-        category = metadata.get("category") or parse_prompt(prompt).category
-        if category not in CATEGORIES:
-            raise ValueError(f"prompt {prompt!r}: unknown category {category!r}; expected one of {CATEGORIES}")
-        return str(category)
+        try:
+            return world_category(parse_prompt(prompt), metadata.get("category"))
+        except ValueError as error:
+            raise RewardError(f"reward 'embedded_compbench' scores embedded-world prompts only: {error}") from None
 
     def _complex(self, images: torch.Tensor, prompts: list[str], metadata: list[Mapping[str, Any]]) -> torch.Tensor:
         parts = [self._reward("vqa")(images, prompts, metadata),

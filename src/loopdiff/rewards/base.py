@@ -14,6 +14,7 @@ Rewards are registered under a name with a factory that builds the callable from
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -139,10 +140,24 @@ def build_reward(spec: str, options: Mapping[str, Mapping[str, Any]] | None = No
         reason = info.unavailable_reason(options.get(name, {}))
         if reason is not None:
             raise RewardError(f"reward '{name}' cannot run here: {reason}")
-        built.append((name, weight, info.factory(**dict(options.get(name, {})))))
+        built.append((name, weight, info.factory(**_checked_options(name, info.factory, options.get(name, {})))))
     if len(built) == 1 and built[0][1] == 1.0:
         return built[0][2]
     return WeightedSum(built)
+
+
+def _checked_options(name: str, factory: Callable[..., RewardFn], options: Any) -> dict[str, Any]:
+    """``options`` as keyword arguments of ``factory``, or a RewardError naming an unknown one."""
+    if not isinstance(options, Mapping):
+        raise RewardError(f"reward.options.{name}={options!r} is invalid; allowed: a mapping of option names to values")
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(options)
+    unknown = [key for key in options if key not in parameters]
+    if unknown:
+        allowed = ", ".join(parameters) or "none"
+        raise RewardError(f"reward '{name}' has no option '{unknown[0]}'; its options: {allowed}")
+    return dict(options)
 
 
 @dataclass

@@ -9,10 +9,12 @@ body with
 - ``prompts``, ``metadata``: JSON text (a list of strings, a list of objects), stored as 0-d arrays;
 
 and answers ``{"scores": [...]}`` (JSON). A reward error answers 500 with ``{"error": "..."}``;
-``GET /health`` answers ``{"reward": NAME}``.
+``GET /health`` answers ``{"reward": NAME}``. A body larger than ``--max-bytes`` (default 512 MiB) answers
+413 unread. With a shared token (``--token`` or ``LOOPDIFF_REWARD_TOKEN``) every request must carry
+``Authorization: Bearer <token>`` (else 401); a server bound beyond loopback refuses to start without one.
 
 Client: the registered reward ``remote`` (options ``url``, ``timeout``, ``retries``, ``backoff``,
-``encoding``) posts each batch and retries connection failures, timeouts and 502/503/504 answers
+``encoding``, ``token``, default ``LOOPDIFF_REWARD_TOKEN``) posts each batch and retries connection failures, timeouts and 502/503/504 answers
 with exponential backoff (``backoff * 2**attempt`` seconds); a 500 answer (the reward itself failed)
 is raised at once as a :class:`RewardError` carrying the server's message.
 """
@@ -20,13 +22,17 @@ is raised at once as a :class:`RewardError` carrying the server's message.
 from __future__ import annotations
 
 import argparse
+import hmac
 import io
+import ipaddress
 import json
+import os
 import socket
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Mapping, Sequence
@@ -38,6 +44,8 @@ from loopdiff.rewards.base import RewardError, RewardFn, as_scores, build_reward
 
 ENCODINGS = ("uint8", "float32")
 RETRY_STATUS = {502, 503, 504}
+TOKEN_ENV = "LOOPDIFF_REWARD_TOKEN"
+MAX_BYTES = 512 * 2**20  # a batch of 64 float32 512x512 images is 200 MiB
 
 
 # ----------------------------------------------------------------------------- wire format
@@ -90,18 +98,44 @@ def decode_batch(body: bytes) -> tuple[torch.Tensor, list[str], list[dict[str, A
 class _Handler(BaseHTTPRequestHandler):
     server: "RewardServer"
 
+    def _authorised(self) -> bool:
+        """Whether the request carries the server's token (always, when it has none); replies 401 if not."""
+        token = self.server.token
+        if token is None or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+            return True
+        self._reply(401, {"error": "missing or wrong token: send 'Authorization: Bearer <token>'"})
+        return False
+
+    def _body(self) -> bytes | None:
+        """The request body, or None after replying 400/413 to a bad or too large Content-Length."""
+        text = self.headers.get("Content-Length", "")
+        if not text.isdigit():
+            self._reply(400, {"error": f"Content-Length {text!r} is not a byte count"})
+            return None
+        if int(text) > self.server.max_bytes:
+            self.close_connection = True  # the body is not read
+            self._reply(413, {"error": f"body of {text} bytes exceeds the server's limit of {self.server.max_bytes}"})
+            return None
+        return self.rfile.read(int(text))
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if not self._authorised():
+            return
         if self.path.rstrip("/") == "/health":
             self._reply(200, {"reward": self.server.reward_name})
         else:
             self._reply(404, {"error": f"unknown path {self.path}"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._authorised():
+            return
         if self.path.rstrip("/") != "/score":
             self._reply(404, {"error": f"unknown path {self.path}"})
             return
+        body = self._body()
+        if body is None:
+            return
         try:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             images, prompts, metadata = decode_batch(body)
             with self.server.lock:
                 scores = as_scores(self.server.reward_fn(images, prompts, metadata), len(prompts), "remote")
@@ -123,7 +157,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RewardServer(ThreadingHTTPServer):
-    """HTTP server scoring batches with ``reward_fn`` (one batch at a time; the model is not shared)."""
+    """HTTP server scoring batches with ``reward_fn`` (one batch at a time; the model is not shared).
+
+    ``token``: required of every request when given; a host other than loopback needs one.
+    """
 
     daemon_threads = True
 
@@ -135,8 +172,15 @@ class RewardServer(ThreadingHTTPServer):
         reward_name: str = "reward",
         verbose: bool = False,
         handler: type[BaseHTTPRequestHandler] = _Handler,
+        token: str | None = None,
+        max_bytes: int = MAX_BYTES,
     ):
+        if not token and not _is_loopback(host):
+            raise RewardError(f"reward server: --host {host} is reachable from other machines; give a shared "
+                              f"--token (or {TOKEN_ENV}) that clients send, or serve on 127.0.0.1")
         super().__init__((host, port), handler)
+        self.token = token or None
+        self.max_bytes = max_bytes
         self.reward_fn = reward_fn
         self.reward_name = reward_name
         self.verbose = verbose
@@ -160,6 +204,16 @@ class RewardServer(ThreadingHTTPServer):
         return thread
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address) is the loopback interface only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # ----------------------------------------------------------------------------- client
 
 
@@ -173,14 +227,19 @@ class RemoteReward:
         retries: int = 3,
         backoff: float = 1.0,
         encoding: str = "uint8",
+        token: str | None = None,
     ):
         if encoding not in ENCODINGS:
             raise RewardError(f"remote reward: unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise RewardError(f"reward 'remote': url={url!r} is not an http(s) URL; allowed: http://host:port")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.encoding = encoding
+        self.token = token or os.environ.get(TOKEN_ENV) or None
         self.attempts = 0  # requests sent by the last call
 
     def __call__(
@@ -210,9 +269,10 @@ class RemoteReward:
         ) from last_error
 
     def _post(self, body: bytes) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"{self.url}/score", data=body, method="POST", headers={"Content-Type": "application/x-npz"}
-        )
+        headers = {"Content-Type": "application/x-npz"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(f"{self.url}/score", data=body, method="POST", headers=headers)
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return json.loads(response.read())
 
@@ -231,11 +291,16 @@ def _error_message(error: urllib.error.HTTPError) -> str:
     check=lambda options: None if options.get("url") else "needs option url=http://host:port",
 )
 def remote(
-    url: str | None = None, timeout: float = 600.0, retries: int = 3, backoff: float = 1.0, encoding: str = "uint8"
+    url: str | None = None,
+    timeout: float = 600.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+    encoding: str = "uint8",
+    token: str | None = None,
 ) -> RemoteReward:
     if not url:
         raise RewardError("reward 'remote' needs option url=http://host:port")
-    return RemoteReward(url, timeout, retries, backoff, encoding)
+    return RemoteReward(url, timeout, retries, backoff, encoding, token)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -261,11 +326,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8085)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="reward factory option")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"shared token clients must send (default ${TOKEN_ENV}); required beyond loopback")
+    parser.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="largest request body (default 512 MiB)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if not args.token and not _is_loopback(args.host):
+        parser.error(f"--host {args.host} is reachable from other machines: give --token (or {TOKEN_ENV})")
     options = _parse_options(args.option)
     reward_fn = build_reward(args.reward, {args.reward: options} if options else None)
-    server = RewardServer(reward_fn, args.host, args.port, args.reward, args.verbose)
+    server = RewardServer(reward_fn, args.host, args.port, args.reward, args.verbose, token=args.token,
+                          max_bytes=args.max_bytes)
     print(f"serving reward '{args.reward}' at {server.url}", flush=True)
     try:
         server.serve_forever()

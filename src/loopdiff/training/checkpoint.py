@@ -4,16 +4,26 @@ A checkpoint folder ``<run>/checkpoints/epoch_<N>/`` holds the trainable weights
 or the LoRA adapter), the optimiser and LR-schedule state, the per-prompt stat tracker, the RNG states and the
 epoch. Sampling and shuffling draw from generators seeded by (seed, epoch), so a resumed run on the CPU
 continues exactly as the uninterrupted one.
+
+A checkpoint is complete only once its ``manifest.json`` (each file's size and sha256) exists: it is written
+last, atomically by a rename, and removed first when the checkpoint is pruned. Loading verifies every file
+against it, so a damaged newest checkpoint is reported and the previous complete one is used. The training
+state loads with ``torch.load(weights_only=True)``: it holds only tensors, numbers, strings and containers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import re
 import shutil
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +35,14 @@ from loopdiff.training.models import load_trainable_state_dict, trainable_state_
 WEIGHTS = "trainable.safetensors"
 STATE = "training_state.pt"
 INFO = "checkpoint.json"
+MANIFEST = "manifest.json"
+FILES = (WEIGHTS, STATE, INFO)
+FAULT_ENV = "LOOPDIFF_FAULT"  # "<point>@<epoch>": kill this process there (fault-injection tests only)
+_NAME = re.compile(r"epoch_\d{5}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing a file or does not match its manifest."""
 
 
 @dataclass
@@ -42,13 +60,120 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"epoch_{epoch:05d}"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (its info file is written last)."""
+def fault_point(name: str, epoch: int) -> None:
+    """SIGKILL this process when ``LOOPDIFF_FAULT`` names this point and epoch (for fault-injection tests)."""
+    if os.environ.get(FAULT_ENV) == f"{name}@{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every checkpoint folder (complete or not), oldest first."""
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if (p / INFO).is_file())
-    return done[-1] if done else None
+    return sorted(p for p in root.iterdir() if _NAME.fullmatch(p.name)) if root.is_dir() else []
+
+
+def is_complete(path: Path) -> bool:
+    """Whether the checkpoint's manifest exists (it is written last)."""
+    return (path / MANIFEST).is_file()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError naming the first file that is missing or differs from the manifest."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{MANIFEST} is unreadable ({error})") from None
+    for name in FILES:
+        entry, file = files.get(name), path / name
+        if entry is None or not file.is_file():
+            raise CheckpointError(f"{name} is missing")
+        if file.stat().st_size != entry["size"]:
+            raise CheckpointError(f"{name} has {file.stat().st_size} bytes, the manifest {entry['size']}")
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{name} does not match its sha256 checksum")
+
+
+def completecheckpoint_folders(run_dir: Path) -> Iterator[Path]:
+    """The complete checkpoints, newest first."""
+    yield from (p for p in reversed(checkpoint_folders(run_dir)) if is_complete(p))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint that matches its manifest; warns in one line about each damaged newer one.
+
+    Raises CheckpointError when checkpoints exist but every complete one is damaged.
+    """
+    damaged: list[str] = []
+    for path in completecheckpoint_folders(run_dir):
+        try:
+            verify(path)
+        except CheckpointError as error:
+            damaged.append(f"{path.name}: {error}")
+            print(f"warning: checkpoint {path} is damaged ({error}); trying the previous one", file=sys.stderr)
+            continue
+        return path
+    if damaged:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'} ({'; '.join(damaged)}); "
+                              "start over with output.resume=false or a new output.dir")
+    return None
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """The checkpoint's info (``epoch``, ``history``, ``config``)."""
+    return json.loads((path / INFO).read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as handle:
+        json.dump(value, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def remove_checkpoint(path: Path, epoch: int | None = None) -> None:
+    """Delete a checkpoint: its manifest first, so it never looks complete while half deleted."""
+    (path / MANIFEST).unlink(missing_ok=True)
+    if epoch is not None:
+        fault_point("prune", epoch)
+    for name in FILES:  # the heavy files go one by one: a kill between them leaves an incomplete folder
+        (path / name).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str, Any], keep: int = 2) -> Path:
@@ -63,36 +188,45 @@ def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(weights, str(tmp / WEIGHTS))
-    torch.save(
-        {
-            "optimizer": parts.optimizer.state_dict(),
-            "lr_scheduler": parts.lr_scheduler.state_dict(),
-            "tracker": parts.tracker.state_dict() if parts.tracker is not None else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-        },
-        tmp / STATE,
-    )
+    fault_point("weights", epoch)
+    state = {
+        "optimizer": parts.optimizer.state_dict(),
+        "lr_scheduler": parts.lr_scheduler.state_dict(),
+        "tracker": parts.tracker.state_dict() if parts.tracker is not None else None,
+        "rng": _rng_state(),
+    }
+    torch.save(state, tmp / STATE)
     (tmp / INFO).write_text(json.dumps({"epoch": epoch, **extra}, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
+    for name in FILES:
+        _fsync(tmp / name)
+    if path.exists():
+        remove_checkpoint(path)
     tmp.rename(path)
-    for old in sorted((Path(run_dir) / "checkpoints").glob("epoch_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    fault_point("manifest", epoch)
+    files = {name: {"size": (path / name).stat().st_size, "sha256": _sha256(path / name)} for name in FILES}
+    _write_json_atomically(path / MANIFEST, {"epoch": epoch, "files": files})
+    prune(run_dir, keep, epoch)
     return path
 
 
+def prune(run_dir: Path, keep: int, epoch: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints; delete older and incomplete ones and stale temporaries."""
+    kept = list(completecheckpoint_folders(run_dir))[:keep]
+    for old in checkpoint_folders(run_dir):
+        if old not in kept:
+            remove_checkpoint(old, epoch)
+    for stale in (Path(run_dir) / "checkpoints").glob("epoch_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
-    """Restore ``parts`` from ``path``; returns the checkpoint info (with ``epoch``)."""
+    """Restore ``parts`` from ``path`` (verified against its manifest); returns the checkpoint info."""
+    verify(path)
     load_trainable_state_dict(parts.unet, load_file(str(path / WEIGHTS)), parts.lora)
-    state = torch.load(path / STATE, weights_only=False)
+    state = torch.load(path / STATE, weights_only=True)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if parts.tracker is not None and state["tracker"] is not None:
         parts.tracker.load_state_dict(state["tracker"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return json.loads((path / INFO).read_text())
+    _set_rng_state(state["rng"])
+    return read_info(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -28,10 +29,8 @@ def load_pipeline(config: ModelConfig) -> StableDiffusionPipeline:
     """Load a Stable-Diffusion-format pipeline with a DDIM scheduler and frozen VAE and text encoder."""
     source = resolve_pretrained(config.pretrained)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
-    if looks_local and not (Path(source).expanduser() / "model_index.json").is_file():
-        raise ConfigError(
-            f"model.pretrained='{config.pretrained}': no diffusers pipeline (model_index.json) in '{source}'"
-        )
+    if looks_local:
+        check_pipeline_folder(config.pretrained, Path(source).expanduser())
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(Path(source).expanduser()) if looks_local else source,
@@ -39,13 +38,31 @@ def load_pipeline(config: ModelConfig) -> StableDiffusionPipeline:
             safety_checker=None,
             requires_safety_checker=False,
         )
-    except OSError as error:
-        raise ConfigError(f"model.pretrained='{config.pretrained}' could not be loaded: {error}") from None
+    except (OSError, ValueError) as error:
+        message = " ".join(str(error).split())
+        raise ConfigError(f"model.pretrained='{config.pretrained}' could not be loaded: {message}") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_pipeline_folder(name: str, folder: Path) -> None:
+    """Raise ConfigError unless ``folder`` has a readable model_index.json and every component folder it lists."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"model.pretrained='{name}': no diffusers pipeline (model_index.json) in '{folder}'")
+    try:
+        components = json.loads(index.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"model.pretrained='{name}': '{index}' is not valid JSON ({error})") from None
+    listed = [key for key, value in components.items()
+              if not key.startswith("_") and isinstance(value, list) and None not in value]
+    missing = [key for key in listed if not (folder / key).is_dir()]
+    if missing:
+        raise ConfigError(f"model.pretrained='{name}': the pipeline folder '{folder}' lacks its component folder "
+                          f"'{missing[0]}/' (model_index.json lists {', '.join(listed)})")
 
 
 def configure_attention(unet: torch.nn.Module, choice: str, device: torch.device) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from loopdiff.advantages import PerPromptStatTracker, compute_advantages, finite_groups
-from loopdiff.config import RunConfig, build_estimator
+from loopdiff.config import ConfigError, RunConfig, build_estimator, check_processes, fixed_changes
 from loopdiff.evaluation import EvalResult, evaluate
 from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
@@ -35,6 +36,7 @@ from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
 from loopdiff.training.metrics import MetricsLogger, tensor_stats
 from loopdiff.training.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
+from loopdiff.training.preflight import check_embedded_rewards, check_launch, check_output_dir
 from loopdiff.training.models import (
     ReferencePolicy,
     configure_attention,
@@ -72,7 +74,9 @@ class Trainer:
         )
         self.device = self.accelerator.device
         self.run_dir = Path(config.output.dir)
+        self._check_before_loading()
         self.train_prompts = load_prompt_set(config.prompts.train).head(config.prompts.max_train)
+        check_embedded_rewards(config, self._scored_prompt_sets(), training_reward=reward_fn is None)
         self.reward_fn = reward_fn or build_reward(config.reward.name, config.reward.options)
         self.monitor_rewards = {name: build_reward(name, config.reward.options) for name in config.reward.monitor}
         self.monitored: dict[str, torch.Tensor] = {}  # the last collect's monitor scores, by reward name
@@ -90,8 +94,23 @@ class Trainer:
         )
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        self.resumed = False
 
     # ------------------------------------------------------------------ setup
+
+    def _check_before_loading(self) -> None:
+        """Fail fast, before the model loads: launch, process count, output folder, resume point."""
+        check_launch(self.accelerator.num_processes)
+        check_processes(self.config, self.accelerator.num_processes)
+        check_output_dir(self.run_dir)
+        self._resume_path = self.resume_point() if self.config.output.resume else None
+
+    def _scored_prompt_sets(self) -> dict[str, PromptSet]:
+        """The prompt sets the rewards score (validation only when it is evaluated)."""
+        sets = {"train": self.train_prompts}
+        if self._wants_eval():
+            sets["val"] = load_prompt_set(self.config.prompts.val).head(self.config.eval.max_prompts)
+        return sets
 
     def _setup_model(self, pipeline: Any) -> None:
         config = self.config
@@ -382,26 +401,67 @@ class Trainer:
         check_finite_weights(((name, p) for name, p in self.unet.named_parameters() if p.requires_grad), what)
 
     def save(self) -> Path | None:
-        """Checkpoint the finished epochs; refuses (NonFiniteError) when a trainable weight is non-finite."""
+        """Checkpoint the finished epochs; refuses (NonFiniteError) when a trainable weight is non-finite.
+
+        The main process writes; every process waits until the checkpoint is complete.
+        """
         self.check_weights(f"the checkpoint of epoch {self.epoch}")
-        if not self.accelerator.is_main_process:
+        path = None
+        if self.accelerator.is_main_process:
+            extra = {"history": self.history, "config": self.config.to_dict()}
+            path = ckpt.save_checkpoint(self.run_dir, self.epoch, self._checkpoint_parts(), extra)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint to resume from, after checking that this config may continue it.
+
+        Raises ConfigError naming the fields that changed but are fixed for a run's life, or when
+        ``training.epochs`` is below the epochs already trained.
+        """
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
             return None
-        extra = {"history": self.history, "config": self.config.to_dict()}
-        return ckpt.save_checkpoint(self.run_dir, self.epoch, self._checkpoint_parts(), extra)
+        info = ckpt.read_info(path)
+        changes = fixed_changes(info.get("config", {}), self.config)
+        way_out = "start over with output.resume=false (removes its checkpoints) or use a new output.dir"
+        if changes:
+            raise ConfigError(f"output.dir='{self.run_dir}' holds a run with other settings that cannot change "
+                              f"mid-run: {'; '.join(changes)}; rerun with the saved values, or {way_out}")
+        epochs = self.config.training.epochs
+        if epochs < info["epoch"]:
+            raise ConfigError(f"training.epochs={epochs} is below the {info['epoch']} epochs already trained in "
+                              f"'{self.run_dir}'; allowed: >= {info['epoch']}, or {way_out}")
+        return path
 
     def resume(self) -> bool:
-        """Restore the newest checkpoint of the run folder, if any."""
-        path = ckpt.latest_checkpoint(self.run_dir)
+        """Restore the newest checkpoint of the run folder, if any (see :meth:`resume_point`)."""
+        path = getattr(self, "_resume_path", None) or self.resume_point()
         if path is None:
             return False
         info = ckpt.load_checkpoint(path, self._checkpoint_parts())
         self.epoch = info["epoch"]
         self.history = info.get("history", [])
+        self.resumed = True
+        if self.accelerator.is_main_process:
+            print(f"resuming from epoch {self.epoch} ({path})", flush=True)
+            self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop the epochs logged after the resumed checkpoint (they are trained again)."""
         metrics_file = self.run_dir / "metrics.jsonl"
-        if metrics_file.is_file() and self.accelerator.is_main_process:  # drop epochs logged after the checkpoint
+        if metrics_file.is_file():
             lines = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["epoch"] <= self.epoch]
             metrics_file.write_text("".join(line + "\n" for line in lines))
-        return True
+
+    def start_over(self) -> None:
+        """Remove the run folder's checkpoints and metrics (``output.resume=false``), on the main process."""
+        if self.accelerator.is_main_process:
+            for path in ckpt.checkpoint_folders(self.run_dir):
+                ckpt.remove_checkpoint(path)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
 
     def evaluation_rewards(self) -> dict[str, RewardFn]:
         """The training reward plus ``eval.rewards``, built once (a reward model loads only once per run)."""
@@ -455,32 +515,46 @@ class Trainer:
         return side_by_side(path, prompts[:n], {t: g[:n] for t, g in grids.items()}, per_model=3)
 
     def export(self) -> Path:
-        """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``)."""
+        """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``).
+
+        Call it on every process: the main one writes into a temporary folder renamed into place when
+        complete, the others wait for it.
+        """
         self.check_weights("the exported model")
+        path = self.run_dir / ("final_lora" if self.config.model.lora else "final_pipeline")
+        if self.accelerator.is_main_process:
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._write_export(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _write_export(self, path: Path) -> None:
         unet = self.accelerator.unwrap_model(self.trained_unet)
         if self.config.model.lora:
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            path = self.run_dir / "final_lora"
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
             metadata = unet.peft_config["default"].to_dict()  # keeps lora_alpha, so the scale survives loading
             StableDiffusionPipeline.save_lora_weights(
                 path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
             )
-            return path
-        path = self.run_dir / "final_pipeline"
+            return
         self.pipeline.unet = unet
         self.pipeline.save_pretrained(path)
-        return path
 
     def train(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Run (or resume) training to ``training.epochs``; evaluates before and after when asked."""
         c = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resumed = c.output.resume and self.resume()
-        if self.accelerator.is_main_process and not resumed:
+        resumed = self.resumed or (c.output.resume and self.resume())
+        if not resumed and not c.output.resume:
+            self.start_over()
+        if self.accelerator.is_main_process:  # the settings in force now (a resumed run may change some)
             (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         logger = MetricsLogger(
             self.run_dir, c.output.tensorboard, c.output.wandb, c.output.wandb_project, c.to_dict(),

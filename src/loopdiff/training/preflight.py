@@ -1,0 +1,85 @@
+"""Checks run before a training run loads its model: how it was launched, where it writes, what it scores.
+
+A launcher that starts several processes without a distributed backend taking effect leaves each process
+training alone into the same run folder; :func:`check_launch` stops that at once with how to launch instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+from loopdiff.config import ConfigError, RunConfig
+from loopdiff.prompts import PromptSet
+from loopdiff.rewards.base import parse_reward_spec
+
+LAUNCH_HELP = (
+    "on the CPU launch with 'torchrun --nproc_per_node N -m loopdiff.cli train model.device=cpu' "
+    "(OMP_NUM_THREADS=1), on GPUs with 'accelerate launch --multi_gpu --num_processes N -m loopdiff.cli train'"
+)
+
+
+class LaunchError(RuntimeError):
+    """The processes of a run were launched in a way that cannot train together."""
+
+
+def check_launch(num_processes: int, env: Mapping[str, str] | None = None) -> None:
+    """Raise LaunchError when the launcher's process count disagrees with accelerate's ``num_processes``."""
+    env = os.environ if env is None else env
+    world = env.get("WORLD_SIZE")
+    if world is not None and world.isdigit() and int(world) != num_processes:
+        raise LaunchError(
+            f"WORLD_SIZE={world} processes were launched but accelerate runs {num_processes} "
+            f"(no distributed backend took effect, so each would train alone into the same folder); {LAUNCH_HELP}"
+        )
+    if world is None and num_processes == 1 and "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
+        raise LaunchError(
+            "'accelerate launch --num_processes N' without --multi_gpu starts one process, not N; " + LAUNCH_HELP
+        )
+
+
+def check_output_dir(path: Path) -> None:
+    """Raise ConfigError unless ``output.dir`` is (or can be made) a folder this process can write."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output.dir='{path}' is a file; allowed: a folder (new or existing) that can be written")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"output.dir='{path}' cannot be written ({error.strerror or error}); "
+                          "allowed: a folder (new or existing) that can be written") from None
+
+
+def _embedded_rewards(uses: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (config field, reward name) pairs that name an embedded-world reward."""
+    return [(field, name) for field, name in uses if name.startswith("embedded_")]
+
+
+def check_embedded_rewards(config: RunConfig, prompt_sets: Mapping[str, PromptSet], training_reward: bool) -> None:
+    """Raise ConfigError when an embedded-world reward would score prompts that are not world prompts.
+
+    ``prompt_sets`` maps ``"train"``/``"val"`` to the loaded prompt sets (a missing one is not checked);
+    ``training_reward``: whether ``reward.name`` is built from the config (not a reward passed in).
+    """
+    from loopdiff.embedded.prompts import parse_prompt
+
+    training = [("reward.name", n) for n, _ in parse_reward_spec(config.reward.name) if training_reward]
+    evaluation = [("eval.rewards", n) for n in config.eval.rewards]
+    scored = {"train": _embedded_rewards(training), "val": _embedded_rewards(training + evaluation)}
+    for split, users in scored.items():
+        prompt_set = prompt_sets.get(split)
+        if not users or prompt_set is None:
+            continue
+        for prompt in prompt_set.prompts:
+            try:
+                parse_prompt(prompt)
+            except ValueError as error:
+                field, name = users[0]
+                raise ConfigError(
+                    f"{field}: '{name}' scores embedded-world prompts only, but prompts.{split}="
+                    f"'{getattr(config.prompts, split)}' holds {prompt!r} ({error}); use embedded:<category> "
+                    f"prompts, or leave '{name}' out of {field}"
+                ) from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -223,7 +224,11 @@ def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
     """Restore ``parts`` from ``path`` (verified against its manifest); returns the checkpoint info."""
     verify(path)
     load_trainable_state_dict(parts.unet, load_file(str(path / WEIGHTS)), parts.lora)
-    state = torch.load(path / STATE, weights_only=True)
+    try:
+        state = torch.load(path / STATE, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path}: {STATE} holds more than tensors and numbers, refused: {reason}")
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if parts.tracker is not None and state["tracker"] is not None:

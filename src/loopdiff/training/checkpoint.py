@@ -103,7 +103,7 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{name} does not match its sha256 checksum")
 
 
-def completecheckpoint_folders(run_dir: Path) -> Iterator[Path]:
+def complete_checkpoints(run_dir: Path) -> Iterator[Path]:
     """The complete checkpoints, newest first."""
     yield from (p for p in reversed(checkpoint_folders(run_dir)) if is_complete(p))
 
@@ -114,7 +114,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     Raises CheckpointError when checkpoints exist but every complete one is damaged.
     """
     damaged: list[str] = []
-    for path in completecheckpoint_folders(run_dir):
+    for path in complete_checkpoints(run_dir):
         try:
             verify(path)
         except CheckpointError as error:
@@ -212,7 +212,7 @@ def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str
 
 def prune(run_dir: Path, keep: int, epoch: int) -> None:
     """Keep the ``keep`` newest complete checkpoints; delete older and incomplete ones and stale temporaries."""
-    kept = list(completecheckpoint_folders(run_dir))[:keep]
+    kept = list(complete_checkpoints(run_dir))[:keep]
     for old in checkpoint_folders(run_dir):
         if old not in kept:
             remove_checkpoint(old, epoch)

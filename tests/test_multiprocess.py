@@ -1,4 +1,5 @@
-"""Two processes through accelerate (gloo on CPU): ranks sample different data yet keep identical weights."""
+"""Two processes through accelerate (gloo on CPU): ranks sample different data yet keep identical weights;
+the documented CPU launch writes one run; a launch without a distributed backend fails at once."""
 
 from __future__ import annotations
 
@@ -12,8 +13,87 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not available")
+from loopdiff.config import ConfigError, check_processes, config_from_dict
+from loopdiff.training import checkpoint as ckpt
+from loopdiff.training.preflight import LaunchError, check_launch
+
+needs_torchrun = pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(),
+                                    reason="torchrun not available")
+TINY_CLI_RUN = ["sampling.num_steps=2", "sampling.batch_size=4", "training.epochs=2", "training.samples_per_epoch=8",
+                "training.micro_batch_size=16", "estimator.samples_per_prompt=4", "eval.max_prompts=0",
+                "reward.name=jpeg_compressibility", "output.checkpoint_every=1", "output.progress=false",
+                "output.tensorboard=false"]
+
+
+def _torchrun_train(run: Path, *overrides: str, use_cpu_env: bool = False) -> subprocess.CompletedProcess:
+    """The README's CPU launch: ``torchrun --nproc_per_node 2 -m loopdiff.cli train ...``, 1 thread each."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "loopdiff.cli", "train",
+               *TINY_CLI_RUN, f"output.dir={run}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=run.parent)
+
+
+@needs_torchrun
+def test_the_documented_cpu_launch_trains_one_run_with_two_processes(tmp_path) -> None:
+    run = tmp_path / "run"
+    result = _torchrun_train(run, "model.device=cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("exported the fine-tuned model") == 1  # only the main process reports
+    logged = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]  # two independent main processes would each have logged both epochs
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["epoch_00002", "epoch_00001"]
+    for path in ckpt.complete_checkpoints(run):
+        ckpt.verify(path)
+    assert (run / "final_pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert any((run / "final_pipeline" / "text_encoder").iterdir())
+
+
+@needs_torchrun
+def test_a_launch_without_a_distributed_backend_fails_at_once(tmp_path) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("with GPUs accelerate takes the processes as distributed")
+    run = tmp_path / "run"
+    result = _torchrun_train(run)  # no model.device=cpu: each process would train alone
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("loopdiff train: error:")]
+    assert errors and len(set(errors)) == 1, result.stderr[-3000:]  # torchrun may stop the other rank first
+    assert "WORLD_SIZE=2" in errors[0] and "model.device=cpu" in errors[0], result.stderr[-3000:]
+    assert 'loopdiff/' not in "".join(l for l in result.stderr.splitlines() if l.lstrip().startswith("File "))
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "env, processes, message",
+    [
+        ({"WORLD_SIZE": "2"}, 1, "WORLD_SIZE=2 processes were launched but accelerate runs 1"),
+        ({"WORLD_SIZE": "4"}, 2, "WORLD_SIZE=4"),
+        ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, 1, "without --multi_gpu"),
+    ],
+)
+def test_launcher_and_accelerate_must_agree_on_the_processes(env, processes, message) -> None:
+    with pytest.raises(LaunchError, match=message):
+        check_launch(processes, env)
+
+
+@pytest.mark.parametrize("env, processes", [({}, 1), ({"WORLD_SIZE": "2"}, 2), ({"ACCELERATE_USE_CPU": "False"}, 1)])
+def test_consistent_launches_pass(env, processes) -> None:
+    check_launch(processes, env)
+
+
+@pytest.mark.parametrize("samples, processes, ok", [(12, 2, False), (4, 2, False), (16, 2, True), (12, 1, True)])
+def test_samples_per_epoch_must_fill_k_times_processes(samples, processes, ok) -> None:
+    config = config_from_dict({"estimator": {"preset": "loop", "samples_per_prompt": 4},
+                               "training": {"samples_per_epoch": samples}})
+    if ok:
+        check_processes(config, processes)
+        return
+    with pytest.raises(ConfigError, match=f"training.samples_per_epoch={samples} .*K x processes = 4 x 2 = 8"):
+        check_processes(config, processes)
+
+
+@needs_torchrun
 def test_two_processes_keep_gradients_in_sync(tmp_path) -> None:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}

@@ -225,3 +225,67 @@ def test_reward_table_lists_every_reward_with_its_status(tmp_path):
     present.mkdir()
     rows = {name: status for name, _, _, status in reward_rows({"blip_vqa": {"model": str(present)}})}
     assert rows["blip_vqa"] == "ready"
+
+
+# ----------------------------------------------------------------------------- request size and token
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    import http.client
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request("POST", "/score", body=body, headers=headers)
+    response = connection.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    connection.close()
+    return status, payload
+
+
+def test_server_refuses_a_body_over_its_limit_unread():
+    server = RewardServer(mean_plus_length, max_bytes=1000)
+    server.start_in_thread()
+    try:
+        body = encode_batch(eight_bit_images(1), ["x"], [{}])
+        assert len(body) > 1000
+        status, payload = _post(server.url, b"", {"Content-Length": str(10**12)})  # never sent, never read
+        assert status == 413 and "10000" in payload["error"]
+        assert _post(server.url, body, {})[0] == 413
+        small = RewardServer(mean_plus_length)
+        small.start_in_thread()
+        try:
+            assert _post(small.url, body, {})[0] == 200
+        finally:
+            small.shutdown()
+            small.server_close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_server_with_a_token_answers_only_requests_that_carry_it(monkeypatch):
+    server = RewardServer(mean_plus_length, token="s3cret")
+    server.start_in_thread()
+    images, prompts, metadata = eight_bit_images(2), ["a", "bb"], [{}, {}]
+    try:
+        body = encode_batch(images, prompts, metadata)
+        assert _post(server.url, body, {})[0] == 401
+        assert _post(server.url, body, {"Authorization": "Bearer wrong"})[0] == 401
+        scores = RemoteReward(server.url, token="s3cret", retries=0)(images, prompts, metadata)
+        torch.testing.assert_close(scores, mean_plus_length(images, prompts, metadata))
+        monkeypatch.setenv("LOOPDIFF_REWARD_TOKEN", "s3cret")  # the client's default
+        torch.testing.assert_close(RemoteReward(server.url, retries=0)(images, prompts, metadata), scores)
+        with pytest.raises(RewardError, match="401|token"):
+            RemoteReward(server.url, token="wrong", retries=0)(images, prompts, metadata)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_server_beyond_loopback_needs_a_token():
+    with pytest.raises(RewardError, match="--token"):
+        RewardServer(mean_plus_length, host="0.0.0.0")
+    server = RewardServer(mean_plus_length, host="0.0.0.0", token="s3cret")
+    server.server_close()
+    RewardServer(mean_plus_length, host="127.0.0.1").server_close()

@@ -70,7 +70,8 @@ CASES = {
     "output dir is a file": (_output_is_a_file, ["output.dir=", "taken", "is a file"]),
     "pipeline folder without unet": (_pipeline_without_unet, ["model.pretrained=", "'unet/'"]),
     "non-world prompts for the embedded reward": (
-        _prompt_file("my_train.txt", b"a photo of a bench\n"), ["reward.name", "embedded_vqa", "my_train.txt", "bench"]
+        lambda tmp: [*_prompt_file("my_train.txt", b"a photo of a bench\n")(tmp), "reward.name=embedded_compbench"],
+        ["reward.name", "embedded_compbench", "my_train.txt", "bench"]
     ),
     "embedded evaluator on non-world validation prompts": (
         lambda tmp: [*_prompt_file("color_val.txt", b"a green bench\n")(tmp), "reward.name=jpeg_compressibility",

@@ -53,12 +53,17 @@ def check_output_dir(path: Path) -> None:
                           "allowed: a folder (new or existing) that can be written") from None
 
 
-def _embedded_rewards(uses: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The (config field, reward name) pairs that name an embedded-world reward."""
-    return [(field, name) for field, name in uses if name.startswith("embedded_")]
+# Embedded rewards that read each prompt as a world prompt (objects, attributes, relation) to score it.
+WORLD_PROMPT_REWARDS = ("embedded_eval", "embedded_eval_graded", "embedded_compbench", "embedded_spatial",
+                        "embedded_numeracy")
 
 
-def check_embedded_rewards(config: RunConfig, prompt_sets: Mapping[str, PromptSet], training_reward: bool) -> None:
+def _world_prompt_rewards(uses: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (config field, reward name) pairs that name a reward of world prompts."""
+    return [(field, name) for field, name in uses if name in WORLD_PROMPT_REWARDS]
+
+
+def check_world_prompt_rewards(config: RunConfig, prompt_sets: Mapping[str, PromptSet], training_reward: bool) -> None:
     """Raise ConfigError when an embedded-world reward would score prompts that are not world prompts.
 
     ``prompt_sets`` maps ``"train"``/``"val"`` to the loaded prompt sets (a missing one is not checked);
@@ -68,7 +73,7 @@ def check_embedded_rewards(config: RunConfig, prompt_sets: Mapping[str, PromptSe
 
     training = [("reward.name", n) for n, _ in parse_reward_spec(config.reward.name) if training_reward]
     evaluation = [("eval.rewards", n) for n in config.eval.rewards]
-    scored = {"train": _embedded_rewards(training), "val": _embedded_rewards(training + evaluation)}
+    scored = {"train": _world_prompt_rewards(training), "val": _world_prompt_rewards(training + evaluation)}
     for split, users in scored.items():
         prompt_set = prompt_sets.get(split)
         if not users or prompt_set is None:

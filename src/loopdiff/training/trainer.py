@@ -36,7 +36,7 @@ from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
 from loopdiff.training.metrics import MetricsLogger, tensor_stats
 from loopdiff.training.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
-from loopdiff.training.preflight import check_embedded_rewards, check_launch, check_output_dir
+from loopdiff.training.preflight import check_world_prompt_rewards, check_launch, check_output_dir
 from loopdiff.training.models import (
     ReferencePolicy,
     configure_attention,
@@ -76,7 +76,7 @@ class Trainer:
         self.run_dir = Path(config.output.dir)
         self._check_before_loading()
         self.train_prompts = load_prompt_set(config.prompts.train).head(config.prompts.max_train)
-        check_embedded_rewards(config, self._scored_prompt_sets(), training_reward=reward_fn is None)
+        check_world_prompt_rewards(config, self._scored_prompt_sets(), training_reward=reward_fn is None)
         self.reward_fn = reward_fn or build_reward(config.reward.name, config.reward.options)
         self.monitor_rewards = {name: build_reward(name, config.reward.options) for name in config.reward.monitor}
         self.monitored: dict[str, torch.Tensor] = {}  # the last collect's monitor scores, by reward name

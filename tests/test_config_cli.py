@@ -20,11 +20,22 @@ def test_defaults_and_overrides_reach_the_right_fields(tmp_path) -> None:
     assert config.eval.rewards == ["a", "b"] and config.model.lora is True
 
 
+def test_unquoted_no_reaches_a_text_field_as_no(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  mixed_precision: fp16\n")
+    assert load_config(path, ["model.mixed_precision=no"]).model.mixed_precision == "no"
+    path.write_text("model:\n  mixed_precision: no\n")
+    assert load_config(path).model.mixed_precision == "no"
+
+
 def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
     from loopdiff.cli import DEFAULT_CONFIG, packaged_config_names, resolve_config
 
-    assert packaged_config_names() == ["embedded-aesthetic", "embedded-color"]
-    for name in packaged_config_names():
+    assert packaged_config_names() == [
+        "embedded-aesthetic", "embedded-color", "sd15-ddpo-aesthetic", "sd15-ddpo-compressibility",
+        "sd2-compbench-attributes", "sd2-compbench-numeracy", "sd2-compbench-spatial",
+    ]  # the Stable Diffusion ones are tested in test_real_runs.py
+    for name in ("embedded-aesthetic", "embedded-color"):
         config = load_config(resolve_config(name))
         assert config.estimator.preset == "loop" and config.estimator.samples_per_prompt == 4
         assert resolve_config(name) == resolve_config(f"{name}.yaml") == packaged_config(f"{name}.yaml")

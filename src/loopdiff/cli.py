@@ -9,7 +9,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 DEFAULT_CONFIG = "embedded-aesthetic.yaml"
 
@@ -46,6 +46,21 @@ def resolve_config(name_or_path: str) -> Path:
     return packaged if packaged.is_file() else path
 
 
+def start_config(config: str | None, model: object = None) -> Path | None:
+    """The config file a run starts from: ``config`` (a file or packaged name) if given; else the embedded
+    main job's (DEFAULT_CONFIG) when ``model`` is unset or embedded, and none for any other model, which
+    then starts from the dataclass defaults and never inherits the embedded world's prompts or rewards."""
+    if config:
+        return resolve_config(config)
+    return resolve_config(DEFAULT_CONFIG) if model in (None, "embedded") else None
+
+
+def requested_model(values: object) -> object:
+    """``model.pretrained`` in a nested mapping of config values, or None when it is not set there."""
+    model = values.get("model") if isinstance(values, Mapping) else None
+    return model.get("pretrained") if isinstance(model, Mapping) else None
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from loopdiff.config import ConfigError
     from loopdiff.prompts import PromptError
@@ -67,11 +82,10 @@ def _run_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loopdiff.config import load_config
+    from loopdiff.api import run_config
     from loopdiff.training.trainer import Trainer
 
-    config_path = resolve_config(args.config or DEFAULT_CONFIG)
-    config = load_config(config_path, args.overrides)
+    config = run_config(args.overrides, config_file=args.config)
     trainer = Trainer(config)
     trainer.train()
     path = trainer.export()  # on every process: the main one writes, the others wait for it
@@ -151,6 +165,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loopdiff.prompts import load_prompt_set
     from loopdiff.rewards.base import build_reward, parse_reward_spec
 
+    missing = _embedded_defaults(args, "embedded:color:val")
+    if missing:
+        return _usage_error("eval", missing)
     pipe = _load_for_inference(args.model, args.lora, args.device)
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
@@ -173,6 +190,17 @@ def _usage_error(command: str, message: str) -> int:
     return 2
 
 
+def _embedded_defaults(args: argparse.Namespace, prompts: str) -> str | None:
+    """Fill unset --prompts / --reward with the embedded world's for ``--model embedded``; for any other
+    model return the error naming the missing flag (None when nothing is missing)."""
+    for flag, default in (("prompts", prompts), ("reward", "embedded_vqa")):
+        if getattr(args, flag) is None:
+            if args.model != "embedded":
+                return f"--{flag} is required for a model other than 'embedded' (--model {args.model})"
+            setattr(args, flag, default)
+    return None
+
+
 def _step_list(text: str) -> list[int]:
     """``"0,5,10"`` -> ``[0, 5, 10]`` for ``--at``."""
     try:
@@ -186,6 +214,9 @@ def cmd_branch(args: argparse.Namespace) -> int:
     from loopdiff.rewards.base import build_reward
     from loopdiff.sampling.branching import reward_variance_by_step
 
+    missing = _embedded_defaults(args, "embedded:color")
+    if missing:
+        return _usage_error("branch", missing)
     if args.every < 1:
         return _usage_error("branch", f"--every {args.every}: must be >= 1")
     steps = list(range(0, args.steps + 1, args.every)) if args.at is None else args.at
@@ -216,6 +247,9 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     from loopdiff.rewards.base import build_reward
     from loopdiff.training.gradient_noise import measure_gradient_noise
 
+    missing = _embedded_defaults(args, "embedded:color")
+    if missing:
+        return _usage_error("gradient-noise", missing)
     if args.groups < 2 or args.samples_per_prompt < 2:
         return _usage_error("gradient-noise", f"--groups {args.groups} and --samples-per-prompt "
                             f"{args.samples_per_prompt}: both must be >= 2")
@@ -287,8 +321,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", default="embedded:color", help="prompt source (file or embedded:<cat>)")
-    parser.add_argument("--reward", default="embedded_vqa", help="the reward to measure")
+    parser.add_argument("--prompts", default=None,
+                        help="prompt source (file or embedded:<cat>); default embedded:color for --model embedded")
+    parser.add_argument("--reward", default=None, help="the reward to measure (a registered name or "
+                        "package.module:function); default embedded_vqa for --model embedded")
     parser.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
 
 
@@ -324,8 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval", help="score a model on a prompt set (the evaluation protocol of docs/method.md)"
     )
-    evaluate.add_argument("--prompts", default="embedded:color:val", help="prompt source (file or embedded:<cat>:val)")
-    evaluate.add_argument("--reward", default="embedded_vqa", help="reward name(s), comma separated")
+    evaluate.add_argument("--prompts", default=None, help="prompt source (file or embedded:<cat>:val); "
+                          "default embedded:color:val for --model embedded")
+    evaluate.add_argument("--reward", default=None, help="reward name(s), comma separated; "
+                          "default embedded_vqa for --model embedded")
     evaluate.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
     evaluate.add_argument("--images-per-prompt", type=int, default=10)
     evaluate.add_argument("--max-prompts", type=int, default=None)

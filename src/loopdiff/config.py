@@ -27,9 +27,18 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is allowed."""
 
 
+EMBEDDED = "embedded"
+# What a run on the embedded model uses for the fields left unset; any other model must name its own.
+EMBEDDED_DEFAULTS = {
+    "prompts.train": "embedded:color",
+    "prompts.val": "embedded:color:val",
+    "reward.name": "embedded_vqa",
+}
+
+
 @dataclass
 class ModelConfig:
-    pretrained: str = "embedded"  # "embedded", a local pipeline folder, or a Hub id
+    pretrained: str = EMBEDDED  # "embedded", a local pipeline folder, or a Hub id
     revision: str | None = None
     train_modules: str = "all"  # full fine-tuning: "all" UNet weights, or "cross_attention" (its keys and values)
     lora: bool = False
@@ -90,7 +99,9 @@ class TrainingConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "embedded_vqa"  # a registered name or a weighted sum "a:1.0,b:0.1"
+    # A registered name, "package.module:function", or a weighted sum "a:1.0,b:0.1". None: the embedded
+    # model's default (EMBEDDED_DEFAULTS); required for any other model unless a reward_fn is passed in Python.
+    name: str | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     asynchronous: bool = True  # score in a worker thread while the next batch samples
     monitor: list[str] = field(default_factory=list)  # rewards logged on each epoch's samples, never trained on
@@ -98,8 +109,10 @@ class RewardConfig:
 
 @dataclass
 class PromptConfig:
-    train: str = "embedded:color"  # "embedded:<category>", a prompt file, or "file:<path>"
-    val: str = "embedded:color:val"
+    # "embedded:<category>", a prompt file, or "file:<path>". None: the embedded model's default
+    # (EMBEDDED_DEFAULTS); ``train`` is required for any other model, and without ``val`` it is not evaluated.
+    train: str | None = None
+    val: str | None = None
     max_train: int | None = None  # train on the first N training prompts only (None: all of them)
 
 
@@ -116,7 +129,7 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/loop-color"
+    dir: str = "runs/loop"
     checkpoint_every: int = 5
     resume: bool = True
     tensorboard: bool = True
@@ -167,6 +180,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
                 raise TypeError
             return float(value)
         if annotation is str:
+            if isinstance(value, bool):  # YAML reads an unquoted no/yes (model.mixed_precision=no) as a bool
+                return "yes" if value else "no"
             if not isinstance(value, (str, int, float)):
                 raise TypeError
             return str(value)
@@ -252,23 +267,46 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """Defaults <- ``base`` mapping <- config file <- command-line overrides, then validated."""
+    """Defaults <- ``base`` mapping <- config file <- ``values`` mapping <- command-line overrides,
+    completed and validated."""
     config = RunConfig()
-    if base:
-        _apply(config, base, "")
-    if path is not None:
-        _apply(config, read_config_file(path), "")
-    _apply(config, parse_overrides(overrides), "")
+    for layer in (base, read_config_file(path) if path is not None else None, values, parse_overrides(overrides)):
+        if layer:
+            _apply(config, layer, "")
+    complete(config)
     validate(config)
     return config
 
 
 def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """A validated config from a mapping of sections (unset fields keep their defaults)."""
     config = RunConfig()
     _apply(config, values, "")
+    complete(config)
     validate(config)
+    return config
+
+
+def complete(config: RunConfig) -> RunConfig:
+    """Fill the embedded model's unset prompts and reward (``EMBEDDED_DEFAULTS``); no other model gets them.
+
+    Raises ConfigError when ``prompts.train`` is unset for a model other than the embedded one.
+    """
+    if config.model.pretrained == EMBEDDED:
+        for key, value in EMBEDDED_DEFAULTS.items():
+            section, name = key.split(".")
+            if getattr(getattr(config, section), name) is None:
+                setattr(getattr(config, section), name, value)
+    elif config.prompts.train is None:
+        raise ConfigError(
+            f"prompts.train is required for a model other than '{EMBEDDED}' "
+            f"(model.pretrained={config.model.pretrained!r}); give a prompt file, one prompt per line"
+        )
     return config
 
 

@@ -8,11 +8,13 @@ A reward is any callable ``(images, prompts, metadata) -> scores``:
 - returns a float32 tensor ``(N,)`` on the CPU.
 
 Rewards are registered under a name with a factory that builds the callable from keyword options
-(paths to weights, devices, ...). ``build_reward("a:1.0,b:0.1", options)`` builds a weighted sum.
+(paths to weights, devices, ...), or named ``package.module:function`` from the user's own code
+(docs/custom-rewards.md). ``build_reward("a:1.0,b:0.1", options)`` builds a weighted sum.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
@@ -81,21 +83,27 @@ def registered_rewards() -> dict[str, RewardInfo]:
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """Parse ``"name"`` or ``"a:1.0,b:0.1"`` into ``[(name, weight), ...]``."""
+    """Parse ``"name"`` or ``"a:1.0,b:0.1"`` into ``[(name, weight), ...]``.
+
+    A name may be ``package.module:function``; a term's last ``:`` part is its weight only if it is a number,
+    so ``"mymod:fn"`` is one name of weight 1 and ``"mymod:fn:0.5"`` that name of weight 0.5.
+    """
     terms: list[tuple[str, float]] = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             raise RewardError(f"reward spec {spec!r} has an empty term; expected 'name' or 'name:weight,...'")
-        name, _, weight_text = part.partition(":")
-        try:
-            weight = float(weight_text) if weight_text else 1.0
-        except ValueError:
-            raise RewardError(
-                f"reward spec {spec!r}: weight {weight_text!r} of '{name}' is not a number"
-            ) from None
-        terms.append((name.strip(), weight))
+        name, sep, weight_text = part.rpartition(":")
+        weight = _as_float(weight_text) if sep else None
+        terms.append((name.strip(), weight) if weight is not None else (part, 1.0))
     return terms
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 class WeightedSum:
@@ -117,16 +125,26 @@ class WeightedSum:
 
 
 def as_scores(value: Any, n: int, name: str) -> torch.Tensor:
-    """Convert a reward's output to a float32 CPU tensor of shape ``(n,)``, or raise naming the reward."""
-    scores = torch.as_tensor(value).detach().to("cpu", torch.float32).reshape(-1)
-    if scores.numel() != n:
-        raise RewardError(f"reward '{name}' returned {scores.numel()} scores for {n} images")
-    return scores
+    """Convert a reward's output to a float32 CPU tensor of shape ``(n,)``, or raise naming the reward.
+
+    ``(n,)`` and ``(n, 1)`` are accepted (numbers, arrays or tensors); any other shape is a RewardError.
+    """
+    try:
+        scores = torch.as_tensor(value).detach().to("cpu", torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise RewardError(f"reward '{name}' returned a {type(value).__name__}; expected a tensor of {n} scores") from None
+    if scores.numel() != n or scores.dim() > 2 or (scores.dim() == 2 and scores.shape[1] != 1):
+        raise RewardError(
+            f"reward '{name}' returned {scores.numel()} scores for {n} images (shape {tuple(scores.shape)}); "
+            f"expected shape ({n},)"
+        )
+    return scores.reshape(-1)
 
 
 def build_reward(spec: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> RewardFn:
     """Build the reward named by ``spec`` (a name, or a weighted sum ``"a:1.0,b:0.1"``).
 
+    A name is a registered reward or ``package.module:function`` (see :func:`import_reward`);
     ``options[name]`` holds keyword arguments for that reward's factory.
     """
     options = options or {}
@@ -134,9 +152,14 @@ def build_reward(spec: str, options: Mapping[str, Mapping[str, Any]] | None = No
     terms = parse_reward_spec(spec)
     built: list[tuple[str, float, RewardFn]] = []
     for name, weight in terms:
+        if ":" in name:
+            built.append((name, weight, import_reward(name, options, registry)))
+            continue
         info = registry.get(name)
         if info is None:
-            raise RewardError(f"unknown reward '{name}'; registered rewards: {', '.join(registry)}")
+            raise RewardError(
+                f"unknown reward '{name}'; registered rewards: {', '.join(registry)} (or package.module:function)"
+            )
         reason = info.unavailable_reason(options.get(name, {}))
         if reason is not None:
             raise RewardError(f"reward '{name}' cannot run here: {reason}")
@@ -158,6 +181,44 @@ def _checked_options(name: str, factory: Callable[..., RewardFn], options: Any) 
         allowed = ", ".join(parameters) or "none"
         raise RewardError(f"reward '{name}' has no option '{unknown[0]}'; its options: {allowed}")
     return dict(options)
+
+
+def import_reward(
+    name: str, options: Mapping[str, Mapping[str, Any]], registry: Mapping[str, RewardInfo] | None = None
+) -> RewardFn:
+    """The reward ``package.module:attribute`` from the user's code, its scores checked to be ``(N,)``.
+
+    The attribute is the reward callable itself, or a factory called with ``options[name]`` as keyword
+    arguments when ``options`` has an entry for ``name`` or the attribute is a class.
+    """
+    module_name, _, attribute = name.partition(":")
+    if registry is not None and module_name in registry:
+        raise RewardError(f"reward spec {name!r}: weight {attribute!r} of '{module_name}' is not a number")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as error:  # an import can fail with anything the module raises
+        raise RewardError(f"reward '{name}': cannot import module '{module_name}': {type(error).__name__}: {error}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise RewardError(f"reward '{name}': module '{module_name}' has no attribute '{attribute}'")
+        target = getattr(target, part)
+    if name in options or inspect.isclass(target):
+        target = target(**_checked_options(name, target, options.get(name, {})))
+    if not callable(target):
+        raise RewardError(f"reward '{name}' is a {type(target).__name__}, not a callable (images, prompts, metadata)")
+    return CheckedReward(target, name)
+
+
+class CheckedReward:
+    """A reward from the user's code whose output is checked: a RewardError names it unless it is ``(N,)``."""
+
+    def __init__(self, fn: RewardFn, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        return as_scores(self.fn(images, prompts, metadata), len(prompts), self.name)
 
 
 @dataclass

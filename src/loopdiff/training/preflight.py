@@ -71,7 +71,7 @@ def check_world_prompt_rewards(config: RunConfig, prompt_sets: Mapping[str, Prom
     """
     from loopdiff.embedded.prompts import parse_prompt
 
-    training = [("reward.name", n) for n, _ in parse_reward_spec(config.reward.name) if training_reward]
+    training = [("reward.name", n) for n, _ in parse_reward_spec(config.reward.name)] if training_reward else []
     evaluation = [("eval.rewards", n) for n in config.eval.rewards]
     scored = {"train": _world_prompt_rewards(training), "val": _world_prompt_rewards(training + evaluation)}
     for split, users in scored.items():

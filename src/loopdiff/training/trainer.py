@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from loopdiff.advantages import PerPromptStatTracker, compute_advantages, finite_groups
-from loopdiff.config import ConfigError, RunConfig, build_estimator, check_processes, fixed_changes
+from loopdiff.config import ConfigError, RunConfig, build_estimator, check_processes, complete, fixed_changes
 from loopdiff.evaluation import EvalResult, evaluate
 from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
@@ -35,6 +35,7 @@ from loopdiff.sampling.trajectories import PromptEncoder, Trajectories, decode_l
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
 from loopdiff.training.metrics import MetricsLogger, tensor_stats
+from loopdiff.training.model_card import model_card
 from loopdiff.training.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
 from loopdiff.training.preflight import check_world_prompt_rewards, check_launch, check_output_dir
 from loopdiff.training.models import (
@@ -62,12 +63,27 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def training_reward_name(config: RunConfig, reward_fn: RewardFn | None) -> str:
+    """The training reward's name in logs and evaluations: a passed ``reward_fn``'s own (the function's, or
+    its class's), else ``reward.name``, which a model other than the embedded one must set."""
+    if reward_fn is not None:
+        return getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    if config.reward.name is None:
+        raise ConfigError(
+            f"reward.name is required for a model other than 'embedded' (model.pretrained="
+            f"{config.model.pretrained!r}); allowed: a registered reward (loopdiff rewards) or package.module:function"
+        )
+    return config.reward.name
+
+
 class Trainer:
     """Fine-tunes a Stable-Diffusion-format pipeline's UNet with the configured estimator."""
 
     def __init__(self, config: RunConfig, reward_fn: RewardFn | None = None, pipeline: Any = None):
-        self.config = config
+        """``reward_fn`` (a reward callable) replaces ``reward.name``; ``pipeline`` replaces ``model.pretrained``."""
+        self.config = complete(config)
         self.estimator = build_estimator(config)
+        self.reward_name = training_reward_name(config, reward_fn)
         self.accelerator = Accelerator(
             mixed_precision=config.model.mixed_precision,
             cpu=config.model.device == "cpu",
@@ -77,7 +93,7 @@ class Trainer:
         self._check_before_loading()
         self.train_prompts = load_prompt_set(config.prompts.train).head(config.prompts.max_train)
         check_world_prompt_rewards(config, self._scored_prompt_sets(), training_reward=reward_fn is None)
-        self.reward_fn = reward_fn or build_reward(config.reward.name, config.reward.options)
+        self.reward_fn = reward_fn or build_reward(self.reward_name, config.reward.options)
         self.monitor_rewards = {name: build_reward(name, config.reward.options) for name in config.reward.monitor}
         self.monitored: dict[str, torch.Tensor] = {}  # the last collect's monitor scores, by reward name
         self._evaluation_rewards: dict[str, RewardFn] | None = None
@@ -169,7 +185,7 @@ class Trainer:
         latents, log_probs, futures = [], [], []
         monitored: dict[str, list[torch.Tensor]] = {name: [] for name in self.monitor_rewards}
         self.unet.eval()  # sampling is the policy itself (matters for UNets with dropout)
-        with AsyncReward(self.reward_fn, name=self.config.reward.name) as scorer:
+        with AsyncReward(self.reward_fn, name=self.reward_name) as scorer:
             for start in range(0, len(prompts), chunk):
                 t0 = time.perf_counter()
                 with acc.autocast():
@@ -253,7 +269,7 @@ class Trainer:
         counts = {"nonfinite_rewards": float(nonfinite), "dropped_groups": float(dropped)}
         if nonfinite == 0:
             return keep, counts
-        name, total = self.config.reward.name, len(rewards)
+        name, total = self.reward_name, len(rewards)
         check_nonfinite_rewards(name, nonfinite, total, self.config.training.max_nonfinite_fraction, epoch + 1,
                                 self._too_few_left(keep))
         if self.accelerator.is_main_process:
@@ -466,7 +482,7 @@ class Trainer:
     def evaluation_rewards(self) -> dict[str, RewardFn]:
         """The training reward plus ``eval.rewards``, built once (a reward model loads only once per run)."""
         if self._evaluation_rewards is None:
-            rewards: dict[str, RewardFn] = {self.config.reward.name: self.reward_fn}
+            rewards: dict[str, RewardFn] = {self.reward_name: self.reward_fn}
             for name in self.config.eval.rewards:
                 if name not in rewards:
                     rewards[name] = build_reward(name, self.config.reward.options)
@@ -476,6 +492,8 @@ class Trainer:
     def evaluate(self, tag: str, prompt_set: PromptSet | None = None) -> EvalResult:
         """Evaluate the current policy on the validation prompts; writes ``eval/<tag>.json`` and a grid."""
         e = self.config.eval
+        if prompt_set is None and self.config.prompts.val is None:
+            raise ConfigError("prompts.val is unset: give a validation prompt file to evaluate on")
         prompt_set = prompt_set or load_prompt_set(self.config.prompts.val).head(e.max_prompts)
         self.unet.eval()
         with self.accelerator.autocast():
@@ -515,7 +533,8 @@ class Trainer:
         return side_by_side(path, prompts[:n], {t: g[:n] for t, g in grids.items()}, per_model=3)
 
     def export(self) -> Path:
-        """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``).
+        """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``),
+        with its model card (``README.md``: what it was trained from, how, on what, and how it evaluated).
 
         Call it on every process: the main one writes into a temporary folder renamed into place when
         complete, the others wait for it.
@@ -526,6 +545,8 @@ class Trainer:
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             self._write_export(tmp)
+            card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path)
+            (tmp / "README.md").write_text(card)
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
         self.accelerator.wait_for_everyone()
@@ -556,6 +577,8 @@ class Trainer:
             self.start_over()
         if self.accelerator.is_main_process:  # the settings in force now (a resumed run may change some)
             (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        if self.accelerator.is_main_process and c.prompts.val is None:
+            print("note: prompts.val is unset, so the model is not evaluated before or after training", file=sys.stderr)
         logger = MetricsLogger(
             self.run_dir, c.output.tensorboard, c.output.wandb, c.output.wandb_project, c.to_dict(),
             enabled=self.accelerator.is_main_process,
@@ -575,7 +598,8 @@ class Trainer:
                     on_epoch_end(self.epoch, metrics)
                 if self.epoch % c.output.checkpoint_every == 0 or self.epoch == c.training.epochs:
                     self.save()
-                if c.eval.every and self.epoch % c.eval.every == 0 and self.epoch < c.training.epochs:
+                if c.eval.every and self.epoch % c.eval.every == 0 and self.epoch < c.training.epochs \
+                        and self._wants_eval():
                     self.evaluate(f"epoch_{self.epoch:05d}")
             if self._wants_eval():
                 self.evaluate("final")
@@ -586,4 +610,4 @@ class Trainer:
         return self.history
 
     def _wants_eval(self) -> bool:
-        return self.config.eval.max_prompts != 0
+        return self.config.eval.max_prompts != 0 and self.config.prompts.val is not None

@@ -1,0 +1,58 @@
+"""The Python entry point: ``loopdiff.train(config_or_overrides, reward_fn=...)`` returns the run's history.
+
+>>> import loopdiff
+>>> history = loopdiff.train(["prompts.train=animals.txt", "training.epochs=3"],
+...                          config_file="sd15-ddpo-aesthetic", reward_fn=my_reward)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from loopdiff.config import RunConfig, complete, load_config, parse_overrides, validate
+from loopdiff.rewards.base import RewardFn
+
+ConfigLike = RunConfig | Mapping[str, Any] | Sequence[str] | None
+
+
+def run_config(config: ConfigLike = None, config_file: str | Path | None = None) -> RunConfig:
+    """The RunConfig that ``loopdiff train [--config config_file] overrides...`` would run.
+
+    ``config``: a RunConfig (used as it is), a mapping of sections, or ``section.field=value`` overrides; both
+    of the last two apply on top of ``config_file`` (a file or a packaged config's name), which defaults to the
+    embedded main job for the embedded model and to none for any other model.
+    """
+    from loopdiff.cli import requested_model, start_config
+
+    if isinstance(config, RunConfig):
+        validate(complete(config))
+        return config
+    values = config if isinstance(config, Mapping) else None
+    overrides = list(config) if config is not None and values is None else []
+    model = requested_model(parse_overrides(overrides)) or requested_model(dict(values or {}))
+    path = start_config(str(config_file) if config_file is not None else None, model)
+    return load_config(path, overrides, values=values)
+
+
+def train(
+    config: ConfigLike = None,
+    *,
+    reward_fn: RewardFn | None = None,
+    config_file: str | Path | None = None,
+    pipeline: Any = None,
+    export: bool = True,
+) -> list[dict[str, float]]:
+    """Train as ``loopdiff train`` does and return the per-epoch metrics (``metrics.jsonl``'s records).
+
+    ``reward_fn`` (``(images, prompts, metadata) -> (N,) tensor``) replaces ``reward.name``; ``pipeline`` (a
+    loaded StableDiffusionPipeline) replaces ``model.pretrained``; ``export`` writes the final model with its
+    model card into ``output.dir``.
+    """
+    from loopdiff.training.trainer import Trainer
+
+    trainer = Trainer(run_config(config, config_file), reward_fn=reward_fn, pipeline=pipeline)
+    history = trainer.train()
+    if export:
+        trainer.export()  # on every process: the main one writes, the others wait for it
+    return history

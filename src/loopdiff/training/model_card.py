@@ -1,0 +1,101 @@
+"""The model card of an exported fine-tune: ``README.md`` beside the weights, as diffusers' training scripts
+write one. YAML front matter (``base_model``, ``library_name: diffusers``, tags naming loopdiff, the estimator
+and the reward), then what the model is, how to load it, its evaluation (``eval/base.json``,
+``eval/final.json``) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loopdiff.config import RunConfig
+from loopdiff.estimators import Estimator
+from loopdiff.evaluation import paired_change
+from loopdiff.rewards.base import RewardError, parse_reward_spec
+
+
+def card_tags(estimator: Estimator, reward_name: str, lora: bool) -> list[str]:
+    """``loopdiff``, the usual diffusers tags, the estimator's name and each reward term's name."""
+    try:
+        rewards = [name for name, _ in parse_reward_spec(reward_name)]
+    except RewardError:
+        rewards = [reward_name]
+    tags = ["loopdiff", "diffusers", "text-to-image", "reinforcement-learning", estimator.name, *rewards]
+    return list(dict.fromkeys([*tags, "lora"] if lora else tags))
+
+
+def read_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The records of ``eval/base.json`` and ``eval/final.json`` that exist, by tag."""
+    files = {tag: run_dir / "eval" / f"{tag}.json" for tag in ("base", "final")}
+    return {tag: json.loads(path.read_text()) for tag, path in files.items() if path.is_file()}
+
+
+def evaluation_table(evaluations: dict[str, dict[str, Any]], images_per_prompt: int) -> str:
+    """Markdown table of the mean validation reward per reward, base and fine-tuned (with the paired change)."""
+    if not evaluations:
+        return "No evaluation was run (prompts.val unset or eval.max_prompts=0)."
+    first = next(iter(evaluations.values()))
+    lines = [f"Mean over {len(first['prompts'])} validation prompts of the per-prompt mean over "
+             f"{images_per_prompt} images (fixed seeds):", ""]
+    base, final = evaluations.get("base"), evaluations.get("final")
+    columns = [tag for tag in ("base", "final") if tag in evaluations]
+    header = ["reward", *("base model" if c == "base" else "fine-tuned" for c in columns)]
+    if base and final:
+        header.append("change (+- standard error over prompts)")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in first["means"]:
+        row = [f"`{name}`", *(f"{evaluations[c]['means'][name]:.4f}" for c in columns)]
+        if base and final:
+            change, se = paired_change(base["per_prompt"][name], final["per_prompt"][name])
+            row.append(f"{change:+.4f} +- {se:.4f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def usage_snippet(config: RunConfig, path: Path) -> str:
+    """Python that loads the exported model and samples as it was trained."""
+    s = config.sampling
+    load = (f'pipe = StableDiffusionPipeline.from_pretrained("{config.model.pretrained}")\n'
+            f'pipe.load_lora_weights("{path}")' if config.model.lora
+            else f'pipe = StableDiffusionPipeline.from_pretrained("{path}")')
+    return (
+        "```python\nfrom diffusers import DDIMScheduler, StableDiffusionPipeline\n\n"
+        f"{load}\npipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
+        f'image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale}, '
+        f"eta={s.eta}).images[0]\n```"
+    )
+
+
+def model_card(
+    config: RunConfig, estimator: Estimator, reward_name: str, run_dir: Path, epochs: int, path: Path
+) -> str:
+    """The text of ``README.md`` for the model exported to ``path`` after ``epochs`` epochs."""
+    front = {
+        "base_model": config.model.pretrained,
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": card_tags(estimator, reward_name, config.model.lora),
+    }
+    kind = "LoRA weights" if config.model.lora else "a full UNet fine-tune"
+    prompts = config.prompts.train if config.prompts.max_train is None else \
+        f"{config.prompts.train} (first {config.prompts.max_train})"
+    sections = [
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---",
+        f"# {estimator.name} fine-tune of {config.model.pretrained}",
+        f"{kind.capitalize()} of `{config.model.pretrained}`, trained with loopdiff's `{estimator.name}` estimator "
+        f"against the reward `{reward_name}` for {epochs} epochs of {config.training.samples_per_epoch} samples "
+        f"on the prompts `{prompts}` ({config.sampling.num_steps} DDIM steps, eta {config.sampling.eta}, "
+        f"guidance {config.sampling.guidance_scale}).",
+        "## Use\n\n" + usage_snippet(config, path),
+        "## Evaluation\n\n" + evaluation_table(read_evaluations(run_dir), config.eval.images_per_prompt),
+        "## Estimator\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(estimator), sort_keys=False) + "```",
+        "## Training configuration\n\nThe resolved config (`loopdiff train --config` accepts it as a file):\n\n"
+        "```yaml\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```",
+    ]
+    return "\n\n".join(sections) + "\n"
+

@@ -151,3 +151,19 @@ def test_python_api_trains_on_a_reward_fn_and_returns_the_history(tmp_path: Path
     assert [h["epoch"] for h in history] == [1] and sum(calls) >= 8
     assert list(json.loads((tmp_path / "run" / "eval" / "final.json").read_text())["means"]) == ["blueness"]
     assert (tmp_path / "run" / "final_pipeline" / "README.md").is_file()
+
+
+def test_the_guides_reward_module_runs_from_the_cli_with_options(tmp_path: Path, tiny_pipeline_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "custom-rewards.md").read_text()
+    code = guide.split("## A reward in ten lines")[1].split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 12
+    (tmp_path / "my_rewards.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
+    spec = "my_rewards:saturation:1.0,my_rewards:redness:0.5"
+    options = 'reward.options={"my_rewards:redness": {"weight": 2.0}}'
+    assert main(["train", *run_overrides(tmp_path, tiny_pipeline_dir, spec), options]) == 0
+    means = json.loads((tmp_path / "run" / "eval" / "final.json").read_text())["means"]
+    assert list(means) == [spec]
+    sys.modules.pop("my_rewards", None)

@@ -18,8 +18,12 @@ examples:
   loopdiff train                                   # LOOP (K=4) on the embedded world's aesthetic task
   loopdiff train --config embedded-color           # a packaged config, by name
   loopdiff train --config my.yaml training.epochs=50 estimator.preset=ppo
+  loopdiff train --config sd2-compbench-attributes prompts.train=color_train.txt prompts.val=color_val.txt
   loopdiff train model.pretrained=stabilityai/stable-diffusion-2-base prompts.train=color_train.txt \\
-      reward.name=blip_vqa model.lora=true
+      reward.name=my_rewards:score model.lora=true    # your own reward: package.module:function
+
+A model other than 'embedded' starts from neutral defaults (never the embedded world's prompts or rewards)
+and needs prompts.train and reward.name.
 
 Any config field can be overridden as section.field=value; sections: model, sampling, estimator,
 training, reward, prompts, eval, output. Presets: reinforce, reinforce_bc, rloo, ppo (= ddpo), loop, grpo.
@@ -340,12 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune a pipeline with RL", epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a Stable-Diffusion-format pipeline with RL. Without --config: LOOP on the "
-        "embedded miniature world (aesthetic task), with a held-out evaluation of the base and fine-tuned model.",
+        "embedded miniature world (aesthetic task), with a held-out evaluation of the base and fine-tuned model; "
+        "for another model.pretrained, the neutral defaults. The export carries a model card (README.md).",
     )
     train.add_argument(
         "--config",
         help=f"YAML or TOML config file, or the name of a packaged one ({', '.join(packaged_config_names())}; "
-        "default: embedded-aesthetic)",
+        "default: embedded-aesthetic for the embedded model, none for any other)",
     )
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     train.set_defaults(func=cmd_train)

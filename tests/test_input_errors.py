@@ -45,7 +45,8 @@ def _pipeline_without_unet(tmp: Path) -> list[str]:
              "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None]}
     (folder / "model_index.json").write_text(json.dumps(index))
     (folder / "vae").mkdir()
-    return [f"model.pretrained={folder}", "reward.name=jpeg_compressibility"]
+    (tmp / "prompts.txt").write_text("a red circle\n")  # a model other than the embedded one needs its own
+    return [f"model.pretrained={folder}", f"prompts.train={tmp / 'prompts.txt'}", "reward.name=jpeg_compressibility"]
 
 
 def _fixed(*overrides: str) -> Callable[[Path], list[str]]:

@@ -55,7 +55,7 @@ def test_nan_reward_drops_its_group_and_training_stays_finite(tmp_path, capsys) 
     assert all(math.isfinite(r["reward/mean"]) and math.isfinite(r["loss"]) for r in records)
     assert all(r["skipped_steps"] == 0 for r in records)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 2 and "'jpeg_compressibility'" in warnings[0] and "2 of 16 images" in warnings[0]
+    assert len(warnings) == 2 and "'NanAt'" in warnings[0] and "2 of 16 images" in warnings[0]
 
     kept = [0, 1, 2, 3, 8, 9, 10, 11]  # groups 0 and 2
     for epoch, batch in enumerate(batches):

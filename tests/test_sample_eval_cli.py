@@ -118,7 +118,7 @@ def test_branch_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, caps
     [(["--branches", "1"], "--branches 1"), (["--at", "0,25"], "--at [25]"), (["--every", "0"], "--every 0")],
 )
 def test_branch_rejects_bad_flags_before_loading(flags, message, capsys) -> None:
-    code = main(["branch", "--model", "/nonexistent/pipeline", *flags])
+    code = main(["branch", "--model", "/nonexistent/pipeline", "--prompts", "p.txt", "--reward", "r", *flags])
     assert code == 2 and message in capsys.readouterr().err
 
 
@@ -185,10 +185,11 @@ def test_gradient_noise_repeats_prompts_when_there_are_fewer_than_groups(tiny_pi
 
 
 def test_gradient_noise_rejects_one_group(capsys) -> None:
-    assert main(["gradient-noise", "--model", "/nonexistent", "--groups", "1"]) == 2
+    assert main(["gradient-noise", "--model", "/nonexistent", "--prompts", "p.txt", "--reward", "r", "--groups", "1"]) == 2
     assert "--groups 1" in capsys.readouterr().err
 
 
 def test_bad_reward_options_json_is_named(tiny_pipeline_dir, capsys) -> None:
-    code = main(["eval", "--model", str(tiny_pipeline_dir), "--reward-options", "{jpeg: 1}", "--steps", "2"])
+    code = main(["eval", "--model", str(tiny_pipeline_dir), "--prompts", "embedded:color:val",
+                 "--reward", "jpeg_compressibility", "--reward-options", "{jpeg: 1}", "--steps", "2"])
     assert code == 2 and "--reward-options '{jpeg: 1}' is not JSON" in capsys.readouterr().err

@@ -173,8 +173,8 @@ def test_evaluation_rewards_are_built_once_per_run(tmp_path, monkeypatch) -> Non
     first = trainer.evaluation_rewards()
     second = trainer.evaluation_rewards()
     assert built == ["jpeg_incompressibility"]  # the training reward is reused, the extra one built once
-    assert first is second and set(first) == {"jpeg_compressibility", "jpeg_incompressibility"}
-    assert first["jpeg_compressibility"] is trainer.reward_fn
+    assert first is second and set(first) == {"red_minus_blue", "jpeg_incompressibility"}
+    assert first["red_minus_blue"] is trainer.reward_fn  # a reward_fn goes by its own name
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path) -> None:

@@ -81,14 +81,15 @@ def model_card(
         "pipeline_tag": "text-to-image",
         "tags": card_tags(estimator, reward_name, config.model.lora),
     }
-    kind = "LoRA weights" if config.model.lora else "a full UNet fine-tune"
+    kind = "LoRA weights" if config.model.lora else "A full UNet fine-tune"
     prompts = config.prompts.train if config.prompts.max_train is None else \
         f"{config.prompts.train} (first {config.prompts.max_train})"
     sections = [
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---",
         f"# {estimator.name} fine-tune of {config.model.pretrained}",
-        f"{kind.capitalize()} of `{config.model.pretrained}`, trained with loopdiff's `{estimator.name}` estimator "
-        f"against the reward `{reward_name}` for {epochs} epochs of {config.training.samples_per_epoch} samples "
+        f"{kind} of `{config.model.pretrained}`, trained with loopdiff's `{estimator.name}` estimator "
+        f"against the reward `{reward_name}` for {epochs} epoch{'s' * (epochs != 1)} of "
+        f"{config.training.samples_per_epoch} samples "
         f"on the prompts `{prompts}` ({config.sampling.num_steps} DDIM steps, eta {config.sampling.eta}, "
         f"guidance {config.sampling.guidance_scale}).",
         "## Use\n\n" + usage_snippet(config, path),

@@ -1,0 +1,217 @@
+"""A flow-matching transformer (SD3 style) as a policy: guided velocity and per-step log-probabilities.
+
+The counterpart of :class:`loopdiff.sampling.policy.DiffusionPolicy` for ``SD3Transformer2DModel`` +
+``FlowMatchEulerDiscreteScheduler``, with the same public interface (``timesteps``, ``step``, ``log_prob``),
+so the trajectory sampler and the trainer drive either one. The step itself is in
+:mod:`loopdiff.sampling.flow_sde` (forms "sde" and "cps", noise level ``a``).
+
+Prompt embeddings. SD3 conditions on a token sequence *and* a pooled vector, so where the UNet path passes a
+tensor (N, L, D) this one passes a :class:`PromptEmbeds` pair ``(sequence (N, L, D), pooled (N, P))``. It
+indexes, slices, ``len``-s and moves (``.device``, ``.to``) like a tensor along the batch dimension, which is
+all the sampler, the trajectories store and the trainer do with prompt embeddings. :class:`SD3PromptEncoder`
+makes them with the pipeline's own ``encode_prompt`` (two CLIP encoders, plus T5 when the pipeline has one;
+without T5 diffusers pads with zeros of ``max_sequence_length`` tokens).
+
+Classifier-free guidance runs the unconditional and the conditional branch in one batched transformer call
+``v_hat = v_uncond + w * (v_cond - v_uncond)``, in the pipeline's order (unconditional first). The same
+function serves sampling and the training-time recomputation, so guidance is applied identically in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from loopdiff.sampling.ddim import DDIMStepOutput, LogProbReduction
+from loopdiff.sampling.flow_sde import SDEType, flow_step_with_logprob
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """An SD3 prompt's conditioning: ``sequence`` (N, L, D) token states and ``pooled`` (N, P) vectors."""
+
+    sequence: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.sequence.shape[0] != self.pooled.shape[0]:
+            raise ValueError(f"{self.sequence.shape[0]} sequences but {self.pooled.shape[0]} pooled embeddings")
+
+    def __len__(self) -> int:
+        return self.sequence.shape[0]
+
+    def __getitem__(self, index: Any) -> "PromptEmbeds":
+        if isinstance(index, int):
+            index = slice(index, index + 1)  # keep the batch dimension
+        return PromptEmbeds(self.sequence[index], self.pooled[index])
+
+    @property
+    def device(self) -> torch.device:
+        return self.sequence.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sequence.dtype
+
+    def to(self, *args: Any, **kwargs: Any) -> "PromptEmbeds":
+        return PromptEmbeds(self.sequence.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+    def expand(self, n: int) -> "PromptEmbeds":
+        """A batch of ``n`` copies of a single embedding (shape (1, ...)); any other batch is returned as is."""
+        if len(self) == n:
+            return self
+        return PromptEmbeds(
+            self.sequence.expand(n, *self.sequence.shape[1:]), self.pooled.expand(n, *self.pooled.shape[1:])
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+        return PromptEmbeds(torch.cat([p.sequence for p in parts]), torch.cat([p.pooled for p in parts]))
+
+
+class SD3PromptEncoder:
+    """Prompt embeddings from a ``StableDiffusion3Pipeline``'s text encoders, cached per distinct prompt."""
+
+    def __init__(self, pipeline: Any, device: torch.device | str, max_sequence_length: int = 256):
+        self.pipeline = pipeline
+        self.device = torch.device(device)
+        self.max_sequence_length = max_sequence_length
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> PromptEmbeds:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            sequence, _, pooled, _ = self.pipeline.encode_prompt(
+                prompt=missing,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            for prompt, seq, pool in zip(missing, sequence, pooled):
+                self._cache[prompt] = (seq, pool)
+        return PromptEmbeds(
+            torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts])
+        )
+
+    def unconditional(self) -> PromptEmbeds:
+        """The empty-prompt embeddings classifier-free guidance uses (as the pipeline's default negative)."""
+        return self([""])
+
+
+@dataclass
+class FlowPolicyConfig:
+    """How the policy samples: guidance weight w, SDE noise level a, number of steps, reduction, SDE form."""
+
+    guidance_scale: float = 5.0
+    noise_level: float = 0.7
+    num_steps: int = 10
+    reduction: LogProbReduction = "mean"
+    sde_type: SDEType = "sde"
+
+
+def set_flow_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, transformer: Any) -> None:
+    """``scheduler.set_timesteps`` as StableDiffusion3Pipeline calls it (with its ``mu`` under dynamic shifting)."""
+    if not scheduler.config.get("use_dynamic_shifting", False):
+        scheduler.set_timesteps(num_steps)
+        return
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    size = transformer.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    patch = transformer.config.patch_size
+    mu = calculate_shift(
+        (height // patch) * (width // patch),
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.16),
+    )
+    scheduler.set_timesteps(num_steps, mu=mu)
+
+
+class FlowMatchPolicy:
+    """An SD3 transformer + flow-matching Euler scheduler seen as a Gaussian policy over x' given (x, t, c)."""
+
+    def __init__(self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, config: FlowPolicyConfig):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.config = config
+        set_flow_timesteps(scheduler, config.num_steps, transformer)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser, under the name the shared sampling helpers read its latent shape from."""
+        return self.transformer
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The T sampling timesteps (sigma * num_train_timesteps), from noisiest to cleanest."""
+        return self.scheduler.timesteps
+
+    def guided_velocity(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: PromptEmbeds,
+        uncond_embeds: PromptEmbeds,
+    ) -> torch.Tensor:
+        """v_hat for a batch; per-sample timesteps; one transformer call holding both guidance branches."""
+        w = self.config.guidance_scale
+        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+        if w == 1.0:
+            return self._velocity(latents, t, cond_embeds)
+        uncond = uncond_embeds.expand(latents.shape[0]).to(cond_embeds.dtype)
+        both = self._velocity(torch.cat([latents, latents]), torch.cat([t, t]), PromptEmbeds.cat([uncond, cond_embeds]))
+        v_uncond, v_cond = both.chunk(2)
+        return v_uncond + w * (v_cond - v_uncond)
+
+    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=latents,
+            timestep=t,
+            encoder_hidden_states=embeds.sequence,
+            pooled_projections=embeds.pooled,
+            return_dict=False,
+        )[0]
+
+    def step(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: PromptEmbeds,
+        uncond_embeds: PromptEmbeds,
+        next_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DDIMStepOutput:
+        """Sample x' (or score the given ``next_latents``) and return its log-probability."""
+        velocity = self.guided_velocity(latents, timesteps, cond_embeds, uncond_embeds)
+        return flow_step_with_logprob(
+            self.scheduler,
+            velocity,
+            torch.as_tensor(timesteps, device=latents.device),
+            latents,
+            noise_level=self.config.noise_level,
+            sde_type=self.config.sde_type,
+            prev_sample=next_latents,
+            generator=generator,
+            reduction=self.config.reduction,
+        )
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: PromptEmbeds,
+        uncond_embeds: PromptEmbeds,
+    ) -> torch.Tensor:
+        """log pi(next_latents | latents, t, c) per sample (differentiable w.r.t. the transformer)."""
+        out = self.step(latents, timesteps, cond_embeds, uncond_embeds, next_latents=next_latents)
+        assert out.log_prob is not None, "log-probabilities need noise_level > 0"
+        return out.log_prob

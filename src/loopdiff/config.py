@@ -56,6 +56,7 @@ class SamplingConfig:
     eta: float = 1.0
     logprob_reduction: str = "mean"  # "mean" (DDPO) or "sum"
     batch_size: int = 32  # trajectories per sampling call
+    sde_type: str = "sde"  # SD3 pipelines only: the SDE form, "sde" or "cps"; eta is then its noise level a
 
 
 @dataclass
@@ -335,6 +336,7 @@ def validate(config: RunConfig) -> None:
     _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")
     _check(s.guidance_scale >= 1.0, "sampling.guidance_scale", s.guidance_scale, "a number >= 1")
     _choice("sampling.logprob_reduction", s.logprob_reduction, ("mean", "sum"))
+    _choice("sampling.sde_type", s.sde_type, ("sde", "cps"))
     _check(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
     _choice("estimator.preset", e.preset, tuple(PRESETS))
     if e.advantage is not None:

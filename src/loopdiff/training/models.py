@@ -1,4 +1,11 @@
-"""Loading the pipeline to fine-tune, choosing what trains (full UNet or LoRA), and the reference policy."""
+"""Loading the pipeline to fine-tune, choosing what trains (full UNet or LoRA), and the reference policy.
+
+Two kinds of pipeline: Stable-Diffusion format (UNet + DDIM, :class:`DiffusionPolicy`) and SD3 format
+(``StableDiffusion3Pipeline``: SD3 transformer + flow-matching Euler scheduler, :class:`FlowMatchPolicy`).
+``load_pipeline`` reads the kind from the folder's ``model_index.json``; :func:`denoiser` and
+:func:`build_policies` route the rest by the loaded pipeline's kind. The trained module is called ``unet``
+throughout the training code whichever kind it is.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,12 @@ import contextlib
 import copy
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
-from loopdiff.config import ConfigError, ModelConfig
+from loopdiff.config import ConfigError, ModelConfig, SamplingConfig
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -25,12 +32,69 @@ def resolve_pretrained(name: str) -> str:
     return name
 
 
+def _model_index(source: str, looks_local: bool, revision: str | None) -> dict[str, Any]:
+    """The pipeline's ``model_index.json`` (empty when a Hub id's cannot be read: the loader then reports)."""
+    if looks_local:
+        return json.loads((Path(source).expanduser() / "model_index.json").read_text())
+    try:
+        from diffusers import DiffusionPipeline
+
+        return dict(DiffusionPipeline.load_config(source, revision=revision))
+    except (OSError, ValueError):
+        return {}
+
+
+def is_flow_matching(pipe: Any) -> bool:
+    """Whether ``pipe`` is an SD3-format pipeline (a transformer with a flow-matching Euler scheduler)."""
+    return getattr(pipe, "transformer", None) is not None and isinstance(
+        pipe.scheduler, FlowMatchEulerDiscreteScheduler
+    )
+
+
+def denoiser(pipe: Any) -> torch.nn.Module:
+    """The module that trains: the SD3 transformer or the UNet."""
+    return pipe.transformer if is_flow_matching(pipe) else pipe.unet
+
+
+def text_encoders(pipe: Any) -> list[torch.nn.Module]:
+    """The pipeline's text encoders (one for Stable Diffusion, two or three for SD3)."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
+
+
+def _load_sd3_pipeline(source: str, config: ModelConfig, index: dict[str, Any]) -> Any:
+    from diffusers import StableDiffusion3Pipeline
+
+    # a pipeline saved without T5 has no text_encoder_3 entry; diffusers needs the absence said explicitly
+    absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if (index.get(name) or [None])[0] is None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(source, revision=config.revision, **absent)
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ConfigError(
+            f"model.pretrained='{config.pretrained}': an SD3 pipeline needs a FlowMatchEulerDiscreteScheduler, "
+            f"not {type(pipe.scheduler).__name__}"
+        )
+    return pipe
+
+
 def load_pipeline(config: ModelConfig) -> StableDiffusionPipeline:
-    """Load a Stable-Diffusion-format pipeline with a DDIM scheduler and frozen VAE and text encoder."""
+    """Load a Stable-Diffusion-format pipeline with a DDIM scheduler and frozen VAE and text encoder, or an
+    SD3-format one (``_class_name`` StableDiffusion3Pipeline) with its flow-matching scheduler."""
     source = resolve_pretrained(config.pretrained)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local:
         check_pipeline_folder(config.pretrained, Path(source).expanduser())
+    index = _model_index(str(Path(source).expanduser()) if looks_local else source, looks_local, config.revision)
+    if index.get("_class_name") == "StableDiffusion3Pipeline":
+        try:
+            pipe = _load_sd3_pipeline(str(Path(source).expanduser()) if looks_local else source, config, index)
+        except (OSError, ValueError) as error:
+            message = " ".join(str(error).split())
+            raise ConfigError(f"model.pretrained='{config.pretrained}' could not be loaded: {message}") from None
+        pipe.vae.requires_grad_(False)
+        for encoder in text_encoders(pipe):
+            encoder.requires_grad_(False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(Path(source).expanduser()) if looks_local else source,
@@ -68,12 +132,55 @@ def check_pipeline_folder(name: str, folder: Path) -> None:
 def configure_attention(unet: torch.nn.Module, choice: str, device: torch.device) -> None:
     """Pick the attention processor: on the CPU the classic batched-matmul one is faster than SDPA
     for small heads (bench/RESULTS.md: 0.73x the forward+backward time), with the same outputs."""
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    if not isinstance(unet, UNet2DConditionModel):
+        return  # an SD3 transformer keeps its own joint-attention processors
     if choice == "classic" or (choice == "auto" and device.type == "cpu"):
         unet.set_attn_processor(AttnProcessor())
     elif choice == "sdpa":
         unet.set_attn_processor(AttnProcessor2_0())
+
+
+def build_policies(
+    pipe: Any, sampler_model: torch.nn.Module, learner_model: torch.nn.Module, sampling: SamplingConfig,
+    device: torch.device,
+) -> tuple[Any, Any, Any]:
+    """(sampling policy, training policy, prompt encoder) for the pipeline's kind.
+
+    UNet pipelines: :class:`DiffusionPolicy` with DDIM eta = ``sampling.eta``. SD3 pipelines:
+    :class:`FlowMatchPolicy` with the SDE noise level a = ``sampling.eta`` and form ``sampling.sde_type``.
+    """
+    from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
+    from loopdiff.sampling.trajectories import PromptEncoder
+
+    if is_flow_matching(pipe):
+        from loopdiff.sampling.flow_policy import FlowMatchPolicy, FlowPolicyConfig, SD3PromptEncoder
+
+        flow_config = FlowPolicyConfig(
+            guidance_scale=sampling.guidance_scale,
+            noise_level=sampling.eta,
+            num_steps=sampling.num_steps,
+            reduction=sampling.logprob_reduction,  # type: ignore[arg-type]
+            sde_type=getattr(sampling, "sde_type", "sde"),  # type: ignore[arg-type]
+        )
+        return (
+            FlowMatchPolicy(sampler_model, pipe.scheduler, flow_config),
+            FlowMatchPolicy(learner_model, pipe.scheduler, flow_config),
+            SD3PromptEncoder(pipe, device),
+        )
+    policy_config = PolicyConfig(
+        guidance_scale=sampling.guidance_scale,
+        eta=sampling.eta,
+        num_steps=sampling.num_steps,
+        reduction=sampling.logprob_reduction,  # type: ignore[arg-type]
+    )
+    return (
+        DiffusionPolicy(sampler_model, pipe.scheduler, policy_config),
+        DiffusionPolicy(learner_model, pipe.scheduler, policy_config),
+        PromptEncoder(pipe.tokenizer, pipe.text_encoder, device),
+    )
 
 
 def cross_attention_kv(unet: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -30,8 +30,7 @@ from loopdiff.prompts import PromptSet, load_prompt_set
 from loopdiff.reports.grids import save_grid, side_by_side
 from loopdiff.rewards.async_reward import AsyncReward
 from loopdiff.rewards.base import RewardFn, as_scores, build_reward
-from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
-from loopdiff.sampling.trajectories import PromptEncoder, Trajectories, decode_latents, sample_trajectories
+from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
 from loopdiff.training.metrics import MetricsLogger, tensor_stats
@@ -40,9 +39,13 @@ from loopdiff.training.minibatches import shuffled_pairs, split_minibatches, ste
 from loopdiff.training.preflight import check_world_prompt_rewards, check_launch, check_output_dir
 from loopdiff.training.models import (
     ReferencePolicy,
+    build_policies,
     configure_attention,
     configure_trainable,
+    denoiser,
+    is_flow_matching,
     load_pipeline,
+    text_encoders,
 )
 
 
@@ -133,8 +136,9 @@ class Trainer:
         self.pipeline = pipeline if pipeline is not None else load_pipeline(config.model)
         pipe = self.pipeline
         pipe.vae.to(self.device)
-        pipe.text_encoder.to(self.device)
-        self.unet = pipe.unet.to(self.device)
+        for encoder in text_encoders(pipe):
+            encoder.to(self.device)
+        self.unet = denoiser(pipe).to(self.device)  # the UNet, or an SD3 pipeline's transformer
         configure_attention(self.unet, config.model.attention, self.device)
         params = configure_trainable(self.unet, config.model)
         if config.training.gradient_checkpointing:
@@ -154,15 +158,10 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / warmup))
         self.trained_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.params = params
-        policy_config = PolicyConfig(
-            guidance_scale=config.sampling.guidance_scale,
-            eta=config.sampling.eta,
-            num_steps=config.sampling.num_steps,
-            reduction=config.sampling.logprob_reduction,  # type: ignore[arg-type]
+        # DiffusionPolicy + PromptEncoder, or FlowMatchPolicy + SD3PromptEncoder for an SD3 pipeline
+        self.sampler, self.learner, self.encoder = build_policies(
+            pipe, self.unet, self.trained_unet, config.sampling, self.device
         )
-        self.sampler = DiffusionPolicy(self.unet, pipe.scheduler, policy_config)
-        self.learner = DiffusionPolicy(self.trained_unet, pipe.scheduler, policy_config)
-        self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.device)
         self.uncond = self.encoder.unconditional()
 
     # ------------------------------------------------------------------ phases
@@ -373,7 +372,7 @@ class Trainer:
     def _reference_kl(self, out, latents, next_latents, timesteps, embeds) -> torch.Tensor:
         assert self.reference is not None
         with torch.no_grad(), self.reference.active() as ref_unet:
-            ref_policy = DiffusionPolicy(ref_unet, self.pipeline.scheduler, self.learner.config)
+            ref_policy = type(self.learner)(ref_unet, self.pipeline.scheduler, self.learner.config)
             ref = ref_policy.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
         return gaussian_step_kl(out.mean, ref.mean, out.std, self.config.sampling.logprob_reduction)
 
@@ -561,11 +560,17 @@ class Trainer:
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
             metadata = unet.peft_config["default"].to_dict()  # keeps lora_alpha, so the scale survives loading
+            if is_flow_matching(self.pipeline):
+                type(self.pipeline).save_lora_weights(
+                    path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata,
+                    safe_serialization=True,
+                )
+                return
             StableDiffusionPipeline.save_lora_weights(
                 path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
             )
             return
-        self.pipeline.unet = unet
+        setattr(self.pipeline, "transformer" if is_flow_matching(self.pipeline) else "unet", unet)
         self.pipeline.save_pretrained(path)
 
     def train(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:

@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_tiny_pipeline
 from loopdiff.prompts import PromptSet
-from loopdiff.sampling.branching import continue_from_step, reward_variance_by_step
+from loopdiff.diagnostics.branching import continue_from_step, reward_variance_by_step
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, initial_latents, sample_trajectories
 

@@ -11,7 +11,7 @@ import torch
 
 from loopdiff.config import ModelConfig, config_from_dict
 from loopdiff.sampling.flow_policy import FlowMatchPolicy, PromptEmbeds, SD3PromptEncoder
-from loopdiff.training.models import is_flow_matching, load_pipeline
+from loopdiff.models import is_flow_matching, load_pipeline
 from loopdiff.training.trainer import Trainer
 from sd3_helpers import build_tiny_sd3_pipeline
 from trainer_helpers import PROMPTS, red_minus_blue

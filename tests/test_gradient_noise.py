@@ -11,7 +11,7 @@ from conftest import build_tiny_pipeline
 from loopdiff.prompts import PromptSet
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
-from loopdiff.training.gradient_noise import GradientNoise, measure_gradient_noise, module_kind
+from loopdiff.diagnostics.gradient_noise import GradientNoise, measure_gradient_noise, module_kind
 
 PROMPTS = ["a red circle", "a blue square", "a green star", "a yellow heart"]
 K = 3

@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys, monkeypat
     make, expected = CASES[case]
     argv = make(tmp_path)
     loads = []
-    monkeypatch.setattr("loopdiff.training.models.StableDiffusionPipeline.from_pretrained",
+    monkeypatch.setattr("loopdiff.models.StableDiffusionPipeline.from_pretrained",
                         lambda *args, **kwargs: loads.append(args) or 1 / 0)
     code = main(["train", *argv, f"output.dir={tmp_path / 'run'}"] if not any("output.dir" in a for a in argv)
                 else ["train", *argv])
@@ -121,7 +121,7 @@ def test_output_dir_that_cannot_be_written_fails_before_the_model_loads(tmp_path
     else:  # pragma: no cover - a system where /sys is writable
         target.rmdir()
         pytest.skip("/sys is writable here")
-    monkeypatch.setattr("loopdiff.training.models.StableDiffusionPipeline.from_pretrained", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("loopdiff.models.StableDiffusionPipeline.from_pretrained", lambda *a, **k: 1 / 0)
     code = main(["train", f"output.dir={target}"])
     lines = _our_lines(capsys.readouterr().err)
     assert code == 2 and len(lines) == 1, lines

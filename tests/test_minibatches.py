@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loopdiff.training.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
+from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
 from trainer_helpers import make_trainer
 
 

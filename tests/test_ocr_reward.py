@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from loopdiff.rewards.base import _BUILTINS, RewardError, build_reward, registered_rewards
+from loopdiff.rewards.base import _REWARD_MODULES, RewardError, build_reward, registered_rewards
 from loopdiff.rewards.ocr import levenshtein, normalize_text, quoted_text, text_score, to_bgr_uint8
 
 # ----------------------------------------------------------------------------- pure functions
@@ -155,7 +155,7 @@ def reward():
 
 def test_registered_and_ready():
     pytest.importorskip("rapidocr_onnxruntime")
-    assert "loopdiff.rewards.ocr" in _BUILTINS.modules  # registered without importing the module first
+    assert "loopdiff.rewards.ocr" in _REWARD_MODULES  # registered without importing the module first
     info = registered_rewards()["ocr"]
     assert info.extras == ("rapidocr_onnxruntime",)
     assert info.unavailable_reason() is None

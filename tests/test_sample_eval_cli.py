@@ -16,7 +16,7 @@ from loopdiff.prompts import load_prompt_set
 from loopdiff.rewards.jpeg import jpeg_size_kb
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder
-from loopdiff.training.models import load_pipeline
+from loopdiff.models import load_pipeline
 
 
 def test_sample_writes_a_grid_of_the_right_size(tiny_pipeline_dir, tmp_path) -> None:
@@ -93,7 +93,7 @@ def test_train_summary_prints_base_final_and_the_paired_change(tmp_path, capsys)
 def test_branch_prints_the_library_measurement(tiny_pipeline_dir, tmp_path, capsys) -> None:
     from loopdiff.prompts import PromptSet
     from loopdiff.rewards.base import build_reward
-    from loopdiff.sampling.branching import reward_variance_by_step
+    from loopdiff.diagnostics.branching import reward_variance_by_step
 
     prompts = tmp_path / "train.txt"
     prompts.write_text("a red circle\na blue square\n")
@@ -146,7 +146,7 @@ def _gradient_noise_both_ways(pipeline_dir, prompt_file, listed, order, groups, 
     """``loopdiff gradient-noise`` output lines, and the library's measurement on the prompts it should pick."""
     from loopdiff.rewards.base import build_reward
     from loopdiff.prompts import PromptSet
-    from loopdiff.training.gradient_noise import measure_gradient_noise
+    from loopdiff.diagnostics.gradient_noise import measure_gradient_noise
 
     prompt_file.write_text("".join(p + "\n" for p in listed))
     code = main(["gradient-noise", "--model", str(pipeline_dir), "--prompts", str(prompt_file), "--groups",

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from loopdiff.study import study_spec_from_dict
-from loopdiff.study.report import build_report
+from loopdiff.reports.study import build_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

@@ -119,7 +119,7 @@ def _print_eval_summary(run_dir: Path) -> None:
 
 def _load_for_inference(model: str, lora: str | None, device: str):
     from loopdiff.config import ModelConfig
-    from loopdiff.training.models import load_pipeline
+    from loopdiff.models import load_pipeline
 
     pipe = load_pipeline(ModelConfig(pretrained=model))
     if lora:
@@ -148,7 +148,7 @@ def _reward_options(args: argparse.Namespace) -> dict:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from loopdiff.reports.grids import save_grid
+    from loopdiff.grids import save_grid
     from loopdiff.sampling.trajectories import decode_latents, sample_trajectories
 
     pipe = _load_for_inference(args.model, args.lora, args.device)
@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loopdiff.prompts import load_prompt_set
     from loopdiff.rewards.base import build_reward, parse_reward_spec
 
-    missing = _embedded_defaults(args, "embedded:color:val")
+    missing = _model_defaults(args, "prompts.val")
     if missing:
         return _usage_error("eval", missing)
     pipe = _load_for_inference(args.model, args.lora, args.device)
@@ -194,14 +194,19 @@ def _usage_error(command: str, message: str) -> int:
     return 2
 
 
-def _embedded_defaults(args: argparse.Namespace, prompts: str) -> str | None:
-    """Fill unset --prompts / --reward with the embedded world's for ``--model embedded``; for any other
-    model return the error naming the missing flag (None when nothing is missing)."""
-    for flag, default in (("prompts", prompts), ("reward", "embedded_vqa")):
+def _model_defaults(args: argparse.Namespace, prompts: str) -> str | None:
+    """Fill unset --prompts / --reward with the registered defaults of ``--model`` (the embedded world's:
+    ``prompts`` names which of its prompt fields); for a model without them return the error naming the
+    missing flag (None when nothing is missing)."""
+    from loopdiff.plugins import registered_models
+
+    entry = registered_models().get(args.model)
+    defaults = entry.defaults if entry is not None else {}
+    for flag, key in (("prompts", prompts), ("reward", "reward.name")):
         if getattr(args, flag) is None:
-            if args.model != "embedded":
+            if key not in defaults:
                 return f"--{flag} is required for a model other than 'embedded' (--model {args.model})"
-            setattr(args, flag, default)
+            setattr(args, flag, defaults[key])
     return None
 
 
@@ -216,9 +221,9 @@ def _step_list(text: str) -> list[int]:
 def cmd_branch(args: argparse.Namespace) -> int:
     from loopdiff.prompts import load_prompt_set
     from loopdiff.rewards.base import build_reward
-    from loopdiff.sampling.branching import reward_variance_by_step
+    from loopdiff.diagnostics.branching import reward_variance_by_step
 
-    missing = _embedded_defaults(args, "embedded:color")
+    missing = _model_defaults(args, "prompts.train")
     if missing:
         return _usage_error("branch", missing)
     if args.every < 1:
@@ -249,9 +254,9 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
 
     from loopdiff.prompts import PromptSet, load_prompt_set
     from loopdiff.rewards.base import build_reward
-    from loopdiff.training.gradient_noise import measure_gradient_noise
+    from loopdiff.diagnostics.gradient_noise import measure_gradient_noise
 
-    missing = _embedded_defaults(args, "embedded:color")
+    missing = _model_defaults(args, "prompts.train")
     if missing:
         return _usage_error("gradient-noise", missing)
     if args.groups < 2 or args.samples_per_prompt < 2:

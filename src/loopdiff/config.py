@@ -17,7 +17,8 @@ import yaml
 from loopdiff.advantages import ADVANTAGE_KINDS
 from loopdiff.estimators import PRESETS
 from loopdiff.objectives import LOSS_KINDS
-from loopdiff.training.minibatches import steps_per_sample
+from loopdiff.minibatches import steps_per_sample
+from loopdiff.plugins import registered_models
 
 
 TRAIN_MODULES = ("all", "cross_attention")
@@ -27,13 +28,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is allowed."""
 
 
-EMBEDDED = "embedded"
-# What a run on the embedded model uses for the fields left unset; any other model must name its own.
-EMBEDDED_DEFAULTS = {
-    "prompts.train": "embedded:color",
-    "prompts.val": "embedded:color:val",
-    "reward.name": "embedded_vqa",
-}
+EMBEDDED = "embedded"  # the default model, registered by the embedded plugin with its default prompts and reward
 
 
 @dataclass
@@ -100,8 +95,8 @@ class TrainingConfig:
 
 @dataclass
 class RewardConfig:
-    # A registered name, "package.module:function", or a weighted sum "a:1.0,b:0.1". None: the embedded
-    # model's default (EMBEDDED_DEFAULTS); required for any other model unless a reward_fn is passed in Python.
+    # A registered name, "package.module:function", or a weighted sum "a:1.0,b:0.1". None: the model's
+    # registered default (the embedded model's); required for any other model unless a reward_fn is passed in Python.
     name: str | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     asynchronous: bool = True  # score in a worker thread while the next batch samples
@@ -110,8 +105,8 @@ class RewardConfig:
 
 @dataclass
 class PromptConfig:
-    # "embedded:<category>", a prompt file, or "file:<path>". None: the embedded model's default
-    # (EMBEDDED_DEFAULTS); ``train`` is required for any other model, and without ``val`` it is not evaluated.
+    # "embedded:<category>", a prompt file, or "file:<path>". None: the model's registered default (the
+    # embedded model's); ``train`` is required for any other model, and without ``val`` it is not evaluated.
     train: str | None = None
     val: str | None = None
     max_train: int | None = None  # train on the first N training prompts only (None: all of them)
@@ -294,18 +289,21 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
 
 
 def complete(config: RunConfig) -> RunConfig:
-    """Fill the embedded model's unset prompts and reward (``EMBEDDED_DEFAULTS``); no other model gets them.
+    """Fill the unset fields a registered model has defaults for (the embedded model's prompts and reward);
+    no other model gets them.
 
-    Raises ConfigError when ``prompts.train`` is unset for a model other than the embedded one.
+    Raises ConfigError when ``prompts.train`` is unset and the model has no default for it.
     """
-    if config.model.pretrained == EMBEDDED:
-        for key, value in EMBEDDED_DEFAULTS.items():
-            section, name = key.split(".")
-            if getattr(getattr(config, section), name) is None:
-                setattr(getattr(config, section), name, value)
-    elif config.prompts.train is None:
+    models = registered_models()
+    entry = models.get(config.model.pretrained)
+    for key, value in (entry.defaults if entry is not None else {}).items():
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) is None:
+            setattr(getattr(config, section), name, value)
+    if config.prompts.train is None:
+        with_defaults = " or ".join(f"'{m.name}'" for m in models.values() if "prompts.train" in m.defaults)
         raise ConfigError(
-            f"prompts.train is required for a model other than '{EMBEDDED}' "
+            f"prompts.train is required for a model other than {with_defaults} "
             f"(model.pretrained={config.model.pretrained!r}); give a prompt file, one prompt per line"
         )
     return config

@@ -1,7 +1,8 @@
 """Prompt sources: where the training and validation prompts come from.
 
 A source spec is one of
-- ``embedded:<category>`` / ``embedded:<category>:val``: the embedded world's shipped prompt files;
+- ``<scheme>:<argument>`` for a scheme a plugin registered (``loopdiff.plugins.register_prompt_source``),
+  such as ``embedded:<category>`` / ``embedded:<category>:val``, the embedded world's shipped prompt files;
 - a path to a text file with one prompt per line (T2I-CompBench's ``color_train.txt``, DDPO's
   ``simple_animals.txt``, ...); the file's stem (up to the first ``_``) becomes the ``category`` metadata;
 - ``<path>`` may also be given as ``file:<path>``.
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from loopdiff.plugins import registered_prompt_sources
 
 
 class PromptError(ValueError):
@@ -43,7 +46,8 @@ class PromptSet:
         return PromptSet(self.prompts[:n], self.metadata[:n], self.name)
 
 
-def _from_lines(lines: list[str], category: str, name: str) -> PromptSet:
+def prompt_set_from_lines(lines: list[str], category: str, name: str) -> PromptSet:
+    """The non-blank ``lines`` as prompts of metadata ``{"category": category}``; a PromptError if none."""
     prompts = tuple(line.strip() for line in lines if line.strip())
     if not prompts:
         raise PromptError(f"prompt source '{name}' holds no prompts")
@@ -52,26 +56,16 @@ def _from_lines(lines: list[str], category: str, name: str) -> PromptSet:
 
 def load_prompt_set(spec: str) -> PromptSet:
     """Read the prompts named by ``spec`` (see the module docstring)."""
-    if spec.startswith("embedded:"):
-        parts = spec.split(":")
-        category = parts[1] if len(parts) > 1 else ""
-        split = parts[2] if len(parts) > 2 else "train"
-        from loopdiff.embedded.prompts import CATEGORIES, load_prompts
-
-        if category not in CATEGORIES or split not in ("train", "val"):
-            raise PromptError(
-                f"prompt source '{spec}': use embedded:<category>[:train|val] with category one of "
-                f"{', '.join(CATEGORIES)}"
-            )
-        return _from_lines(load_prompts(category, split), category, spec)
+    sources = registered_prompt_sources()
+    scheme, sep, argument = spec.partition(":")
+    if sep and scheme in sources:
+        return sources[scheme].resolve(argument, spec)
     path = Path(spec.removeprefix("file:")).expanduser()
     if not path.is_file():
-        raise PromptError(
-            f"prompt file '{path}' does not exist (give a text file with one prompt per line, "
-            "or embedded:<category>[:val])"
-        )
+        usages = "".join(f", or {source.usage}" for source in sources.values())
+        raise PromptError(f"prompt file '{path}' does not exist (give a text file with one prompt per line{usages})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise PromptError(f"prompt file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    return _from_lines(text.splitlines(), path.stem.split("_")[0], spec)
+    return prompt_set_from_lines(text.splitlines(), path.stem.split("_")[0], spec)

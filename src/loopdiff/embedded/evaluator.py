@@ -37,7 +37,10 @@ from loopdiff.embedded.prompts import (
     world_category,
 )
 from loopdiff.embedded.world import COLORS, IMAGE_SIZE, PATTERN_BRIGHTNESS, SHAPES, shape_mask
-from loopdiff.rewards.base import RewardError, register_reward
+from loopdiff.rewards.base import PromptRequirement, RewardError, register_reward
+
+# The prompts the world-prompt rewards can score (checked before a run loads its model).
+WORLD_PROMPTS = PromptRequirement(parse_prompt, kind="embedded-world prompts", hint="embedded:<category> prompts")
 
 FOREGROUND_DISTANCE = 45.0  # RGB distance (0-255) from the background that marks a foreground pixel
 MIN_AREA = 20  # smaller components are noise
@@ -371,6 +374,7 @@ class HeldOutEvaluator:
 @register_reward(
     "embedded_eval",
     description="held-out analytic evaluator of the embedded world (T2I-CompBench formulas over measured objects)",
+    prompts=WORLD_PROMPTS,
 )
 def embedded_eval(graded: bool = False) -> HeldOutEvaluator:
     return HeldOutEvaluator(graded=graded)
@@ -379,6 +383,7 @@ def embedded_eval(graded: bool = False) -> HeldOutEvaluator:
 @register_reward(
     "embedded_eval_graded",
     description="the held-out evaluator with partial credit: per object the fraction of named attributes matched",
+    prompts=WORLD_PROMPTS,
 )
 def embedded_eval_graded() -> HeldOutEvaluator:
     return HeldOutEvaluator(graded=True)

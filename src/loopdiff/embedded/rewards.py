@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from loopdiff.embedded import evaluator as _evaluator  # noqa: F401  (registers embedded_eval)
+from loopdiff.embedded.evaluator import WORLD_PROMPTS  # importing the evaluator registers embedded_eval
 from loopdiff.embedded.prompts import (
     ObjectSpec,
     WorldPrompt,
@@ -207,13 +207,13 @@ def embedded_vqa(directory: str | None = None, device: str = "cpu", batch_size: 
 
 
 @register_reward("embedded_spatial", description="embedded world: T2I-CompBench spatial formula over a learned grid detector",
-                 check=_missing_weights("detector"))
+                 check=_missing_weights("detector"), prompts=WORLD_PROMPTS)
 def embedded_spatial(directory: str | None = None, device: str = "cpu", threshold: float = 0.3) -> EmbeddedSpatial:
     return EmbeddedSpatial(directory, device, threshold)
 
 
 @register_reward("embedded_numeracy", description="embedded world: T2I-CompBench numeracy formula over a learned grid detector",
-                 check=_missing_weights("detector"))
+                 check=_missing_weights("detector"), prompts=WORLD_PROMPTS)
 def embedded_numeracy(directory: str | None = None, device: str = "cpu", threshold: float = 0.3) -> EmbeddedNumeracy:
     return EmbeddedNumeracy(directory, device, threshold)
 
@@ -231,6 +231,6 @@ def _all_weights(options: Mapping[str, Any]) -> str | None:
 
 @register_reward("embedded_compbench",
                  description="embedded world by category: vqa (color/shape/texture), spatial, numeracy, complex 3-in-1",
-                 check=_all_weights)
+                 check=_all_weights, prompts=WORLD_PROMPTS)
 def embedded_compbench(directory: str | None = None, device: str = "cpu") -> EmbeddedCompBench:
     return EmbeddedCompBench(directory, device)

@@ -1,6 +1,7 @@
 """Rewards: black-box scores of decoded images, registered by name (see :mod:`loopdiff.rewards.base`)."""
 
 from loopdiff.rewards.base import (
+    PromptRequirement,
     RewardError,
     RewardFn,
     RewardInfo,
@@ -8,10 +9,12 @@ from loopdiff.rewards.base import (
     build_reward,
     parse_reward_spec,
     register_reward,
+    register_reward_modules,
     registered_rewards,
 )
 
 __all__ = [
+    "PromptRequirement",
     "RewardError",
     "RewardFn",
     "RewardInfo",
@@ -19,5 +22,6 @@ __all__ = [
     "build_reward",
     "parse_reward_spec",
     "register_reward",
+    "register_reward_modules",
     "registered_rewards",
 ]

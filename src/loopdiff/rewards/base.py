@@ -9,7 +9,8 @@ A reward is any callable ``(images, prompts, metadata) -> scores``:
 
 Rewards are registered under a name with a factory that builds the callable from keyword options
 (paths to weights, devices, ...), or named ``package.module:function`` from the user's own code
-(docs/custom-rewards.md). ``build_reward("a:1.0,b:0.1", options)`` builds a weighted sum.
+(docs/custom-rewards.md). ``build_reward("a:1.0,b:0.1", options)`` builds a weighted sum. The registry holds
+the built-in rewards and those of plugins (``loopdiff.plugins``), such as the embedded world's.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
+
+from loopdiff.plugins import load_plugins
 
 
 class RewardFn(Protocol):
@@ -36,6 +39,15 @@ class RewardError(ValueError):
 
 
 @dataclass(frozen=True)
+class PromptRequirement:
+    """The prompts a reward can score: ``parse(prompt)`` raises ValueError for any other."""
+
+    parse: Callable[[str], object]
+    kind: str  # what they are, in messages: "embedded-world prompts"
+    hint: str  # where to get them: "embedded:<category> prompts"
+
+
+@dataclass(frozen=True)
 class RewardInfo:
     """A registry entry: how to build a reward and what it needs."""
 
@@ -45,6 +57,7 @@ class RewardInfo:
     needs: str = ""
     extras: tuple[str, ...] = ()  # python modules that must be importable
     check: Callable[[Mapping[str, Any]], str | None] | None = None  # returns why it cannot run, or None
+    prompts: PromptRequirement | None = None  # None: any prompt
 
     def unavailable_reason(self, options: Mapping[str, Any] | None = None) -> str | None:
         """Why this reward cannot run here now (missing extra or weights), or ``None`` if it can."""
@@ -66,19 +79,20 @@ def register_reward(
     needs: str = "",
     extras: Sequence[str] = (),
     check: Callable[[Mapping[str, Any]], str | None] | None = None,
+    prompts: PromptRequirement | None = None,
 ) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
     """Decorator registering a reward factory under ``name``."""
 
     def decorator(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
-        _REGISTRY[name] = RewardInfo(name, factory, description, needs, tuple(extras), check)
+        _REGISTRY[name] = RewardInfo(name, factory, description, needs, tuple(extras), check, prompts)
         return factory
 
     return decorator
 
 
 def registered_rewards() -> dict[str, RewardInfo]:
-    """All registered rewards, by name (imports the built-in reward modules first)."""
-    _load_builtin_rewards()
+    """All registered rewards, by name (loads the plugins and imports the reward modules first)."""
+    _load_reward_modules()
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -221,35 +235,31 @@ class CheckedReward:
         return as_scores(self.fn(images, prompts, metadata), len(prompts), self.name)
 
 
-@dataclass
-class _Loaded:
-    done: bool = False
-    modules: list[str] = field(default_factory=list)
+# Modules whose import registers rewards: the built-in ones, then those plugins add.
+_REWARD_MODULES = [
+    "loopdiff.rewards.jpeg",
+    "loopdiff.rewards.control",
+    "loopdiff.rewards.blip_vqa",
+    "loopdiff.rewards.detection",
+    "loopdiff.rewards.aesthetic",
+    "loopdiff.rewards.clipscore",
+    "loopdiff.rewards.alignment",
+    "loopdiff.rewards.ocr",
+    "loopdiff.rewards.server",
+    "loopdiff.rewards.dispatch",
+]
+_IMPORTED: set[str] = set()
 
 
-_BUILTINS = _Loaded(
-    modules=[
-        "loopdiff.rewards.jpeg",
-        "loopdiff.rewards.control",
-        "loopdiff.rewards.blip_vqa",
-        "loopdiff.rewards.detection",
-        "loopdiff.rewards.aesthetic",
-        "loopdiff.rewards.clipscore",
-        "loopdiff.rewards.alignment",
-        "loopdiff.rewards.ocr",
-        "loopdiff.rewards.server",
-        "loopdiff.rewards.dispatch",
-        "loopdiff.embedded.rewards",
-        "loopdiff.embedded.aesthetic",
-    ]
-)
+def register_reward_modules(*modules: str) -> None:
+    """Modules to import when the rewards are first listed (a plugin's rewards register on import)."""
+    _REWARD_MODULES.extend(m for m in modules if m not in _REWARD_MODULES)
 
 
-def _load_builtin_rewards() -> None:
-    """Import the modules that register the built-in rewards (those present in this install)."""
-    if _BUILTINS.done:
-        return
-    _BUILTINS.done = True
-    for module in _BUILTINS.modules:
+def _load_reward_modules() -> None:
+    """Load the plugins, then import the reward modules not imported yet (those present in this install)."""
+    load_plugins()
+    for module in [m for m in _REWARD_MODULES if m not in _IMPORTED]:
+        _IMPORTED.add(module)
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from loopdiff.config import RunConfig
-from loopdiff.study.report import RUN_RECORD, build_report
+from loopdiff.reports.study import RUN_RECORD, build_report
 from loopdiff.study.results import BASE_TAG, FINAL_TAG, base_dir, read_eval, run_dir
 from loopdiff.study.spec import StudyError, StudySpec, load_study_spec
 
@@ -128,7 +128,7 @@ def preflight(jobs: Sequence[Job]) -> None:
     """Fail before anything runs if a prompt source, a reward or a local model folder is missing."""
     from loopdiff.prompts import PromptError, load_prompt_set
     from loopdiff.rewards.base import parse_reward_spec, registered_rewards
-    from loopdiff.training.models import resolve_pretrained
+    from loopdiff.models import resolve_pretrained
 
     registry, checked = registered_rewards(), set()
     for job in jobs:

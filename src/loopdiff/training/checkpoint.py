@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loopdiff.training.guards import check_finite_weights
-from loopdiff.training.models import load_trainable_state_dict, trainable_state_dict
+from loopdiff.models import load_trainable_state_dict, trainable_state_dict
 
 WEIGHTS = "trainable.safetensors"
 STATE = "training_state.pt"

@@ -13,7 +13,7 @@ from typing import Mapping
 
 from loopdiff.config import ConfigError, RunConfig
 from loopdiff.prompts import PromptSet
-from loopdiff.rewards.base import parse_reward_spec
+from loopdiff.rewards.base import PromptRequirement, parse_reward_spec, registered_rewards
 
 LAUNCH_HELP = (
     "on the CPU launch with 'torchrun --nproc_per_node N -m loopdiff.cli train model.device=cpu' "
@@ -53,38 +53,35 @@ def check_output_dir(path: Path) -> None:
                           "allowed: a folder (new or existing) that can be written") from None
 
 
-# Embedded rewards that read each prompt as a world prompt (objects, attributes, relation) to score it.
-WORLD_PROMPT_REWARDS = ("embedded_eval", "embedded_eval_graded", "embedded_compbench", "embedded_spatial",
-                        "embedded_numeracy")
+def _prompt_requirements(uses: list[tuple[str, str]]) -> list[tuple[str, str, PromptRequirement]]:
+    """The (config field, reward name, requirement) of the registered rewards in ``uses`` that score only
+    prompts of some form."""
+    registry = registered_rewards()
+    found = [(field, name, registry[name].prompts if name in registry else None) for field, name in uses]
+    return [(field, name, requirement) for field, name, requirement in found if requirement is not None]
 
 
-def _world_prompt_rewards(uses: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The (config field, reward name) pairs that name a reward of world prompts."""
-    return [(field, name) for field, name in uses if name in WORLD_PROMPT_REWARDS]
-
-
-def check_world_prompt_rewards(config: RunConfig, prompt_sets: Mapping[str, PromptSet], training_reward: bool) -> None:
-    """Raise ConfigError when an embedded-world reward would score prompts that are not world prompts.
+def check_reward_prompts(config: RunConfig, prompt_sets: Mapping[str, PromptSet], training_reward: bool) -> None:
+    """Raise ConfigError when a reward that scores prompts of one form only (the embedded world's) would
+    score other prompts.
 
     ``prompt_sets`` maps ``"train"``/``"val"`` to the loaded prompt sets (a missing one is not checked);
     ``training_reward``: whether ``reward.name`` is built from the config (not a reward passed in).
     """
-    from loopdiff.embedded.prompts import parse_prompt
-
     training = [("reward.name", n) for n, _ in parse_reward_spec(config.reward.name)] if training_reward else []
     evaluation = [("eval.rewards", n) for n in config.eval.rewards]
-    scored = {"train": _world_prompt_rewards(training), "val": _world_prompt_rewards(training + evaluation)}
+    scored = {"train": _prompt_requirements(training), "val": _prompt_requirements(training + evaluation)}
     for split, users in scored.items():
         prompt_set = prompt_sets.get(split)
-        if not users or prompt_set is None:
+        if prompt_set is None:
             continue
-        for prompt in prompt_set.prompts:
-            try:
-                parse_prompt(prompt)
-            except ValueError as error:
-                field, name = users[0]
-                raise ConfigError(
-                    f"{field}: '{name}' scores embedded-world prompts only, but prompts.{split}="
-                    f"'{getattr(config.prompts, split)}' holds {prompt!r} ({error}); use embedded:<category> "
-                    f"prompts, or leave '{name}' out of {field}"
-                ) from None
+        for field, name, requirement in users:
+            for prompt in prompt_set.prompts:
+                try:
+                    requirement.parse(prompt)
+                except ValueError as error:
+                    raise ConfigError(
+                        f"{field}: '{name}' scores {requirement.kind} only, but prompts.{split}="
+                        f"'{getattr(config.prompts, split)}' holds {prompt!r} ({error}); use {requirement.hint}, "
+                        f"or leave '{name}' out of {field}"
+                    ) from None

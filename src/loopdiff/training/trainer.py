@@ -27,7 +27,7 @@ from loopdiff.config import ConfigError, RunConfig, build_estimator, check_proce
 from loopdiff.evaluation import EvalResult, evaluate
 from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
-from loopdiff.reports.grids import save_grid, side_by_side
+from loopdiff.grids import save_grid, side_by_side
 from loopdiff.rewards.async_reward import AsyncReward
 from loopdiff.rewards.base import RewardFn, as_scores, build_reward
 from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
@@ -35,9 +35,9 @@ from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
 from loopdiff.training.metrics import MetricsLogger, tensor_stats
 from loopdiff.training.model_card import model_card
-from loopdiff.training.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
-from loopdiff.training.preflight import check_world_prompt_rewards, check_launch, check_output_dir
-from loopdiff.training.models import (
+from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
+from loopdiff.training.preflight import check_reward_prompts, check_launch, check_output_dir
+from loopdiff.models import (
     ReferencePolicy,
     build_policies,
     configure_attention,
@@ -95,7 +95,7 @@ class Trainer:
         self.run_dir = Path(config.output.dir)
         self._check_before_loading()
         self.train_prompts = load_prompt_set(config.prompts.train).head(config.prompts.max_train)
-        check_world_prompt_rewards(config, self._scored_prompt_sets(), training_reward=reward_fn is None)
+        check_reward_prompts(config, self._scored_prompt_sets(), training_reward=reward_fn is None)
         self.reward_fn = reward_fn or build_reward(self.reward_name, config.reward.options)
         self.monitor_rewards = {name: build_reward(name, config.reward.options) for name in config.reward.monitor}
         self.monitored: dict[str, torch.Tensor] = {}  # the last collect's monitor scores, by reward name

@@ -17,7 +17,7 @@ from loopdiff.prompts import load_prompt_set
 from loopdiff.rewards.base import build_reward
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
-from loopdiff.training.models import configure_attention, load_pipeline
+from loopdiff.models import configure_attention, load_pipeline
 
 TRAINING_REWARDS = ("embedded_vqa", "embedded_alignment", "embedded_compbench")
 PROMPTS, IMAGES, PROMPTS_PER_CALL = 48, 8, 4

@@ -1,4 +1,5 @@
-"""Image grids: rows of prompts, columns of samples, with the prompt written beside each row."""
+"""Image grids: rows of prompts, columns of samples, with the prompt written beside each row (evaluation
+grids, ``loopdiff sample``, the study report)."""
 
 from __future__ import annotations
 

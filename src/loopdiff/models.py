@@ -19,17 +19,15 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
 from loopdiff.config import ConfigError, ModelConfig, SamplingConfig
+from loopdiff.plugins import registered_models
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def resolve_pretrained(name: str) -> str:
-    """``"embedded"`` -> the shipped pipeline folder; a local folder or a Hub id otherwise."""
-    if name == "embedded":
-        from loopdiff.embedded.pipeline import embedded_pipeline_path
-
-        return str(embedded_pipeline_path())
-    return name
+    """A registered model's name (``"embedded"``) -> its pipeline folder; a local folder or a Hub id as it is."""
+    entry = registered_models().get(name)
+    return str(entry.folder()) if entry is not None else name
 
 
 def _model_index(source: str, looks_local: bool, revision: str | None) -> dict[str, Any]:

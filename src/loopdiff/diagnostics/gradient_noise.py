@@ -21,7 +21,7 @@ from loopdiff.prompts import PromptSet
 from loopdiff.rewards.base import RewardFn, as_scores
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
-from loopdiff.training.minibatches import trained_steps
+from loopdiff.minibatches import trained_steps
 
 
 @dataclass

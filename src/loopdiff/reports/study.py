@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loopdiff.reports.grids import side_by_side
+from loopdiff.grids import side_by_side
 from loopdiff.study.claims import ClaimVerdict, check_claims, claims_markdown
 from loopdiff.study.curves import plot_table_curves, write_curve_csv
 from loopdiff.study.results import (

@@ -1,0 +1,46 @@
+"""The embedded world as a plugin: the model ``embedded``, the prompt source ``embedded:<category>[:val]``
+and the ``embedded_*`` rewards, registered through the core's registries as any third party's would be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loopdiff.plugins import register_model, register_prompt_source
+from loopdiff.prompts import PromptError, PromptSet, prompt_set_from_lines
+from loopdiff.rewards.base import register_reward_modules
+
+NAME = "embedded"
+# What a run on the embedded model uses for the fields left unset; any other model must name its own.
+DEFAULTS = {
+    "prompts.train": "embedded:color",
+    "prompts.val": "embedded:color:val",
+    "reward.name": "embedded_vqa",
+}
+PROMPT_USAGE = "embedded:<category>[:val]"
+
+
+def register() -> None:
+    """Register the embedded model, its prompt files and its rewards (each module loads when first needed)."""
+    register_model(NAME, pipeline_folder, DEFAULTS)
+    register_prompt_source(NAME, embedded_prompts, PROMPT_USAGE)
+    register_reward_modules("loopdiff.embedded.rewards", "loopdiff.embedded.aesthetic")
+
+
+def pipeline_folder() -> Path:
+    """The shipped pretrained pipeline's folder."""
+    from loopdiff.embedded.pipeline import embedded_pipeline_path
+
+    return embedded_pipeline_path()
+
+
+def embedded_prompts(argument: str, spec: str) -> PromptSet:
+    """``<category>[:train|val]`` -> the shipped prompt file of that category and split."""
+    from loopdiff.embedded.prompts import CATEGORIES, load_prompts
+
+    parts = argument.split(":")
+    category, split = parts[0], parts[1] if len(parts) > 1 else "train"
+    if category not in CATEGORIES or split not in ("train", "val"):
+        raise PromptError(
+            f"prompt source '{spec}': use embedded:<category>[:train|val] with category one of {', '.join(CATEGORIES)}"
+        )
+    return prompt_set_from_lines(load_prompts(category, split), category, spec)

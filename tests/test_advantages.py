@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from loopdiff.advantages import PerPromptStatTracker, compute_advantages, group_zscore, leave_one_out
+from loopdiff.advantages import PerPromptStatTracker, clip_advantages, group_zscore, leave_one_out, raw
+from loopdiff.estimators import estimator_from_preset
 
 
 def _groups(k: int, n_prompts: int) -> torch.Tensor:
@@ -65,14 +66,14 @@ def test_stat_tracker_by_hand_with_eviction_and_min_count() -> None:
 
 
 def test_prompt_mean_baseline_without_std() -> None:
-    tracker = PerPromptStatTracker(buffer_size=8, min_count=1, use_std=False)
-    advantages = compute_advantages("prompt_mean", torch.tensor([1.0, 3.0, 10.0]), torch.arange(3),
-                                    ["x", "x", "y"], tracker=tracker)
+    tracker = estimator_from_preset("reinforce_bc", tracker_buffer_size=8, tracker_min_count=1).new_tracker()
+    assert tracker is not None and not tracker.use_std
+    advantages = tracker.update(["x", "x", "y"], torch.tensor([1.0, 3.0, 10.0]))
     torch.testing.assert_close(advantages, torch.tensor([-1.0, 1.0, 0.0]))
 
 
 def test_advantage_clip_and_unknown_kind() -> None:
-    clipped = compute_advantages("raw", torch.tensor([-9.0, 0.5, 9.0]), torch.arange(3), ["a"] * 3, clip=5.0)
+    clipped = clip_advantages(raw(torch.tensor([-9.0, 0.5, 9.0]), torch.arange(3)), 5.0)
     torch.testing.assert_close(clipped, torch.tensor([-5.0, 0.5, 5.0]))
-    with pytest.raises(ValueError, match="unknown advantage kind 'median'"):
-        compute_advantages("median", torch.zeros(2), torch.arange(2), ["a", "b"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="estimator.advantage='median'"):
+        estimator_from_preset("loop", advantage="median")

@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
+from loopdiff.advantages import ADVANTAGE_KINDS, BATCH_ADVANTAGES, TRACKED_ADVANTAGES, leave_one_out
 from loopdiff.estimators import PRESETS, loop_loss
+from loopdiff.objectives import LOSS_KINDS, LOSSES, ppo_clip_loss
 from loopdiff.training.trainer import Batch
 from trainer_helpers import make_trainer
 
@@ -119,3 +121,28 @@ def test_loop_loss_reads_like_eq_13_14() -> None:
             rho = torch.exp(log_probs[i, t] - old[i, t])
             expected = expected - torch.minimum(rho * a, rho.clamp(1 - 5e-5, 1 + 5e-5) * a) / 18
     torch.testing.assert_close(loss, expected)
+
+
+def test_loop_runs_eq_14_and_eq_13_and_every_kind_has_its_function() -> None:
+    assert PRESETS["loop"].advantage_fn is leave_one_out and PRESETS["loop"].loss_fn is ppo_clip_loss
+    assert set(BATCH_ADVANTAGES) | set(TRACKED_ADVANTAGES) == set(ADVANTAGE_KINDS)
+    assert set(LOSSES) == set(LOSS_KINDS)
+
+
+def test_trainer_loop_minibatch_loss_is_loop_loss(tmp_path) -> None:
+    """The loss the trainer backpropagates for LOOP is ``loop_loss`` of the same log-probs and rewards."""
+    trainer = make_trainer(tmp_path, "loop")
+    traj, rewards = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    with torch.no_grad():
+        for p in trainer.unet.parameters():
+            p.add_(2e-3 * torch.randn_like(p))  # off the sampling policy: ratios differ from 1
+    n, steps = traj.log_probs.shape
+    pairs = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
+    out = trainer.minibatch_loss(Batch(traj, rewards, trainer.advantages(traj, rewards)), pairs)
+    i, j = pairs[:, 0], pairs[:, 1]
+    step = trainer.learner.step(traj.latents[i, j], traj.timesteps[j], traj.prompt_embeds[i], trainer.uncond,
+                                next_latents=traj.latents[i, j + 1])
+    expected = loop_loss(step.log_prob.reshape(n, steps), traj.log_probs, rewards, traj.group_ids,
+                         clip_range=trainer.estimator.clip_range)
+    assert out.clip_fraction > 0
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-9)

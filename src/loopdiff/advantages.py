@@ -7,13 +7,15 @@ over a batch.
 - ``group_zscore``   A^i = (r^i - mean_g) / (std_g + eps)          (GRPO)
 - ``stat_tracker``   A = (r - mean_p) / (std_p + eps) over the prompt's recent rewards (DDPO)
 
-Group-wise kinds take ``group_ids``: samples sharing an id are the K samples drawn for one prompt.
+The batch kinds are functions ``(rewards, group_ids) -> advantages`` (``BATCH_ADVANTAGES``): samples sharing
+a group id are the K samples drawn for one prompt. The tracked kinds keep each prompt's recent rewards in a
+:class:`PerPromptStatTracker` (``TRACKED_ADVANTAGES``).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +40,11 @@ def finite_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tenso
     """Boolean mask of the samples whose whole group has finite rewards (a NaN or inf drops its group)."""
     bad_groups = group_ids[~torch.isfinite(rewards)].unique()
     return ~torch.isin(group_ids, bad_groups)
+
+
+def raw(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """A = r (Eq. 7); ``group_ids`` is unused."""
+    return rewards.clone()
 
 
 def leave_one_out(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -98,28 +105,11 @@ class PerPromptStatTracker:
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
 
 
-def compute_advantages(
-    kind: AdvantageKind,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    prompts: Sequence[str],
-    tracker: PerPromptStatTracker | None = None,
-    clip: float | None = None,
-) -> torch.Tensor:
-    """Advantages of ``kind`` for a batch, optionally clipped to [-clip, clip] (DDPO clips at 5)."""
-    rewards = rewards.float()
-    if kind == "raw":
-        advantages = rewards.clone()
-    elif kind == "leave_one_out":
-        advantages = leave_one_out(rewards, group_ids)
-    elif kind == "group_zscore":
-        advantages = group_zscore(rewards, group_ids)
-    elif kind in ("prompt_mean", "stat_tracker"):
-        if tracker is None:
-            raise ValueError(f"advantage kind '{kind}' needs a PerPromptStatTracker")
-        advantages = tracker.update(prompts, rewards)
-    else:
-        raise ValueError(f"unknown advantage kind {kind!r}; allowed: {', '.join(ADVANTAGE_KINDS)}")
-    if clip is not None:
-        advantages = advantages.clamp(-clip, clip)
-    return advantages
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rewards, group_ids) -> advantages
+BATCH_ADVANTAGES: dict[str, AdvantageFn] = {"raw": raw, "leave_one_out": leave_one_out, "group_zscore": group_zscore}
+TRACKED_ADVANTAGES: dict[str, bool] = {"prompt_mean": False, "stat_tracker": True}  # kind -> divide by the std
+
+
+def clip_advantages(advantages: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Advantages clipped to [-clip, clip] (DDPO clips at 5); unchanged when ``clip`` is None."""
+    return advantages if clip is None else advantages.clamp(-clip, clip)

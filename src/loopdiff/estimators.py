@@ -1,5 +1,8 @@
 """Gradient estimators as data: an advantage kind + a loss kind + how samples are reused.
 
+An estimator carries the functions its kinds name (``advantage_fn``, ``loss_fn``); the trainer calls them, so
+for LOOP it runs ``leave_one_out`` (Eq. 14) and ``ppo_clip_loss`` (Eq. 13), composed in ``loop_loss``.
+
 The formulas, and where the code departs from the LOOP paper, are in docs/method.md ("Gradient estimators").
 
 | preset         | K | advantage      | loss           | optimiser steps per batch | reference          |
@@ -17,7 +20,7 @@ LOOP (Eq. 13-14), for K trajectories x^1..x^K of prompt c sampled from pi_old:
     L   = -1/K sum_i 1/T sum_t min( rho_t^i A^i, clip(rho_t^i, 1 - eps, 1 + eps) A^i ),
     rho_t^i = pi_theta(x^i_{t-1} | x^i_t, c) / pi_old(x^i_{t-1} | x^i_t, c)
 
-with no reward-std normalisation, no KL penalty and no length normalisation; ``loop_loss`` writes it out.
+with no reward-std normalisation, no KL penalty and no length normalisation.
 """
 
 from __future__ import annotations
@@ -27,8 +30,14 @@ from typing import Any
 
 import torch
 
-from loopdiff.advantages import ADVANTAGE_KINDS, leave_one_out
-from loopdiff.objectives import LOSS_KINDS, ppo_clip_loss
+from loopdiff.advantages import (
+    ADVANTAGE_KINDS,
+    BATCH_ADVANTAGES,
+    TRACKED_ADVANTAGES,
+    AdvantageFn,
+    PerPromptStatTracker,
+)
+from loopdiff.objectives import LOSS_KINDS, LOSSES, LossFn
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,23 @@ class Estimator:
         """More than one optimiser step per batch of samples, so the ratio pi_theta / pi_old matters."""
         return self.inner_epochs * self.minibatches > 1
 
+    @property
+    def advantage_fn(self) -> AdvantageFn | None:
+        """``(rewards, group_ids) -> advantages`` of a batch kind; None for a tracked kind (see ``new_tracker``)."""
+        return BATCH_ADVANTAGES.get(self.advantage)
+
+    @property
+    def loss_fn(self) -> LossFn:
+        """``(log_probs, old_log_probs, advantages, clip_range) -> loss`` of the loss kind."""
+        return LOSSES[self.loss]
+
+    def new_tracker(self) -> PerPromptStatTracker | None:
+        """A fresh per-prompt reward tracker for a tracked advantage kind; None for a batch kind."""
+        if self.advantage not in TRACKED_ADVANTAGES:
+            return None
+        use_std = TRACKED_ADVANTAGES[self.advantage]
+        return PerPromptStatTracker(self.tracker_buffer_size, self.tracker_min_count, use_std=use_std)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -103,7 +129,9 @@ def loop_loss(
     group_ids: torch.Tensor,
     clip_range: float = 1e-4,
 ) -> torch.Tensor:
-    """The LOOP objective (Eq. 13-14) for log-probs of shape (N, T) and rewards (N,)."""
-    advantages = leave_one_out(rewards, group_ids)  # Eq. 14: A^i = r^i - b^i
+    """The LOOP objective (Eq. 13-14) for log-probs of shape (N, T) and rewards (N,): the functions the
+    trainer calls for the ``loop`` preset, composed."""
+    loop = PRESETS["loop"]
+    advantages = loop.advantage_fn(rewards, group_ids)  # Eq. 14: A^i = r^i - b^i (leave_one_out)
     per_step_advantages = advantages[:, None].expand_as(log_probs)
-    return ppo_clip_loss(log_probs, old_log_probs, per_step_advantages, clip_range)  # Eq. 13
+    return loop.loss_fn(log_probs, old_log_probs, per_step_advantages, clip_range)  # Eq. 13 (ppo_clip_loss)

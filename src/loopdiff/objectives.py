@@ -15,7 +15,7 @@ the number of pairs (a constant the learning rate absorbs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -33,8 +33,11 @@ class LossOutput:
     kl_penalty: torch.Tensor
 
 
-def score_function_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """-mean(A * log pi): REINFORCE's surrogate (Eq. 7-9)."""
+def score_function_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> torch.Tensor:
+    """-mean(A * log pi): REINFORCE's surrogate (Eq. 7-9); no importance sampling, so ``old_log_probs`` and
+    ``clip_range`` are unused."""
     return -(advantages * log_probs).mean()
 
 
@@ -48,6 +51,11 @@ def ppo_clip_loss(
     return -torch.minimum(unclipped, clipped).mean()
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (log_probs, old_log_probs, advantages, clip_range) -> the loss, by kind
+LOSSES: dict[str, LossFn] = {"score_function": score_function_loss, "ppo_clip": ppo_clip_loss}
+
+
 def gaussian_step_kl(
     mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -58,7 +66,7 @@ def gaussian_step_kl(
 
 
 def policy_loss(
-    kind: LossKind,
+    loss_fn: LossFn,
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
@@ -66,13 +74,8 @@ def policy_loss(
     step_kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
 ) -> LossOutput:
-    """The minibatch loss of ``kind`` plus ``kl_coef * mean(step_kl)`` when a KL term is given."""
-    if kind == "score_function":
-        loss = score_function_loss(log_probs, advantages)
-    elif kind == "ppo_clip":
-        loss = ppo_clip_loss(log_probs, old_log_probs, advantages, clip_range)
-    else:
-        raise ValueError(f"unknown loss kind {kind!r}; allowed: {', '.join(LOSS_KINDS)}")
+    """``loss_fn``'s minibatch loss plus ``kl_coef * mean(step_kl)`` when a KL term is given, with diagnostics."""
+    loss = loss_fn(log_probs, old_log_probs, advantages, clip_range)
     kl_penalty = torch.zeros((), device=loss.device)
     if step_kl is not None and kl_coef > 0:
         kl_penalty = step_kl.mean()

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from loopdiff.advantages import PerPromptStatTracker, compute_advantages, finite_groups
+from loopdiff.advantages import clip_advantages, finite_groups
 from loopdiff.config import ConfigError, RunConfig, build_estimator, check_processes, complete, fixed_changes
 from loopdiff.evaluation import EvalResult, evaluate
 from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
@@ -101,16 +101,7 @@ class Trainer:
         self.monitored: dict[str, torch.Tensor] = {}  # the last collect's monitor scores, by reward name
         self._evaluation_rewards: dict[str, RewardFn] | None = None
         self._setup_model(pipeline)
-        uses_tracker = self.estimator.advantage in ("prompt_mean", "stat_tracker")
-        self.tracker = (
-            PerPromptStatTracker(
-                self.estimator.tracker_buffer_size,
-                self.estimator.tracker_min_count,
-                use_std=self.estimator.advantage == "stat_tracker",
-            )
-            if uses_tracker
-            else None
-        )
+        self.tracker = self.estimator.new_tracker()  # the per-prompt reward history of a tracked advantage
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.resumed = False
@@ -245,14 +236,12 @@ class Trainer:
         all_groups = self._gather(trajectories.group_ids)[keep]
         prompts = [self.train_prompts.prompts[i] for i in self._gather(trajectories.prompt_ids)[keep].tolist()]
         advantages = torch.full_like(all_rewards, math.nan, dtype=torch.float32)
-        advantages[keep] = compute_advantages(
-            self.estimator.advantage,  # type: ignore[arg-type]
-            all_rewards[keep],
-            all_groups,
-            prompts,
-            tracker=self.tracker,
-            clip=self.estimator.advantage_clip,
-        )
+        kept = all_rewards[keep].float()
+        if self.tracker is not None:
+            values = self.tracker.update(prompts, kept)
+        else:
+            values = self.estimator.advantage_fn(kept, all_groups)  # LOOP: leave_one_out (Eq. 14)
+        advantages[keep] = clip_advantages(values, self.estimator.advantage_clip)
         return self._local(advantages)[self._local(keep)]
 
     def finite_samples(
@@ -360,7 +349,7 @@ class Trainer:
             if self.reference is not None:
                 step_kl = self._reference_kl(out, latents, next_latents, timesteps, embeds)
         return policy_loss(
-            est.loss,  # type: ignore[arg-type]
+            est.loss_fn,  # LOOP: ppo_clip_loss (Eq. 13)
             out.log_prob,
             traj.log_probs[i, j],
             batch.advantages.to(self.device)[i],

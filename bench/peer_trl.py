@@ -85,7 +85,7 @@ def loopdiff_stored_losses(pipeline: Path, scratch: Path, setup: BenchSetup, per
         out.loss.backward()
         grad = torch.cat([p.grad.flatten() for p in unet.parameters()])
         with torch.no_grad():
-            log_probs = trainer.learner.log_prob(
+            log_probs = trainer.train_policy.log_prob(
                 traj.latents[i, j], traj.latents[i, j + 1], traj.timesteps[j], traj.prompt_embeds[i], trainer.uncond
             )
         stored.append({

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from loopdiff.cli import main, packaged_config
-from loopdiff.config import ConfigError, load_config
+from loopdiff.config import ConfigError, RunConfig, config_from_dict, fixed_changes, load_config
 
 
 def test_defaults_and_overrides_reach_the_right_fields(tmp_path) -> None:
@@ -26,6 +26,27 @@ def test_unquoted_no_reaches_a_text_field_as_no(tmp_path) -> None:
     assert load_config(path, ["model.mixed_precision=no"]).model.mixed_precision == "no"
     path.write_text("model:\n  mixed_precision: no\n")
     assert load_config(path).model.mixed_precision == "no"
+
+
+def test_renamed_field_loads_under_its_new_name_with_a_warning(tmp_path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  first_steps: 3\n")
+    with pytest.warns(FutureWarning, match="'training.first_steps' was renamed 'training.train_denoising_steps'"):
+        assert load_config(path).training.train_denoising_steps == 3
+    with pytest.warns(FutureWarning):
+        assert load_config(None, ["training.first_steps=2"]).training.train_denoising_steps == 2
+    with pytest.raises(ConfigError, match="give only 'training.train_denoising_steps'"):
+        config_from_dict({"training": {"first_steps": 2, "train_denoising_steps": 2}})
+
+
+def test_resume_check_reads_a_run_saved_under_the_old_field_name() -> None:
+    """A run folder saved before the rename continues with the same value under the new name."""
+    saved = RunConfig().to_dict()
+    saved["training"]["first_steps"] = saved["training"].pop("train_denoising_steps")
+    saved["training"]["first_steps"] = 5
+    assert fixed_changes(saved, config_from_dict({"training": {"train_denoising_steps": 5}})) == []
+    changed = fixed_changes(saved, config_from_dict({"training": {"train_denoising_steps": 4}}))
+    assert changed == ["training.train_denoising_steps 5 -> 4"]
 
 
 def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
@@ -52,7 +73,7 @@ def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
         ("training.learning_rate=-1", "training.learning_rate=-1"),
         ("sampling.eta=0", "sampling.eta=0"),
         ("training.timestep_fraction=1.5", "training.timestep_fraction=1.5"),
-        ("training.first_steps=0", "training.first_steps=0"),
+        ("training.train_denoising_steps=0", "training.train_denoising_steps=0"),
         ("estimator.preset=ddpg", "estimator.preset='ddpg'"),
         ("estimator.advantage=median", "estimator.advantage='median'"),
         ("training.epochs=ten", "training.epochs='ten'"),

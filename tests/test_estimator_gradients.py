@@ -140,7 +140,7 @@ def test_trainer_loop_minibatch_loss_is_loop_loss(tmp_path) -> None:
     pairs = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
     out = trainer.minibatch_loss(Batch(traj, rewards, trainer.advantages(traj, rewards)), pairs)
     i, j = pairs[:, 0], pairs[:, 1]
-    step = trainer.learner.step(traj.latents[i, j], traj.timesteps[j], traj.prompt_embeds[i], trainer.uncond,
+    step = trainer.train_policy.step(traj.latents[i, j], traj.timesteps[j], traj.prompt_embeds[i], trainer.uncond,
                                 next_latents=traj.latents[i, j + 1])
     expected = loop_loss(step.log_prob.reshape(n, steps), traj.log_probs, rewards, traj.group_ids,
                          clip_range=trainer.estimator.clip_range)

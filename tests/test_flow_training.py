@@ -57,8 +57,8 @@ def test_load_pipeline_routes_an_sd3_folder(sd3_dir: Path) -> None:
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
 def test_two_epochs_of_loop_train_the_sd3_transformer(tmp_path: Path, sd3_dir: Path, sde_type: str) -> None:
     trainer = _trainer(tmp_path, sd3_dir, sampling={"sde_type": sde_type})
-    assert isinstance(trainer.sampler, FlowMatchPolicy) and isinstance(trainer.learner, FlowMatchPolicy)
-    assert trainer.sampler.config.sde_type == sde_type and trainer.sampler.config.noise_level == 0.7
+    assert isinstance(trainer.rollout_policy, FlowMatchPolicy) and isinstance(trainer.train_policy, FlowMatchPolicy)
+    assert trainer.rollout_policy.config.sde_type == sde_type and trainer.rollout_policy.config.noise_level == 0.7
     assert isinstance(trainer.encoder, SD3PromptEncoder) and isinstance(trainer.uncond, PromptEmbeds)
     before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
     history = trainer.train()
@@ -74,7 +74,7 @@ def test_two_epochs_of_loop_train_the_sd3_transformer(tmp_path: Path, sd3_dir: P
         torch.testing.assert_close(value, trainer.unet.state_dict()[name])
 
 
-def test_sampling_log_probs_are_recovered_by_the_learner(tmp_path: Path, sd3_dir: Path) -> None:
+def test_sampling_log_probs_are_recovered_by_the_train_policy(tmp_path: Path, sd3_dir: Path) -> None:
     """Before any update, the trainer's recomputed log-probs give ratio 1 (no clipping, zero approx-KL)."""
     trainer = _trainer(tmp_path, sd3_dir, training={"learning_rate": 1e-12, "epochs": 1})
     history = trainer.train()
@@ -99,8 +99,8 @@ def test_lora_on_sd3_exports_adapters_that_load(tmp_path: Path, sd3_dir: Path) -
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     embeds = trainer.encoder(["a red circle"])
-    kwargs = dict(hidden_states=x, timestep=trainer.sampler.timesteps[:1], encoder_hidden_states=embeds.sequence,
-                  pooled_projections=embeds.pooled)
+    kwargs = dict(hidden_states=x, timestep=trainer.rollout_policy.timesteps[:1],
+                  encoder_hidden_states=embeds.sequence, pooled_projections=embeds.pooled)
     with torch.no_grad():
         base = pipe.transformer(**kwargs).sample
         pipe.load_lora_weights(path)

@@ -51,12 +51,12 @@ def by_hand(pipe, policy, encoder, steps: list[int], seed: int, kind: str | None
     return float(stacked.mean(dim=0).pow(2).sum()), noise
 
 
-@pytest.mark.parametrize("first_steps", [None, 1])
-def test_matches_gradients_stacked_by_hand(parts, first_steps) -> None:
+@pytest.mark.parametrize("train_denoising_steps", [None, 1])
+def test_matches_gradients_stacked_by_hand(parts, train_denoising_steps) -> None:
     pipe, policy, encoder = parts
     result = measure_gradient_noise(policy, encoder, pipe.vae, PromptSet(tuple(PROMPTS), ({},) * 4),
-                                    red_minus_blue, samples_per_prompt=K, first_steps=first_steps, seed=3)
-    mean_sq, noise = by_hand(pipe, policy, encoder, [0, 1, 2] if first_steps is None else [0], seed=3)
+                                    red_minus_blue, samples_per_prompt=K, train_denoising_steps=train_denoising_steps, seed=3)
+    mean_sq, noise = by_hand(pipe, policy, encoder, [0, 1, 2] if train_denoising_steps is None else [0], seed=3)
     assert result.groups == 4
     assert result.mean_sq == pytest.approx(mean_sq, rel=1e-4)
     assert result.noise == pytest.approx(noise, rel=1e-4)
@@ -64,7 +64,7 @@ def test_matches_gradients_stacked_by_hand(parts, first_steps) -> None:
     kinds = {module_kind(n) for n, _ in pipe.unet.named_parameters()}
     assert set(result.by_module) == kinds and {"cross-attention K/V", "resnets"} <= kinds
     for kind in ("cross-attention K/V", "resnets"):
-        part_mean_sq, part_noise = by_hand(pipe, policy, encoder, [0, 1, 2] if first_steps is None else [0], 3, kind)
+        part_mean_sq, part_noise = by_hand(pipe, policy, encoder, [0, 1, 2] if train_denoising_steps is None else [0], 3, kind)
         assert result.by_module[kind].mean_sq == pytest.approx(part_mean_sq, rel=1e-4)
         assert result.by_module[kind].noise == pytest.approx(part_noise, rel=1e-4)
     assert sum(part.mean_sq for part in result.by_module.values()) == pytest.approx(result.mean_sq, rel=1e-9)

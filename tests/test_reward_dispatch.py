@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopdiff.rewards.base import RewardError, WeightedSum, build_reward
-from loopdiff.rewards.dispatch import CategoryDispatch
+from loopdiff.rewards.compbench_by_category import CategoryDispatch
 from loopdiff.rewards.jpeg import jpeg_size_kb
 
 

@@ -14,7 +14,7 @@ import torch
 
 from loopdiff.study import StudyError, load_study_spec, study_cli, study_spec_from_dict
 from loopdiff.study.results import run_dir
-from loopdiff.study.runner import plan_study, run_study
+from loopdiff.study.runner import _check_unchanged, plan_study, run_study
 from loopdiff.study.stats import prediction_interval, student_t_quantile, summarize
 
 TRAIN_REWARD, EVALUATOR = "jpeg_compressibility", "jpeg_incompressibility"
@@ -125,6 +125,21 @@ def test_run_configs_layer_base_task_method_and_study_fields(tmp_path) -> None:
     assert (config.training.seed, config.eval.before_training, config.output.resume) == (1, False, True)
     assert config.eval.rewards == [EVALUATOR] and config.output.dir == str(tmp_path / "r")
     assert spec.base_config("plain", tmp_path).training.epochs == 0
+
+
+def test_run_folder_saved_under_a_renamed_field_is_unchanged(tmp_path) -> None:
+    values = study_dict("/pipe", "/prompts.txt")
+    values["base"]["training"]["train_denoising_steps"] = 2
+    job = plan_study(study_spec_from_dict(values), tmp_path)[-1]
+    saved = job.config.to_dict()
+    saved["training"]["first_steps"] = saved["training"].pop("train_denoising_steps")
+    job.folder.mkdir(parents=True)
+    (job.folder / "config.json").write_text(json.dumps(saved))
+    _check_unchanged(job)  # the old name holds the same value: no StudyError
+    saved["training"]["first_steps"] = 1
+    (job.folder / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(StudyError, match="training.train_denoising_steps=1"):
+        _check_unchanged(job)
 
 
 def test_shipped_paper_study_has_both_tables_and_equal_samples() -> None:

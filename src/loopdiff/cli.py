@@ -272,9 +272,10 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     chosen = PromptSet(tuple(prompt_set.prompts[i] for i in order), tuple(prompt_set.metadata[i] for i in order))
     result = measure_gradient_noise(
         policy, encoder, pipe.vae, chosen, build_reward(args.reward, options), args.samples_per_prompt,
-        args.first_steps, args.seed,
+        args.train_denoising_steps, args.seed,
     )
-    steps = "all steps" if args.first_steps is None else f"the first {args.first_steps} steps"
+    n = args.train_denoising_steps
+    steps = "all steps" if n is None else f"the first {n} steps"
     print(f"{result.groups} groups of {args.samples_per_prompt}, reward {args.reward!r}, {steps}:")
     print(f"  |mean g|^2             {result.mean_sq:.4e}")
     print(f"  noise tr(Cov g)/G      {result.noise:.4e}")
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     branch = sub.add_parser(
-        "branch", help="at which sampling step the reward is decided (to choose training.first_steps)",
+        "branch", help="at which sampling step the reward is decided (to choose training.train_denoising_steps)",
         description="Sample one trajectory per prompt, restart the remaining steps several times from after "
         "each listed step, and print the reward's variance across these branches: what is still left to chance.",
     )
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--groups", type=int, default=48,
                        help="one group per prompt drawn at random; prompts repeat when there are fewer than groups")
     noise.add_argument("--samples-per-prompt", type=int, default=4, help="K (default 4)")
-    noise.add_argument("--first-steps", type=int, default=None, help="only the first N sampling steps")
+    noise.add_argument("--train-denoising-steps", "--first-steps", type=int, default=None,
+                       help="only the first N sampling steps (as training.train_denoising_steps)")
     _add_sampling_flags(noise)
     noise.set_defaults(func=cmd_gradient_noise)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
@@ -80,7 +81,8 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     timestep_fraction: float = 1.0
-    first_steps: int | None = None  # train on the first (noisiest) N sampling steps only; None: all of them
+    # Only the first (noisiest) N denoising steps of each sample enter the objective; None: all of them.
+    train_denoising_steps: int | None = None
     micro_batch_size: int = 64  # (sample, step) pairs per UNet call while training
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, more compute
     warmup_epochs: int = 0
@@ -150,6 +152,30 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------- loading and overriding
+
+# Renamed fields, old name -> new name: old configs and run folders still load, the old name with a warning.
+RENAMED_FIELDS = {"training.first_steps": "training.train_denoising_steps"}
+
+
+def upgrade_renamed_fields(values: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
+    """``values`` (a mapping of sections) with each renamed field moved to its new name.
+
+    Warns (FutureWarning, one line) when ``warn``; raises ConfigError when both names are given.
+    """
+    upgraded = {key: dict(value) if isinstance(value, Mapping) else value for key, value in values.items()}
+    for old, new in RENAMED_FIELDS.items():
+        section, old_name = old.split(".")
+        new_name = new.split(".")[1]
+        fields = upgraded.get(section)
+        if not isinstance(fields, dict) or old_name not in fields:
+            continue
+        if new_name in fields:
+            raise ConfigError(f"config field '{old}' was renamed '{new}'; give only '{new}'")
+        if warn:
+            warnings.warn(f"config field '{old}' was renamed '{new}'; read as '{new}'", FutureWarning, stacklevel=3)
+        fields[new_name] = fields.pop(old_name)
+    return upgraded
+
 
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
@@ -273,7 +299,7 @@ def load_config(
     config = RunConfig()
     for layer in (base, read_config_file(path) if path is not None else None, values, parse_overrides(overrides)):
         if layer:
-            _apply(config, layer, "")
+            _apply(config, upgrade_renamed_fields(layer), "")
     complete(config)
     validate(config)
     return config
@@ -282,7 +308,7 @@ def load_config(
 def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     """A validated config from a mapping of sections (unset fields keep their defaults)."""
     config = RunConfig()
-    _apply(config, values, "")
+    _apply(config, upgrade_renamed_fields(values), "")
     complete(config)
     validate(config)
     return config
@@ -348,9 +374,9 @@ def validate(config: RunConfig) -> None:
     _check(t.max_grad_norm > 0, "training.max_grad_norm", t.max_grad_norm, "a number > 0")
     _check(0 < t.timestep_fraction <= 1, "training.timestep_fraction", t.timestep_fraction, "a number in (0, 1]")
     _check(
-        t.first_steps is None or t.first_steps >= 1,
-        "training.first_steps",
-        t.first_steps,
+        t.train_denoising_steps is None or t.train_denoising_steps >= 1,
+        "training.train_denoising_steps",
+        t.train_denoising_steps,
         "an integer >= 1, or none for every sampling step",
     )
     for name in ("max_nonfinite_fraction", "max_skipped_fraction"):
@@ -373,7 +399,7 @@ def validate(config: RunConfig) -> None:
         t.samples_per_epoch,
         f"a multiple of samples_per_prompt K={k}",
     )
-    pairs = t.samples_per_epoch * steps_per_sample(s.num_steps, t.timestep_fraction, t.first_steps)
+    pairs = t.samples_per_epoch * steps_per_sample(s.num_steps, t.timestep_fraction, t.train_denoising_steps)
     _check(
         estimator.minibatches <= pairs,
         "estimator.minibatches",
@@ -393,7 +419,8 @@ def check_processes(config: RunConfig, processes: int) -> None:
         t.samples_per_epoch,
         f"a multiple of K x processes = {k} x {processes} = {k * processes}",
     )
-    pairs = t.samples_per_epoch // processes * steps_per_sample(s.num_steps, t.timestep_fraction, t.first_steps)
+    per_sample = steps_per_sample(s.num_steps, t.timestep_fraction, t.train_denoising_steps)
+    pairs = t.samples_per_epoch // processes * per_sample
     _check(
         estimator.minibatches <= pairs,
         "estimator.minibatches",
@@ -424,6 +451,7 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def fixed_changes(saved: Mapping[str, Any], config: RunConfig) -> list[str]:
     """The fields that differ between a saved run's config and ``config`` but may not change mid-run,
     as ``"field old -> new"`` (the saved mapping is read as a config first, so defaults compare equal)."""
+    saved = upgrade_renamed_fields(saved, warn=False)  # a run saved before a field was renamed
     try:
         old = _flatten(config_from_dict(saved).to_dict())
     except ConfigError:

@@ -142,7 +142,7 @@ def configure_attention(unet: torch.nn.Module, choice: str, device: torch.device
 
 
 def build_policies(
-    pipe: Any, sampler_model: torch.nn.Module, learner_model: torch.nn.Module, sampling: SamplingConfig,
+    pipe: Any, rollout_model: torch.nn.Module, train_model: torch.nn.Module, sampling: SamplingConfig,
     device: torch.device,
 ) -> tuple[Any, Any, Any]:
     """(sampling policy, training policy, prompt encoder) for the pipeline's kind.
@@ -164,8 +164,8 @@ def build_policies(
             sde_type=getattr(sampling, "sde_type", "sde"),  # type: ignore[arg-type]
         )
         return (
-            FlowMatchPolicy(sampler_model, pipe.scheduler, flow_config),
-            FlowMatchPolicy(learner_model, pipe.scheduler, flow_config),
+            FlowMatchPolicy(rollout_model, pipe.scheduler, flow_config),
+            FlowMatchPolicy(train_model, pipe.scheduler, flow_config),
             SD3PromptEncoder(pipe, device),
         )
     policy_config = PolicyConfig(
@@ -175,8 +175,8 @@ def build_policies(
         reduction=sampling.logprob_reduction,  # type: ignore[arg-type]
     )
     return (
-        DiffusionPolicy(sampler_model, pipe.scheduler, policy_config),
-        DiffusionPolicy(learner_model, pipe.scheduler, policy_config),
+        DiffusionPolicy(rollout_model, pipe.scheduler, policy_config),
+        DiffusionPolicy(train_model, pipe.scheduler, policy_config),
         PromptEncoder(pipe.tokenizer, pipe.text_encoder, device),
     )
 

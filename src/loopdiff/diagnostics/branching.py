@@ -3,7 +3,7 @@
 From a trajectory's latent after step ``b``, run the remaining steps ``B`` times with fresh noise and score
 the final images: the variance of the reward across these branches is the part still open after step ``b``.
 Where it reaches zero, the later steps' noise does not change the reward, so their log-probability terms
-add noise but no signal to the policy gradient (``training.first_steps`` leaves them out).
+add noise but no signal to the policy gradient (``training.train_denoising_steps`` leaves them out).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def measure_gradient_noise(
     prompt_set: PromptSet,
     reward: RewardFn,
     samples_per_prompt: int = 4,
-    first_steps: int | None = None,
+    train_denoising_steps: int | None = None,
     seed: int = 0,
 ) -> GradientNoise:
     """One group of ``samples_per_prompt`` trajectories per prompt of ``prompt_set``; see the module doc."""
@@ -104,7 +104,7 @@ def measure_gradient_noise(
     latents, _ = sample_trajectories(policy, embeds, uncond, torch.Generator().manual_seed(seed))
     rewards = as_scores(reward(decode_latents(vae, latents[:, -1]), repeated, repeated_meta), len(repeated), "reward")
     advantages = leave_one_out(rewards, torch.arange(groups).repeat_interleave(k))
-    steps = range(trained_steps(latents.shape[1] - 1, first_steps))
+    steps = range(trained_steps(latents.shape[1] - 1, train_denoising_steps))
     named = [(n, p) for n, p in policy.unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     kinds = sorted({module_kind(n) for n, _ in named})

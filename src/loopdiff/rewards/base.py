@@ -246,7 +246,7 @@ _REWARD_MODULES = [
     "loopdiff.rewards.alignment",
     "loopdiff.rewards.ocr",
     "loopdiff.rewards.server",
-    "loopdiff.rewards.dispatch",
+    "loopdiff.rewards.compbench_by_category",
 ]
 _IMPORTED: set[str] = set()
 

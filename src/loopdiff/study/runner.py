@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from loopdiff.config import RunConfig
+from loopdiff.config import RunConfig, upgrade_renamed_fields
 from loopdiff.reports.study import RUN_RECORD, build_report
 from loopdiff.study.results import BASE_TAG, FINAL_TAG, base_dir, read_eval, run_dir
 from loopdiff.study.spec import StudyError, StudySpec, load_study_spec
@@ -114,7 +114,8 @@ def _check_unchanged(job: Job) -> None:
         return
     planned = _flatten(job.config.to_dict())
     # a field the saved config lacks (added to loopdiff since that run started) counts at its default
-    saved = {**_flatten(RunConfig().to_dict()), **_flatten(json.loads(saved_file.read_text()))}
+    saved_config = upgrade_renamed_fields(json.loads(saved_file.read_text()), warn=False)
+    saved = {**_flatten(RunConfig().to_dict()), **_flatten(saved_config)}
     changed = [k for k in planned if saved.get(k) != planned[k] and not k.startswith(IGNORED_CHANGES)]
     if changed:
         k = changed[0]

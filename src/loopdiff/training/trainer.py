@@ -135,23 +135,24 @@ class Trainer:
         if config.training.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # only in train mode with gradients: sampling is unchanged
         self.reference = ReferencePolicy(self.unet, config.model.lora) if self.estimator.kl_coef > 0 else None
-        t = config.training
+        train_cfg = config.training
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         optimizer = torch.optim.AdamW(
             params,
-            lr=t.learning_rate,
-            betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_eps,
-            weight_decay=t.weight_decay,
+            lr=train_cfg.learning_rate,
+            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+            eps=train_cfg.adam_eps,
+            weight_decay=train_cfg.weight_decay,
             **fused,
         )
-        warmup = max(1, t.warmup_epochs)
+        warmup = max(1, train_cfg.warmup_epochs)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / warmup))
-        self.trained_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self.train_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.params = params
-        # DiffusionPolicy + PromptEncoder, or FlowMatchPolicy + SD3PromptEncoder for an SD3 pipeline
-        self.sampler, self.learner, self.encoder = build_policies(
-            pipe, self.unet, self.trained_unet, config.sampling, self.device
+        # The same weights twice: sampled from without gradients, and trained through the accelerate wrapper.
+        # DiffusionPolicy + PromptEncoder, or FlowMatchPolicy + SD3PromptEncoder for an SD3 pipeline.
+        self.rollout_policy, self.train_policy, self.encoder = build_policies(
+            pipe, self.unet, self.train_unet, config.sampling, self.device
         )
         self.uncond = self.encoder.unconditional()
 
@@ -180,7 +181,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 with acc.autocast():
                     lat, lp = sample_trajectories(
-                        self.sampler, embeds[start : start + chunk], self.uncond, generator, batch_size=chunk
+                        self.rollout_policy, embeds[start : start + chunk], self.uncond, generator, batch_size=chunk
                     )
                 t1 = time.perf_counter()
                 images = decode_latents(self.pipeline.vae, lat[:, -1])
@@ -200,7 +201,7 @@ class Trainer:
         trajectories = Trajectories(
             latents=torch.cat(latents),
             log_probs=torch.cat(log_probs),
-            timesteps=self.sampler.timesteps.to(self.device),
+            timesteps=self.rollout_policy.timesteps.to(self.device),
             prompt_ids=prompt_ids,
             group_ids=group_ids,
             prompt_embeds=embeds,
@@ -269,9 +270,9 @@ class Trainer:
         """Why the kept samples cannot fill the epoch's optimiser steps on some process, or None."""
         if not bool(keep.any()):
             return "no prompt group with only finite rewards remains"
-        t = self.config.training
+        train_cfg = self.config.training
         pairs = keep.view(self.accelerator.num_processes, -1).sum(1) * steps_per_sample(
-            self.config.sampling.num_steps, t.timestep_fraction, t.first_steps
+            self.config.sampling.num_steps, train_cfg.timestep_fraction, train_cfg.train_denoising_steps
         )
         short = (pairs < self.estimator.minibatches).nonzero().flatten().tolist()
         if not short:
@@ -281,25 +282,25 @@ class Trainer:
 
     def optimise(self, batch: Batch, epoch: int) -> dict[str, float]:
         """Inner epochs of shuffled minibatches over (sample, step) pairs; returns averaged statistics."""
-        traj, est, t = batch.trajectories, self.estimator, self.config.training
+        traj, est, train_cfg = batch.trajectories, self.estimator, self.config.training
         sums = dict.fromkeys(LOSS_STATS, 0.0)
         grad_norms, pairs_seen, steps = [], 0, 0
-        self.trained_unet.train()
+        self.train_unet.train()
         for inner in range(est.inner_epochs):
-            generator = torch.Generator().manual_seed(_seed(t.seed, epoch, self.accelerator.process_index, 2, inner))
-            pairs = shuffled_pairs(
-                len(traj), traj.log_probs.shape[1], t.timestep_fraction, generator, t.first_steps
-            )
-            for minibatch in split_minibatches(pairs, est.minibatches, t.micro_batch_size):
+            seed = _seed(train_cfg.seed, epoch, self.accelerator.process_index, 2, inner)
+            generator = torch.Generator().manual_seed(seed)
+            pairs = shuffled_pairs(len(traj), traj.log_probs.shape[1], train_cfg.timestep_fraction, generator,
+                                   train_cfg.train_denoising_steps)
+            for minibatch in split_minibatches(pairs, est.minibatches, train_cfg.micro_batch_size):
                 step_sums = self.accumulate_gradients(batch, minibatch)
-                grad_norm = float(self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm))
+                grad_norm = float(self.accelerator.clip_grad_norm_(self.params, train_cfg.max_grad_norm))
                 steps += 1
                 if self.step_if_finite(step_sums["loss"], grad_norm):
                     for key in sums:
                         sums[key] += step_sums[key]
                     pairs_seen += sum(len(m) for m in minibatch)
                     grad_norms.append(grad_norm)
-        check_skipped_steps(steps - len(grad_norms), steps, t.max_skipped_fraction, epoch + 1)
+        check_skipped_steps(steps - len(grad_norms), steps, train_cfg.max_skipped_fraction, epoch + 1)
         stats = {key: value / max(1, pairs_seen) for key, value in sums.items()}
         stats["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         stats["optimizer_steps"] = float(steps)
@@ -315,7 +316,7 @@ class Trainer:
         sums = dict.fromkeys(LOSS_STATS, 0.0)
         for k, micro in enumerate(minibatch):
             last = k == len(minibatch) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.trained_unet)
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_unet)
             with sync:
                 out = self.minibatch_loss(batch, micro)
                 self.accelerator.backward(out.loss * (len(micro) / total))
@@ -344,7 +345,7 @@ class Trainer:
         latents, next_latents = traj.latents[i, j], traj.latents[i, j + 1]
         timesteps, embeds = traj.timesteps[j], traj.prompt_embeds[i]
         with self.accelerator.autocast():
-            out = self.learner.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
+            out = self.train_policy.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
             step_kl = None
             if self.reference is not None:
                 step_kl = self._reference_kl(out, latents, next_latents, timesteps, embeds)
@@ -361,7 +362,7 @@ class Trainer:
     def _reference_kl(self, out, latents, next_latents, timesteps, embeds) -> torch.Tensor:
         assert self.reference is not None
         with torch.no_grad(), self.reference.active() as ref_unet:
-            ref_policy = type(self.learner)(ref_unet, self.pipeline.scheduler, self.learner.config)
+            ref_policy = type(self.train_policy)(ref_unet, self.pipeline.scheduler, self.train_policy.config)
             ref = ref_policy.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
         return gaussian_step_kl(out.mean, ref.mean, out.std, self.config.sampling.logprob_reduction)
 
@@ -486,7 +487,7 @@ class Trainer:
         self.unet.eval()
         with self.accelerator.autocast():
             result = evaluate(
-                self.sampler,
+                self.rollout_policy,
                 self.encoder,
                 self.pipeline.vae,
                 prompt_set,
@@ -541,7 +542,7 @@ class Trainer:
         return path
 
     def _write_export(self, path: Path) -> None:
-        unet = self.accelerator.unwrap_model(self.trained_unet)
+        unet = self.accelerator.unwrap_model(self.train_unet)
         if self.config.model.lora:
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers

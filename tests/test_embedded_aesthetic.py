@@ -15,12 +15,7 @@ from loopdiff.embedded.world import Scene, WorldObject, render
 from loopdiff.rewards.base import build_reward, registered_rewards
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _colorfulness_by_hand(image: np.ndarray) -> float:

@@ -28,12 +28,7 @@ from loopdiff.rewards.phrases import split_noun_phrases
 NAMES = ("vqa", "detector", "aligner")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompt_batch(category: str, n: int, seed: int) -> tuple[list[str], torch.Tensor, list]:

@@ -131,3 +131,60 @@ def test_help_explains_itself(capsys) -> None:
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "section.field=value" in text and "loop" in text and "reinforce_bc" in text
+
+
+# ---------------------------------------------------------------- the schema
+
+
+def test_choices_are_checked_from_the_literal_types() -> None:
+    from loopdiff.config import ModelConfig, field_choices, schema_fields, validate
+
+    literal = [(path, field_choices(a)) for path, a, _ in schema_fields() if field_choices(a)]
+    assert {p for p, _ in literal} >= {"model.mixed_precision", "model.attention", "model.train_modules",
+                                       "sampling.logprob_reduction", "sampling.sde_type", "estimator.preset",
+                                       "estimator.advantage", "estimator.loss"}
+    for path, allowed in literal:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"{path}=bogus"])
+        assert str(info.value) == f"{path}='bogus' is invalid; allowed: {', '.join(allowed)}"
+    with pytest.raises(ConfigError, match="model.attention='flash' is invalid; allowed: auto, sdpa, classic"):
+        validate(RunConfig(model=ModelConfig(attention="flash")))  # built in Python, checked by the same types
+
+
+def test_every_estimator_field_is_an_override_and_every_override_an_estimator_field() -> None:
+    import dataclasses
+
+    from loopdiff.config import EstimatorConfig, build_estimator
+    from loopdiff.estimators import PRESETS, Estimator
+
+    fields = {f.name for f in dataclasses.fields(Estimator)} - {"name"}
+    assert {f.name for f in dataclasses.fields(EstimatorConfig)} - {"preset"} == fields
+    changed = {"advantage": "group_zscore", "loss": "score_function", "samples_per_prompt": 8, "inner_epochs": 2,
+               "minibatches": 2, "clip_range": 0.2, "advantage_clip": 3.0, "kl_coef": 0.5,
+               "tracker_buffer_size": 5, "tracker_min_count": 3}
+    assert set(changed) == fields
+    estimator = build_estimator(config_from_dict({"estimator": {"preset": "loop", **changed}}))
+    assert {name: getattr(estimator, name) for name in fields} == changed
+    assert all(getattr(PRESETS["loop"], name) != value for name, value in changed.items())
+    assert build_estimator(RunConfig()) == PRESETS["loop"]  # unset overrides keep the preset's values
+
+
+TEXT_CASES = [("output", "dir", "yes"), ("model", "revision", "0777"), ("prompts", "train", "off")]
+
+
+@pytest.mark.parametrize(("section", "name", "text"), TEXT_CASES)
+def test_a_text_field_keeps_the_text_as_typed_in_overrides_and_yaml(tmp_path, section, name, text) -> None:
+    assert getattr(getattr(load_config(None, [f"{section}.{name}={text}"]), section), name) == text
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  {name}: {text}\n")
+    assert getattr(getattr(load_config(path), section), name) == text
+    assert load_config(None, [f"{section}.{name}='{text}'"]).to_dict()[section][name] == text  # quoted: the same
+
+
+def test_other_fields_still_read_yaml_values(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("output:\n  resume: off\nmodel:\n  revision: null\ntraining:\n  epochs: 0x10\n")
+    config = load_config(path, ["output.wandb=yes", "reward.name=null", "eval.rewards=a,b"])
+    assert (config.output.resume, config.model.revision, config.training.epochs) == (False, None, 16)
+    assert config.output.wandb is True and config.reward.name == "embedded_vqa"
+    assert config.eval.rewards == ["a", "b"]

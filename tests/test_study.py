@@ -101,6 +101,8 @@ def study_dict(pipeline: Path | str, prompts: Path | str) -> dict:
     (lambda d: d["methods"]["ppo"].update(training={"samples_per_epoch": 16}),
      ["methods.ppo", "samples_per_epoch=16", "'plain'", "8"]),
     (lambda d: d["methods"]["ppo"].update(estimator={"presett": "ppo"}), ["methods.ppo", "estimator.presett"]),
+    (lambda d: d["methods"]["ppo"].update(estimator={"preset": "ddpg"}),  # the config's own choice check
+     ["methods.ppo: estimator.preset='ddpg' is invalid; allowed: reinforce, reinforce_bc, rloo, ppo"]),
     (lambda d: d.update(seeds=[0, 0]), ["seeds=[0, 0]"]),
     (lambda d: d.update(sedes=[0]), ["unknown study field 'sedes'"]),
     (lambda d: d["methods"].update(base={}), ["methods.base", "reserved"]),
@@ -125,6 +127,22 @@ def test_run_configs_layer_base_task_method_and_study_fields(tmp_path) -> None:
     assert (config.training.seed, config.eval.before_training, config.output.resume) == (1, False, True)
     assert config.eval.rewards == [EVALUATOR] and config.output.dir == str(tmp_path / "r")
     assert spec.base_config("plain", tmp_path).training.epochs == 0
+
+
+def test_study_file_keeps_the_text_of_text_fields(tmp_path) -> None:
+    """As in a run config file, an unquoted yes/0777/off under a text field stays text in base, tasks, methods."""
+    import yaml
+
+    values = study_dict("/pipe", "/prompts.txt")
+    values["base"]["model"]["revision"] = "REVISION"
+    values["tasks"]["plain"]["prompts"] = {"train": "TRAIN"}
+    values["methods"]["ppo"]["eval"] = {"rewards": ["x"], "seed": 7}
+    text = yaml.safe_dump(values).replace("REVISION", "0777").replace("TRAIN", "off")
+    (tmp_path / "mini.yaml").write_text(text.replace("seed: 7", "seed: 0x07"))
+    spec = load_study_spec(tmp_path / "mini.yaml")
+    config = spec.run_config("plain", "ppo", 0, tmp_path / "r")
+    assert (config.model.revision, config.prompts.train, config.eval.seed) == ("0777", "off", 7)
+    assert spec.seeds == SEEDS and spec.grids.images_per_model == 2  # the study's own fields read as before
 
 
 def test_run_folder_saved_under_a_renamed_field_is_unchanged(tmp_path) -> None:

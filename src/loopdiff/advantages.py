@@ -15,13 +15,13 @@ a group id are the K samples drawn for one prompt. The tracked kinds keep each p
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
 
 AdvantageKind = Literal["raw", "prompt_mean", "leave_one_out", "group_zscore", "stat_tracker"]
-ADVANTAGE_KINDS: tuple[str, ...] = ("raw", "prompt_mean", "leave_one_out", "group_zscore", "stat_tracker")
+ADVANTAGE_KINDS: tuple[str, ...] = get_args(AdvantageKind)
 
 
 def _group_sizes(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,6 +1,9 @@
 """Run configuration: nested dataclasses, loaded from YAML/TOML, overridden by ``section.field=value``.
 
-Every value is validated with an error that names the field, the bad value and what is allowed.
+The dataclasses are the schema: each field is declared once with its type, default and help (``setting``;
+``loopdiff config fields`` lists them), a field with choices is typed ``Literal[...]``, and values are read by
+their field's type (a text field keeps its text). Every value is validated with an error that names the
+field, the bad value and what is allowed.
 """
 
 from __future__ import annotations
@@ -11,18 +14,13 @@ import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
-from loopdiff.advantages import ADVANTAGE_KINDS
-from loopdiff.estimators import PRESETS
-from loopdiff.objectives import LOSS_KINDS
 from loopdiff.minibatches import steps_per_sample
 from loopdiff.plugins import registered_models
 
-
-TRAIN_MODULES = ("all", "cross_attention")
 
 
 class ConfigError(ValueError):
@@ -32,108 +30,134 @@ class ConfigError(ValueError):
 EMBEDDED = "embedded"  # the default model, registered by the embedded plugin with its default prompts and reward
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callable[[], Any] | None = None) -> Any:
+    """A config field documented where it is declared (``loopdiff config fields`` shows ``help``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    pretrained: str = EMBEDDED  # "embedded", a local pipeline folder, or a Hub id
-    revision: str | None = None
-    train_modules: str = "all"  # full fine-tuning: "all" UNet weights, or "cross_attention" (its keys and values)
-    lora: bool = False
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    mixed_precision: str = "no"  # "no", "fp16", "bf16"
-    device: str = "auto"  # "auto" lets accelerate choose
-    attention: str = "auto"  # "auto": classic attention on the CPU (faster there), PyTorch SDPA elsewhere
+    pretrained: str = setting(EMBEDDED, "'embedded', a local pipeline folder, or a Hub id")
+    revision: str | None = setting(None, "the Hub revision (branch, tag or commit) of model.pretrained")
+    train_modules: Literal["all", "cross_attention"] = setting(
+        "all", "full fine-tuning: all UNet weights, or cross_attention (its keys and values only)"
+    )
+    lora: bool = setting(False, "train LoRA adapters instead of the UNet's weights")
+    lora_rank: int = setting(4, "LoRA rank")
+    lora_alpha: float = setting(4.0, "LoRA alpha (the adapters are scaled by alpha / rank)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "accelerate's mixed precision")
+    device: str = setting("auto", "torch device; auto lets accelerate choose")
+    attention: Literal["auto", "sdpa", "classic"] = setting(
+        "auto", "auto: classic attention on the CPU (faster there), PyTorch SDPA elsewhere"
+    )
 
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = 20
-    guidance_scale: float = 5.0
-    eta: float = 1.0
-    logprob_reduction: str = "mean"  # "mean" (DDPO) or "sum"
-    batch_size: int = 32  # trajectories per sampling call
-    sde_type: str = "sde"  # SD3 pipelines only: the SDE form, "sde" or "cps"; eta is then its noise level a
+    num_steps: int = setting(20, "denoising steps per sample (DDIM, or the SD3 flow sampler)")
+    guidance_scale: float = setting(5.0, "classifier-free guidance scale")
+    eta: float = setting(1.0, "DDIM eta, the sampler's noise level (> 0: a deterministic step has no log-probability)")
+    logprob_reduction: Literal["mean", "sum"] = setting(
+        "mean", "a step's log-probability over latent elements: mean (DDPO) or sum"
+    )
+    batch_size: int = setting(32, "trajectories per sampling call")
+    sde_type: Literal["sde", "cps"] = setting("sde", "SD3 pipelines only: the SDE form; eta is then its noise level a")
 
 
-@dataclass
-class EstimatorConfig:
-    preset: str = "loop"
-    samples_per_prompt: int | None = None  # K; None keeps the preset's
-    inner_epochs: int | None = None
-    minibatches: int | None = None
-    clip_range: float | None = None
-    advantage_clip: float | None = None
-    kl_coef: float | None = None
-    advantage: str | None = None
-    loss: str | None = None
-    tracker_buffer_size: int | None = None
-    tracker_min_count: int | None = None
+def _estimator_config() -> type:
+    """EstimatorConfig: ``preset`` and, for every Estimator field but its name, an optional override."""
+    from loopdiff.estimators import Estimator, PresetName
+
+    hints = get_type_hints(Estimator)
+    overrides = [
+        (f.name, hints[f.name] | None, setting(None, f"{f.metadata['help']}; null: the preset's"))
+        for f in dataclasses.fields(Estimator) if f.name != "name"
+    ]
+    preset = ("preset", PresetName, setting("loop", "the estimator preset (a row of docs/method.md's table)"))
+    cls = dataclasses.make_dataclass("EstimatorConfig", [preset, *overrides])
+    cls.__module__, cls.__doc__ = __name__, _estimator_config.__doc__
+    return cls
+
+
+EstimatorConfig = _estimator_config()
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 100
-    samples_per_epoch: int = 32
-    learning_rate: float = 1e-5
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    timestep_fraction: float = 1.0
-    # Only the first (noisiest) N denoising steps of each sample enter the objective; None: all of them.
-    train_denoising_steps: int | None = None
-    micro_batch_size: int = 64  # (sample, step) pairs per UNet call while training
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, more compute
-    warmup_epochs: int = 0
-    seed: int = 0
-    # Non-finite numbers (README, "Non-finite rewards and losses"): a sample with a NaN/inf reward is dropped with
-    # its prompt group; more than this fraction of an epoch's rewards non-finite stops the run.
-    max_nonfinite_fraction: float = 0.25
-    # An optimiser step with a non-finite loss or gradient norm is skipped; more than this fraction of an
-    # epoch's steps skipped stops the run.
-    max_skipped_fraction: float = 0.5
+    epochs: int = setting(100, "epochs: each samples, scores and trains on one batch")
+    samples_per_epoch: int = setting(32, "trajectories sampled per epoch (a multiple of K)")
+    learning_rate: float = setting(1e-5, "AdamW learning rate")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm")
+    timestep_fraction: float = setting(1.0, "fraction of each sample's (trained) denoising steps drawn into an epoch's objective")
+    train_denoising_steps: int | None = setting(
+        None, "only the first (noisiest) N denoising steps of each sample enter the objective; None: all of them"
+    )
+    micro_batch_size: int = setting(64, "(sample, step) pairs per UNet call while training")
+    gradient_checkpointing: bool = setting(
+        False, "recompute UNet activations in backward: less memory, more compute"
+    )
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up")
+    seed: int = setting(0, "the training run's random seed")
+    max_nonfinite_fraction: float = setting(
+        0.25, "a sample with a NaN/inf reward is dropped with its prompt group; more than this fraction of an "
+        "epoch's rewards non-finite stops the run (README, 'Non-finite rewards and losses')"
+    )
+    max_skipped_fraction: float = setting(
+        0.5, "an optimiser step with a non-finite loss or gradient norm is skipped; more than this fraction of "
+        "an epoch's steps skipped stops the run"
+    )
 
 
 @dataclass
 class RewardConfig:
-    # A registered name, "package.module:function", or a weighted sum "a:1.0,b:0.1". None: the model's
-    # registered default (the embedded model's); required for any other model unless a reward_fn is passed in Python.
-    name: str | None = None
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    asynchronous: bool = True  # score in a worker thread while the next batch samples
-    monitor: list[str] = field(default_factory=list)  # rewards logged on each epoch's samples, never trained on
+    name: str | None = setting(
+        None, "a registered name, 'package.module:function', or a weighted sum 'a:1.0,b:0.1'; None: the model's "
+        "registered default (the embedded model's), required for any other model unless a reward_fn is passed"
+    )
+    options: dict[str, dict[str, Any]] = setting(
+        help="options per reward, e.g. {\"jpeg_compressibility\": {\"quality\": 80}}", factory=dict
+    )
+    asynchronous: bool = setting(True, "score in a worker thread while the next batch samples")
+    monitor: list[str] = setting(help="rewards logged on each epoch's samples, never trained on", factory=list)
 
 
 @dataclass
 class PromptConfig:
-    # "embedded:<category>", a prompt file, or "file:<path>". None: the model's registered default (the
-    # embedded model's); ``train`` is required for any other model, and without ``val`` it is not evaluated.
-    train: str | None = None
-    val: str | None = None
-    max_train: int | None = None  # train on the first N training prompts only (None: all of them)
+    train: str | None = setting(
+        None, "'embedded:<category>', a prompt file, or 'file:<path>'; None: the model's registered default "
+        "(the embedded model's), required for any other model"
+    )
+    val: str | None = setting(None, "validation prompts, as prompts.train; None: the model's default (without one: "
+                              "no evaluation)")
+    max_train: int | None = setting(None, "train on the first N training prompts only (None: all of them)")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # evaluate every N epochs (0: only before and after training)
-    before_training: bool = True  # evaluate the base model first (eval/base.json)
-    images_per_prompt: int = 10
-    max_prompts: int | None = None
-    seed: int = 1234
-    rewards: list[str] = field(default_factory=list)  # extra rewards to report (e.g. the held-out evaluator)
-    grid_prompts: int = 8
+    every: int = setting(0, "evaluate every N epochs (0: only before and after training)")
+    before_training: bool = setting(True, "evaluate the base model first (eval/base.json)")
+    images_per_prompt: int = setting(10, "images per validation prompt")
+    max_prompts: int | None = setting(None, "evaluate on the first N validation prompts (None: all of them)")
+    seed: int = setting(1234, "seed of the evaluation's sampling noise")
+    rewards: list[str] = setting(help="extra rewards to report (e.g. the held-out evaluator)", factory=list)
+    grid_prompts: int = setting(8, "validation prompts shown in the image grids")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/loop"
-    checkpoint_every: int = 5
-    resume: bool = True
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "loopdiff"
-    progress: bool = True
+    dir: str = setting("runs/loop", "the run folder: config, metrics, checkpoints, evaluations, the export")
+    checkpoint_every: int = setting(5, "save a checkpoint every N epochs")
+    resume: bool = setting(True, "continue from the run folder's last checkpoint")
+    tensorboard: bool = setting(True, "log to TensorBoard (in the run folder)")
+    wandb: bool = setting(False, "log to Weights & Biases")
+    wandb_project: str = setting("loopdiff", "the Weights & Biases project")
+    progress: bool = setting(True, "show progress bars")
 
 
 @dataclass
@@ -149,6 +173,70 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- the schema: fields, types, defaults, help
+
+
+def _optional(annotation: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, else ``(annotation, False)``."""
+    args = get_args(annotation)
+    if get_origin(annotation) is not Literal and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return annotation, False
+
+
+def field_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal[...]`` (or ``Literal[...] | None``) field allows; None for any other type."""
+    inner = _optional(annotation)[0]
+    return get_args(inner) if get_origin(inner) is Literal else None
+
+
+def is_text(annotation: Any) -> bool:
+    """Whether a field of this type holds text (str, a Literal of strings, or either or None)."""
+    inner, allowed = _optional(annotation)[0], field_choices(annotation)
+    return inner is str or (allowed is not None and all(isinstance(c, str) for c in allowed))
+
+
+def type_name(annotation: Any) -> str:
+    """``int``, ``str | None``, ``no | fp16 | bf16``, ``list[str]``: a field's type as ``config fields`` shows it."""
+    inner, optional = _optional(annotation)
+    allowed = field_choices(inner)
+    if allowed:
+        name = " | ".join(map(str, allowed))
+    else:  # list[str], dict[str, ...]: as written; int, str: the class's name
+        name = str(inner).replace("typing.", "") if get_args(inner) else inner.__name__
+    return f"{name} | None" if optional else name
+
+
+def schema_fields(schema: type | None = None, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
+    """``(section.field, type, dataclass field)`` for every field of the run config, in declaration order."""
+    schema = schema or RunConfig
+    hints, rows = get_type_hints(schema), []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += schema_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", hints[f.name], f))
+    return rows
+
+
+def field_value(config: RunConfig, path: str) -> Any:
+    """The value of the field ``section.field`` in ``config``."""
+    section, name = path.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def field_default(path: str) -> Any:
+    """The default value of the config field ``section.field`` (e.g. ``sampling.num_steps`` -> 20)."""
+    return field_value(RunConfig(), path)
+
+
+def format_fields() -> str:
+    """Every config field with its type (choices), default and help, for ``loopdiff config fields``."""
+    defaults = RunConfig()
+    return "\n".join(f"{path}: {type_name(annotation)} = {field_value(defaults, path)!r}\n    {f.metadata['help']}"
+                     for path, annotation, f in schema_fields())
 
 
 # ---------------------------------------------------------------- loading and overriding
@@ -180,12 +268,16 @@ def upgrade_renamed_fields(values: Mapping[str, Any], warn: bool = True) -> dict
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Convert ``value`` to the annotated type or raise a ConfigError naming ``path``."""
+    annotation, optional = _optional(annotation)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))):
+        return None
+    allowed = field_choices(annotation)
+    if allowed is not None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # e.g. a TOML number for a text choice
+        _choice(path, value, allowed)
+        return value
     origin, args = get_origin(annotation), get_args(annotation)
-    if args and type(None) in args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        annotation = next(a for a in args if a is not type(None))
-        origin, args = get_origin(annotation), get_args(annotation)
     try:
         if annotation is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -202,9 +294,7 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
                 raise TypeError
             return float(value)
         if annotation is str:
-            if isinstance(value, bool):  # YAML reads an unquoted no/yes (model.mixed_precision=no) as a bool
-                return "yes" if value else "no"
-            if not isinstance(value, (str, int, float)):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise TypeError
             return str(value)
         if origin is list:
@@ -239,7 +329,12 @@ def _apply(section: Any, values: Mapping[str, Any], prefix: str) -> None:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["training.epochs=3", "reward.name=jpeg_compressibility"]`` -> a nested mapping."""
+    """``["training.epochs=3", "reward.name=jpeg_compressibility"]`` -> a nested mapping.
+
+    A value is read as YAML, except that a text field keeps the text as typed (``output.dir=yes`` is 'yes',
+    ``model.revision=0777`` is '0777'); quote it (``'x="..."'``) to have YAML read it.
+    """
+    types = {path: annotation for path, annotation, _ in schema_fields()}
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -249,11 +344,55 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+        if key.strip() in types and is_text(types[key.strip()]) and not value.strip()[:1] in ("'", '"'):
+            node[parts[-1]] = value
+            continue
         try:
             node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError as error:
             raise ConfigError(f"override {item!r}: the value is not valid YAML/JSON: {_yaml_error(error)}") from None
     return nested
+
+
+def load_yaml(text: str, sections_at: Sequence[tuple[str, ...]] = ((),)) -> Any:
+    """``yaml.safe_load(text)``, except that a text field keeps the text it was written with (YAML 1.1 reads
+    an unquoted ``yes``/``off`` as a bool and ``0777`` as the int 511).
+
+    ``sections_at``: the key paths (``"*"``: any key) of the mappings that hold run-config sections.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    for path in sections_at:
+        for section_node, sections in _mappings_at(node, data, path):
+            _keep_text(section_node, sections, RunConfig)
+    return data
+
+
+def _mappings_at(node: Any, data: Any, path: tuple[str, ...]) -> list[tuple[yaml.MappingNode, dict]]:
+    """The (node, value) pairs of the mappings at ``path`` below ``node`` (constructed as ``data``)."""
+    if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
+        return []
+    if not path:
+        return [(node, data)]
+    return [pair for key, child in node.value if isinstance(key, yaml.ScalarNode) and key.value in data
+            and path[0] in ("*", key.value) for pair in _mappings_at(child, data[key.value], path[1:])]
+
+
+def _keep_text(node: yaml.MappingNode, values: dict, schema: type) -> None:
+    hints = get_type_hints(schema)
+    for key, child in node.value:
+        name = key.value if isinstance(key, yaml.ScalarNode) else None
+        if name not in hints or name not in values:
+            continue
+        if dataclasses.is_dataclass(hints[name]) and isinstance(child, yaml.MappingNode):
+            _keep_text(child, values[name], hints[name])
+        elif (is_text(hints[name]) and isinstance(child, yaml.ScalarNode) and child.style is None
+              and child.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:null")):
+            values[name] = child.value  # a plain scalar YAML read as a bool, number or date
 
 
 def _yaml_error(error: yaml.YAMLError) -> str:
@@ -279,7 +418,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file '{path}' is not valid TOML: {error}") from None
     if path.suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_error(error)}") from None
         if not isinstance(data, Mapping):
@@ -312,6 +451,12 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     complete(config)
     validate(config)
     return config
+
+
+def check_fields(values: Mapping[str, Any]) -> None:
+    """Raise ConfigError unless every field in ``values`` (a mapping of sections) exists and holds a value of
+    its type, choices included; what needs the whole config (``complete``, ``validate``) is not checked."""
+    _apply(RunConfig(), upgrade_renamed_fields(values, warn=False), "")
 
 
 def complete(config: RunConfig) -> RunConfig:
@@ -349,24 +494,18 @@ def _choice(path: str, value: Any, choices: Sequence[Any]) -> None:
 
 def validate(config: RunConfig) -> None:
     """Raise ConfigError for the first invalid value."""
-    m, s, e, t, o = config.model, config.sampling, config.estimator, config.training, config.output
-    _choice("model.mixed_precision", m.mixed_precision, ("no", "fp16", "bf16"))
-    _choice("model.attention", m.attention, ("auto", "sdpa", "classic"))
-    _choice("model.train_modules", m.train_modules, TRAIN_MODULES)
+    m, s, t, o = config.model, config.sampling, config.training, config.output
+    for path, annotation, _ in schema_fields():  # the Literal[...] fields
+        allowed, value = field_choices(annotation), field_value(config, path)
+        if allowed is not None and not (value is None and _optional(annotation)[1]):
+            _choice(path, value, allowed)
     _check(not (m.lora and m.train_modules != "all"), "model.train_modules", m.train_modules,
            "'all' with model.lora=true (LoRA chooses its own target modules)")
     _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
     _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
     _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")
     _check(s.guidance_scale >= 1.0, "sampling.guidance_scale", s.guidance_scale, "a number >= 1")
-    _choice("sampling.logprob_reduction", s.logprob_reduction, ("mean", "sum"))
-    _choice("sampling.sde_type", s.sde_type, ("sde", "cps"))
     _check(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
-    _choice("estimator.preset", e.preset, tuple(PRESETS))
-    if e.advantage is not None:
-        _choice("estimator.advantage", e.advantage, ADVANTAGE_KINDS)
-    if e.loss is not None:
-        _choice("estimator.loss", e.loss, LOSS_KINDS)
     _check(t.epochs >= 0, "training.epochs", t.epochs, "an integer >= 0")
     _check(t.samples_per_epoch >= 1, "training.samples_per_epoch", t.samples_per_epoch, "an integer >= 1")
     _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "a number > 0")

@@ -25,8 +25,8 @@ with no reward-std normalisation, no KL penalty and no length normalisation.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -35,26 +35,33 @@ from loopdiff.advantages import (
     BATCH_ADVANTAGES,
     TRACKED_ADVANTAGES,
     AdvantageFn,
+    AdvantageKind,
     PerPromptStatTracker,
 )
-from loopdiff.objectives import LOSS_KINDS, LOSSES, LossFn
+from loopdiff.objectives import LOSS_KINDS, LOSSES, LossFn, LossKind
 
 
 @dataclass(frozen=True)
 class Estimator:
     """Everything that distinguishes one estimator from another; the training loop is shared."""
 
-    name: str
-    advantage: str
-    loss: str
-    samples_per_prompt: int = 1
-    inner_epochs: int = 1
-    minibatches: int = 1
-    clip_range: float = 1e-4
-    advantage_clip: float | None = None
-    kl_coef: float = 0.0
-    tracker_buffer_size: int = 32
-    tracker_min_count: int = 16
+    name: str = field(metadata={"help": "the preset's name, recorded with the run"})
+    advantage: AdvantageKind = field(metadata={"help": "how rewards become advantages (docs/method.md)"})
+    loss: LossKind = field(metadata={"help": "the per-(sample, step) loss: score_function (REINFORCE) or ppo_clip"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "K: trajectories sampled per prompt"})
+    inner_epochs: int = field(default=1, metadata={"help": "passes over each batch of samples"})
+    minibatches: int = field(default=1, metadata={"help": "optimiser steps per pass over a batch"})
+    clip_range: float = field(default=1e-4, metadata={"help": "ppo_clip: the ratio is clipped to 1 +- this"})
+    advantage_clip: float | None = field(
+        default=None, metadata={"help": "advantages are clipped to +- this, if set"}
+    )
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of the KL penalty to the reference (base) policy"})
+    tracker_buffer_size: int = field(
+        default=32, metadata={"help": "prompt_mean, stat_tracker: rewards buffered per prompt"}
+    )
+    tracker_min_count: int = field(
+        default=16, metadata={"help": "prompt_mean, stat_tracker: with fewer buffered, the batch's statistics"}
+    )
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGE_KINDS:
@@ -112,6 +119,8 @@ PRESETS: dict[str, Estimator] = {
     ),
 }
 PRESETS["ddpo"] = replace(PRESETS["ppo"], name="ddpo")
+PresetName = Literal["reinforce", "reinforce_bc", "rloo", "ppo", "loop", "grpo", "ddpo"]
+assert get_args(PresetName) == tuple(PRESETS), "PresetName lists the presets in their order"
 
 
 def estimator_from_preset(preset: str, **overrides: Any) -> Estimator:

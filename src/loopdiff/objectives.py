@@ -15,12 +15,12 @@ the number of pairs (a constant the learning rate absorbs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 
 LossKind = Literal["score_function", "ppo_clip"]
-LOSS_KINDS: tuple[str, ...] = ("score_function", "ppo_clip")
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from loopdiff.config import ConfigError, RunConfig, config_from_dict
+from loopdiff.config import ConfigError, RunConfig, check_fields, config_from_dict, load_yaml
 
 BASE = "base"  # the table row of the model before fine-tuning (evaluated once per task)
 METRICS = ("training", "evaluator", "training_curve")
@@ -172,7 +172,7 @@ def load_study_spec(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise StudyError(f"study config '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), sections_at=[("base",), ("tasks", "*"), ("methods", "*")])
     except yaml.YAMLError as error:
         raise StudyError(f"study config '{path}' is not valid YAML: {error}") from None
     if not isinstance(data, Mapping):
@@ -262,11 +262,10 @@ def _entries(section: str, value: Any) -> dict[str, Entry]:
         label = body.pop("label", name)
         if not isinstance(label, str):
             raise StudyError(f"{section}.{name}.label={label!r} must be a string")
-        try:  # surface unknown run-config fields here, named by their place in the study file
-            config_from_dict(body)
+        try:  # unknown run-config fields and bad values, named by their place in the study file
+            check_fields(body)
         except ConfigError as error:
-            if any(part in str(error) for part in ("unknown config field", "is a section", "is not a valid")):
-                raise StudyError(f"{section}.{name}: {error}") from None
+            raise StudyError(f"{section}.{name}: {error}") from None
         entries[name] = Entry(name, label, body)
     return entries
 

@@ -136,6 +136,41 @@ def test_help_explains_itself(capsys) -> None:
 # ---------------------------------------------------------------- the schema
 
 
+def test_every_field_is_documented_and_listed_with_type_default_and_choices(capsys) -> None:
+    from loopdiff.config import field_default, schema_fields
+
+    rows = schema_fields()
+    assert len(rows) > 60 and [path for path, _, f in rows if not f.metadata.get("help")] == []
+    assert main(["config", "fields"]) == 0
+    text = capsys.readouterr().out
+    for path, _, f in rows:
+        assert f"{path}: " in text and f.metadata["help"] in text and repr(field_default(path)) in text, path
+    assert "model.mixed_precision: no | fp16 | bf16 = 'no'\n    accelerate's mixed precision" in text
+    assert "estimator.samples_per_prompt: int | None = None\n    K: trajectories sampled per prompt" in text
+
+
+def test_config_show_prints_the_config_train_would_run(tmp_path, capsys) -> None:
+    from loopdiff.api import run_config
+
+    assert main(["config", "show", "--config", "embedded-color", "training.epochs=3", "output.dir=yes"]) == 0
+    shown = capsys.readouterr().out
+    expected = run_config(["training.epochs=3", "output.dir=yes"], config_file="embedded-color")
+    assert yaml_load(shown) == expected.to_dict() and expected.training.epochs == 3
+    path = tmp_path / "shown.yaml"
+    path.write_text(shown)
+    assert load_config(path) == expected  # the printed YAML reads back as the same config
+    assert main(["config", "show", "model.pretrained=embedded", "reward.name=null"]) == 0
+    default = yaml_load(capsys.readouterr().out)  # the default config, with the model's registered defaults
+    assert default == run_config(["reward.name=null"]).to_dict()
+    assert default["reward"]["name"] == "embedded_vqa" and default["prompts"]["train"] == "embedded:color"
+
+
+def yaml_load(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def test_choices_are_checked_from_the_literal_types() -> None:
     from loopdiff.config import ModelConfig, field_choices, schema_fields, validate
 
@@ -188,3 +223,20 @@ def test_other_fields_still_read_yaml_values(tmp_path) -> None:
     assert (config.output.resume, config.model.revision, config.training.epochs) == (False, None, 16)
     assert config.output.wandb is True and config.reward.name == "embedded_vqa"
     assert config.eval.rewards == ["a", "b"]
+
+
+def test_other_commands_take_their_defaults_from_the_config_schema() -> None:
+    from loopdiff.cli import build_parser
+    from loopdiff.config import EvalConfig, ModelConfig, SamplingConfig, TrainingConfig
+
+    parser, s, e = build_parser(), SamplingConfig(), EvalConfig()
+    evaluate = parser.parse_args(["eval"])
+    assert (evaluate.steps, evaluate.guidance_scale, evaluate.eta) == (s.num_steps, s.guidance_scale, s.eta)
+    assert (evaluate.batch_size, evaluate.images_per_prompt) == (s.batch_size, e.images_per_prompt)
+    assert evaluate.seed == e.seed == 1234 and evaluate.max_prompts == e.max_prompts  # reproduces a run's eval
+    assert evaluate.model == ModelConfig().pretrained
+    noise = parser.parse_args(["gradient-noise"])
+    assert noise.samples_per_prompt == 4 and noise.train_denoising_steps == TrainingConfig().train_denoising_steps
+    for command in ("sample --prompt p", "branch", "gradient-noise"):
+        args = parser.parse_args(command.split())
+        assert (args.steps, args.guidance_scale, args.eta, args.seed) == (s.num_steps, s.guidance_scale, s.eta, 0)

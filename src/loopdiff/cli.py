@@ -1,4 +1,4 @@
-"""The ``loopdiff`` command: train, sample, eval, rewards, pretrain, study."""
+"""The ``loopdiff`` command: train, config, sample, eval, branch, gradient-noise, rewards, pretrain, study."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ and needs prompts.train and reward.name.
 
 Any config field can be overridden as section.field=value; sections: model, sampling, estimator,
 training, reward, prompts, eval, output. Presets: reinforce, reinforce_bc, rloo, ppo (= ddpo), loop, grpo.
+Every field with its type, choices, default and help: loopdiff config fields; the config a run would use:
+loopdiff config show [--config X] [section.field=value ...].
 """
 
 
@@ -112,6 +114,20 @@ def _print_eval_summary(run_dir: Path) -> None:
         change, se = paired_change(before["per_prompt"][name], after["per_prompt"][name])
         print(f"  {name:24s} {value:8.4f} {after['means'][name]:10.4f} {change:+9.4f} +- {se:.4f}")
     print(f"grids: {run_dir / 'grids'}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from loopdiff.api import run_config
+    from loopdiff.config import format_fields
+
+    if args.action == "fields":
+        print(format_fields())
+    else:  # show: resolved as ``loopdiff train`` resolves it
+        config = run_config(args.overrides, config_file=args.config)
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
 
 
 # ---------------------------------------------------------------- sample and eval
@@ -320,13 +336,26 @@ def cmd_study(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="embedded", help="'embedded', a pipeline folder or a Hub id")
+def _as(path: str, what: str) -> str:
+    """A flag's help: ``what``, the config field it mirrors and that field's default."""
+    from loopdiff.config import field_default
+
+    return f"{what} (as {path}; default {field_default(path)})"
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_help: str = "default 0") -> None:
+    from loopdiff.config import field_default
+
+    parser.add_argument("--model", default=field_default("model.pretrained"),
+                        help="'embedded', a pipeline folder or a Hub id (default embedded)")
     parser.add_argument("--lora", default=None, help="LoRA weights folder saved by training (final_lora)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=field_default("sampling.num_steps"),
+                        help=_as("sampling.num_steps", "DDIM steps"))
+    parser.add_argument("--guidance-scale", type=float, default=field_default("sampling.guidance_scale"),
+                        help=_as("sampling.guidance_scale", "classifier-free guidance"))
+    parser.add_argument("--eta", type=float, default=field_default("sampling.eta"),
+                        help=_as("sampling.eta", "DDIM eta"))
+    parser.add_argument("--seed", type=int, default=seed, help=f"seed of the sampling noise ({seed_help})")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
@@ -339,6 +368,9 @@ def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loopdiff.config import field_default
+    from loopdiff.estimators import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="loopdiff",
         description="Reinforcement-learning fine-tuning of text-to-image diffusion models "
@@ -376,15 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward", default=None, help="reward name(s), comma separated; "
                           "default embedded_vqa for --model embedded")
     evaluate.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
-    evaluate.add_argument("--images-per-prompt", type=int, default=10)
-    evaluate.add_argument("--max-prompts", type=int, default=None)
+    evaluate.add_argument("--images-per-prompt", type=int, default=field_default("eval.images_per_prompt"),
+                          help=_as("eval.images_per_prompt", "images per prompt"))
+    evaluate.add_argument("--max-prompts", type=int, default=field_default("eval.max_prompts"),
+                          help="the first N prompts only (as eval.max_prompts; default all)")
     evaluate.add_argument("--out", default=None, help="write per-prompt scores to this JSON file")
     evaluate.add_argument(
-        "--batch-size", type=int, default=32,
-        help="images per sampling call (default 32, as sampling.batch_size in training; it fixes which noise "
-        "each image gets, so equal values reproduce a training run's evaluation)",
+        "--batch-size", type=int, default=field_default("sampling.batch_size"),
+        help=_as("sampling.batch_size", "images per sampling call; it fixes which noise each image gets, so equal "
+                 "values (with --seed) reproduce a training run's evaluation"),
     )
-    _add_sampling_flags(evaluate)
+    _add_sampling_flags(evaluate, field_default("eval.seed"), f"default {field_default('eval.seed')}, as eval.seed: "
+                        "with --batch-size as the run's sampling.batch_size it reproduces the run's own evaluation")
     evaluate.set_defaults(func=cmd_eval)
 
     branch = sub.add_parser(
@@ -408,11 +443,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_prompt_and_reward_flags(noise)
     noise.add_argument("--groups", type=int, default=48,
                        help="one group per prompt drawn at random; prompts repeat when there are fewer than groups")
-    noise.add_argument("--samples-per-prompt", type=int, default=4, help="K (default 4)")
-    noise.add_argument("--train-denoising-steps", "--first-steps", type=int, default=None,
-                       help="only the first N sampling steps (as training.train_denoising_steps)")
+    k = PRESETS[field_default("estimator.preset")].samples_per_prompt
+    noise.add_argument("--samples-per-prompt", type=int, default=k,
+                       help=f"K (default {k}, the default estimator preset's)")
+    noise.add_argument("--train-denoising-steps", "--first-steps", type=int,
+                       default=field_default("training.train_denoising_steps"),
+                       help="only the first N sampling steps (as training.train_denoising_steps; default all)")
     _add_sampling_flags(noise)
     noise.set_defaults(func=cmd_gradient_noise)
+
+    config = sub.add_parser(
+        "config", help="the config fields, or the config a run would use",
+        description="'fields': every config field with its type, choices, default and help. 'show': the config "
+        "'loopdiff train' would run with the same --config and overrides, as YAML.",
+    )
+    actions = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("fields", help="every config field with its type, choices, default and help")
+    show = actions.add_parser("show", help="the resolved config as YAML (defaults, --config, overrides)")
+    show.add_argument("--config", help="YAML or TOML config file, or the name of a packaged one (as for train)")
+    show.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    config.set_defaults(func=cmd_config)
 
     rewards = sub.add_parser("rewards", help="list registered rewards and whether they can run here")
     rewards.set_defaults(func=cmd_rewards)

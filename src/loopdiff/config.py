@@ -94,7 +94,9 @@ class TrainingConfig:
     adam_beta2: float = setting(0.999, "AdamW beta2")
     adam_eps: float = setting(1e-8, "AdamW epsilon")
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm")
-    timestep_fraction: float = setting(1.0, "fraction of each sample's (trained) denoising steps drawn into an epoch's objective")
+    timestep_fraction: float = setting(
+        1.0, "fraction of each sample's (trained) denoising steps drawn into an epoch's objective"
+    )
     train_denoising_steps: int | None = setting(
         None, "only the first (noisiest) N denoising steps of each sample enter the objective; None: all of them"
     )

@@ -342,15 +342,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
-        node = nested
-        parts = key.strip().split(".")
+        node, path, text = nested, key.strip(), value.strip()
+        parts = path.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        if key.strip() in types and is_text(types[key.strip()]) and not value.strip()[:1] in ("'", '"'):
-            node[parts[-1]] = value
+        if path in types and is_text(types[path]) and text[:1] not in ("'", '"'):
+            node[parts[-1]] = text  # as typed, not as YAML 1.1 reads it
             continue
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+            node[parts[-1]] = yaml.safe_load(value) if text else value
         except yaml.YAMLError as error:
             raise ConfigError(f"override {item!r}: the value is not valid YAML/JSON: {_yaml_error(error)}") from None
     return nested

@@ -38,7 +38,7 @@ density a near-delta whose log-ratio explodes for any change of the mean): its `
 (kept in the autograd graph with a zero gradient, so a minibatch made only of last steps still backpropagates),
 its reported ``std`` is 0, so its importance ratio is 1 and it adds nothing to the gradient; it only counts in
 the averages over (sample, step) pairs. To leave it out of the sampled pairs altogether, train on the first
-``T - 1`` steps (``training.first_steps = num_steps - 1``). A KL penalty divided by that zero std is undefined:
+``T - 1`` steps (``training.train_denoising_steps = num_steps - 1``). A KL penalty divided by that zero std is undefined:
 use ``"sde"`` for a KL-regularised run, or exclude the last step as just said.
 
 What the ``"cps"`` density means for the clip range. The true Gaussian density is used for both forms (the

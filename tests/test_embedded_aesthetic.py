@@ -106,7 +106,7 @@ def test_scorer_round_trip_and_calibration(tmp_path):
     with torch.no_grad():
         logits = model(images)
     target = 2.0 * logits + 0.5
-    calibration = T._calibrate(model, images, target)
+    calibration = T._calibrate(T._logits(model, images), target)
     assert calibration["scale"] == pytest.approx(2.0, rel=1e-4)
     assert calibration["shift"] == pytest.approx(0.5, abs=1e-4)
     config = {"kind": "aesthetic", "arguments": {"width": 16, "hidden": 8}, "calibration": calibration}

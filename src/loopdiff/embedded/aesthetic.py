@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from loopdiff.embedded.scorers import load_scorer, prepare_images, scorer_dir
+from loopdiff.embedded.scorers import cached_scorer, missing_scorer_files, prepare_images
 from loopdiff.rewards.base import register_reward
 
 COLORFULNESS_SCALE = 100.0  # score = M / 100
@@ -36,7 +36,7 @@ COLORFULNESS_SCALE = 100.0  # score = M / 100
 
 def colorfulness(pixels: np.ndarray | torch.Tensor) -> np.ndarray:
     """Hasler-Suesstrunk colourfulness ``M`` of ``(N, H, W, 3)`` images on the 0-255 scale."""
-    x = torch.as_tensor(np.asarray(pixels) if not isinstance(pixels, torch.Tensor) else pixels).double()
+    x = torch.as_tensor(pixels).double()
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"colorfulness expects (N, H, W, 3) images, got shape {tuple(x.shape)}")
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
@@ -54,20 +54,25 @@ def images_to_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().float().cpu().clamp(0, 1) * 255).round().permute(0, 2, 3, 1)
 
 
+def colorfulness_score(images: torch.Tensor) -> torch.Tensor:
+    """The evaluator's score ``M / 100`` of ``(N, 3, H, W)`` images in [0, 1], float32 ``(N,)``."""
+    return torch.from_numpy(colorfulness(images_to_pixels(images)) / COLORFULNESS_SCALE).float()
+
+
 class ColorfulnessEvaluator:
     """Held-out aesthetic score: colourfulness ``M / 100`` of each image (prompts are not used)."""
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        return torch.from_numpy(colorfulness(images_to_pixels(images)) / COLORFULNESS_SCALE).float()
+        return colorfulness_score(images)
 
 
 class LearnedAesthetic:
     """The learned preference scorer's calibrated score of each image (prompts are not used)."""
 
     def __init__(self, directory: str | Path | None = None, device: torch.device | str = "cpu", batch_size: int = 128):
-        self.model, config = load_scorer("aesthetic", directory, device)
+        self.model, config = cached_scorer("aesthetic", directory, device)
         self.scale, self.shift = config["calibration"]["scale"], config["calibration"]["shift"]
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -79,12 +84,6 @@ class LearnedAesthetic:
         images = prepare_images(images, self.device)
         logits = torch.cat([self.model(chunk) for chunk in images.split(self.batch_size)])
         return (logits.float().cpu() * self.scale + self.shift).float()
-
-
-def _scorer_missing(options: Mapping[str, Any]) -> str | None:
-    directory = Path(options.get("directory") or scorer_dir())
-    missing = [p for p in (directory / "aesthetic.safetensors", directory / "aesthetic.json") if not p.is_file()]
-    return f"missing {', '.join(map(str, missing))}" if missing else None
 
 
 @register_reward(
@@ -99,7 +98,7 @@ def embedded_colorfulness() -> ColorfulnessEvaluator:
     "embedded_aesthetic",
     description="learned aesthetic preference scorer of the embedded world (Bradley-Terry, LAION-aesthetic-shaped)",
     needs="assets/scorers/aesthetic.safetensors (shipped)",
-    check=_scorer_missing,
+    check=missing_scorer_files("aesthetic"),
 )
 def embedded_aesthetic(directory: str | None = None, device: str = "cpu", batch_size: int = 128) -> LearnedAesthetic:
     return LearnedAesthetic(directory, device, batch_size)

@@ -30,35 +30,15 @@ from loopdiff.embedded.prompts import (
     relation_holds,
     world_category,
 )
-from loopdiff.embedded.scorers import GridDetection, encode_texts, load_scorer, prepare_images, scorer_dir
+from loopdiff.embedded.scorers import GridDetection, cached_scorer, encode_texts, missing_scorer_files, prepare_images
 from loopdiff.rewards.base import RewardError, register_reward
 from loopdiff.rewards.phrases import split_noun_phrases
-
-_LOADED: dict[tuple[str, str, str], tuple[torch.nn.Module, dict]] = {}
-
-
-def _scorer(name: str, directory: str | Path | None, device: torch.device | str) -> tuple[torch.nn.Module, dict]:
-    """Load a scorer once per (name, folder, device)."""
-    key = (name, str(directory or scorer_dir()), str(device))
-    if key not in _LOADED:
-        _LOADED[key] = load_scorer(name, directory, device)
-    return _LOADED[key]
-
-
-def _missing_weights(name: str) -> Any:
-    def check(options: Mapping[str, Any]) -> str | None:
-        directory = Path(options.get("directory") or scorer_dir())
-        missing = [p for p in (directory / f"{name}.safetensors", directory / f"{name}.json") if not p.is_file()]
-        return f"missing {', '.join(map(str, missing))}" if missing else None
-
-    return check
-
 
 class EmbeddedVQA:
     """Product over the prompt's noun phrases of the VQA scorer's ``p(yes) / (p(yes) + p(no))``."""
 
     def __init__(self, directory: str | Path | None = None, device: torch.device | str = "cpu", batch_size: int = 64):
-        self.model, config = _scorer("vqa", directory, device)
+        self.model, config = cached_scorer("vqa", directory, device)
         self.vocab = config["vocab"]
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -93,7 +73,7 @@ def _confidence(spec: ObjectSpec, detection: GridDetection) -> float:
 
 class _DetectorReward:
     def __init__(self, directory: str | Path | None = None, device: torch.device | str = "cpu", threshold: float = 0.3):
-        self.model, _ = _scorer("detector", directory, device)
+        self.model, _ = cached_scorer("detector", directory, device)
         self.device = torch.device(device)
         self.threshold = threshold
 
@@ -142,7 +122,7 @@ class EmbeddedAlignment:
     """Cosine similarity of the contrastive image and caption embeddings (in [-1, 1])."""
 
     def __init__(self, directory: str | Path | None = None, device: torch.device | str = "cpu"):
-        self.model, config = _scorer("aligner", directory, device)
+        self.model, config = cached_scorer("aligner", directory, device)
         self.vocab = config["vocab"]
         self.device = torch.device(device)
 
@@ -201,31 +181,31 @@ class EmbeddedCompBench:
 
 
 @register_reward("embedded_vqa", description="embedded world: learned VQA, product over noun phrases of p(yes)",
-                 check=_missing_weights("vqa"))
+                 check=missing_scorer_files("vqa"))
 def embedded_vqa(directory: str | None = None, device: str = "cpu", batch_size: int = 64) -> EmbeddedVQA:
     return EmbeddedVQA(directory, device, batch_size)
 
 
 @register_reward("embedded_spatial", description="embedded world: T2I-CompBench spatial formula over a learned grid detector",
-                 check=_missing_weights("detector"), prompts=WORLD_PROMPTS)
+                 check=missing_scorer_files("detector"), prompts=WORLD_PROMPTS)
 def embedded_spatial(directory: str | None = None, device: str = "cpu", threshold: float = 0.3) -> EmbeddedSpatial:
     return EmbeddedSpatial(directory, device, threshold)
 
 
 @register_reward("embedded_numeracy", description="embedded world: T2I-CompBench numeracy formula over a learned grid detector",
-                 check=_missing_weights("detector"), prompts=WORLD_PROMPTS)
+                 check=missing_scorer_files("detector"), prompts=WORLD_PROMPTS)
 def embedded_numeracy(directory: str | None = None, device: str = "cpu", threshold: float = 0.3) -> EmbeddedNumeracy:
     return EmbeddedNumeracy(directory, device, threshold)
 
 
 @register_reward("embedded_alignment", description="embedded world: cosine of a small contrastive image-text model",
-                 check=_missing_weights("aligner"))
+                 check=missing_scorer_files("aligner"))
 def embedded_alignment(directory: str | None = None, device: str = "cpu") -> EmbeddedAlignment:
     return EmbeddedAlignment(directory, device)
 
 
 def _all_weights(options: Mapping[str, Any]) -> str | None:
-    reasons = [r for r in (_missing_weights(n)(options) for n in ("vqa", "detector", "aligner")) if r]
+    reasons = [r for r in (missing_scorer_files(n)(options) for n in ("vqa", "detector", "aligner")) if r]
     return "; ".join(reasons) or None
 
 

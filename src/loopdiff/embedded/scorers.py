@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -298,3 +298,25 @@ def load_scorer(name: str, directory: str | Path | None = None, device: torch.de
     model = build_scorer(config)
     model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval(), config
+
+
+_LOADED: dict[tuple[str, str, str], tuple[nn.Module, dict[str, Any]]] = {}
+
+
+def cached_scorer(name: str, directory: str | Path | None, device: torch.device | str) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_scorer`, once per (name, folder, device): every reward built from it shares the weights."""
+    key = (name, str(directory or scorer_dir()), str(device))
+    if key not in _LOADED:
+        _LOADED[key] = load_scorer(name, directory, device)
+    return _LOADED[key]
+
+
+def missing_scorer_files(name: str) -> Callable[[Mapping[str, Any]], str | None]:
+    """A reward check: which of scorer ``name``'s two files are missing from ``options["directory"]``."""
+
+    def check(options: Mapping[str, Any]) -> str | None:
+        directory = Path(options.get("directory") or scorer_dir())
+        missing = [p for p in (directory / f"{name}.safetensors", directory / f"{name}.json") if not p.is_file()]
+        return f"missing {', '.join(map(str, missing))}" if missing else None
+
+    return check

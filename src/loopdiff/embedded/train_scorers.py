@@ -42,7 +42,7 @@ from loopdiff.embedded.scorers import (
     save_scorer,
     scorer_dir,
 )
-from loopdiff.embedded.aesthetic import COLORFULNESS_SCALE, colorfulness, images_to_pixels
+from loopdiff.embedded.aesthetic import colorfulness_score
 from loopdiff.embedded.world import COLORS, IMAGE_SIZE, MAX_SIZE, MIN_SIZE, SHAPES, TEXTURES, Scene, WorldObject, render
 
 _COLOR_NAMES = tuple(COLORS)
@@ -458,14 +458,15 @@ def pairwise_agreement(predicted: torch.Tensor, target: torch.Tensor, margin: fl
     return float(same[decided].float().mean())
 
 
-def _colorfulness_score(images: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(colorfulness(images_to_pixels(images)) / COLORFULNESS_SCALE).float()
+@torch.no_grad()
+def _logits(model: AestheticScorer, images: torch.Tensor) -> torch.Tensor:
+    """The scorer's logits for ``images``, 128 at a time."""
+    return torch.cat([model(chunk) for chunk in images.split(128)])
 
 
-def _calibrate(model: AestheticScorer, images: torch.Tensor, scores: torch.Tensor) -> dict[str, float]:
-    """Least-squares ``scale, shift`` mapping the scorer's logits onto the evaluator's scale."""
-    with torch.no_grad():
-        logits = torch.cat([model(chunk) for chunk in images.split(128)]).double()
+def _calibrate(logits: torch.Tensor, scores: torch.Tensor) -> dict[str, float]:
+    """Least-squares ``scale, shift`` mapping the scorer's ``logits`` onto the evaluator's ``scores``."""
+    logits = logits.double()
     design = torch.stack([logits, torch.ones_like(logits)], dim=1)
     scale, shift = torch.linalg.lstsq(design, scores.double()[:, None]).solution[:, 0].tolist()
     return {"scale": scale, "shift": shift}
@@ -491,14 +492,14 @@ def train_aesthetic(out: Path, steps: int = 1500, batch: int = 64, seed: int = 3
         print(f"[aesthetic] sampling {generated} base-model images", flush=True)
         pool = base_model_images(generated, seed, "train")
         torch.save(pool, cache)
-    pool_scores = _colorfulness_score(pool)
+    pool_scores = colorfulness_score(pool)
 
     def step_loss(model: AestheticScorer, rng: np.random.Generator) -> torch.Tensor:
         renders = to_tensor([aesthetic_scene(rng) for _ in range(batch // 2)])
         renders = augment(renders, torch.Generator().manual_seed(int(rng.integers(2**31))))
         index = torch.from_numpy(rng.integers(len(pool), size=batch - batch // 2))
         images = torch.cat([renders, pool[index]])
-        scores = torch.cat([_colorfulness_score(renders), pool_scores[index]])
+        scores = torch.cat([colorfulness_score(renders), pool_scores[index]])
         order = torch.from_numpy(rng.permutation(batch)).view(-1, 2)
         labels = preference_labels(scores[order], rng, PREFERENCE_TEMPERATURE)
         logits = model(images)[order]
@@ -506,16 +507,12 @@ def train_aesthetic(out: Path, steps: int = 1500, batch: int = 64, seed: int = 3
 
     model = _train("aesthetic", config, steps, lr, out, step_loss)
     fresh = base_model_images(held_out, seed + 1, "val")
-    fresh_scores = _colorfulness_score(fresh)
-    config["calibration"] = _calibrate(model, fresh, fresh_scores)
-    with torch.no_grad():
-        predicted = torch.cat([model(chunk) for chunk in fresh.split(128)])
+    fresh_scores, predicted = colorfulness_score(fresh), _logits(model, fresh)
+    config["calibration"] = _calibrate(predicted, fresh_scores)
     renders = to_tensor([aesthetic_scene(np.random.default_rng([seed, 10**6, i])) for i in range(held_out)])
-    with torch.no_grad():
-        predicted_renders = torch.cat([model(chunk) for chunk in renders.split(128)])
     config["metrics"] = {
         "pairwise_agreement_base_images": pairwise_agreement(predicted, fresh_scores),
-        "pairwise_agreement_renders": pairwise_agreement(predicted_renders, _colorfulness_score(renders)),
+        "pairwise_agreement_renders": pairwise_agreement(_logits(model, renders), colorfulness_score(renders)),
         "agreement_margin": AGREEMENT_MARGIN,
     }
     cache.unlink(missing_ok=True)

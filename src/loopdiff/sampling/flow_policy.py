@@ -27,6 +27,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from loopdiff.sampling.ddim import DDIMStepOutput, LogProbReduction
 from loopdiff.sampling.flow_sde import SDEType, flow_step_with_logprob
+from loopdiff.sampling.policy import GaussianStepPolicy, apply_guidance
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def set_flow_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: in
     scheduler.set_timesteps(num_steps, mu=mu)
 
 
-class FlowMatchPolicy:
+class FlowMatchPolicy(GaussianStepPolicy):
     """An SD3 transformer + flow-matching Euler scheduler seen as a Gaussian policy over x' given (x, t, c)."""
 
     def __init__(self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, config: FlowPolicyConfig):
@@ -169,7 +170,7 @@ class FlowMatchPolicy:
         uncond = uncond_embeds.expand(latents.shape[0]).to(cond_embeds.dtype)
         both = self._velocity(torch.cat([latents, latents]), torch.cat([t, t]), PromptEmbeds.cat([uncond, cond_embeds]))
         v_uncond, v_cond = both.chunk(2)
-        return v_uncond + w * (v_cond - v_uncond)
+        return apply_guidance(v_uncond, v_cond, w)
 
     def _velocity(self, latents: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         return self.transformer(
@@ -202,16 +203,3 @@ class FlowMatchPolicy:
             generator=generator,
             reduction=self.config.reduction,
         )
-
-    def log_prob(
-        self,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        cond_embeds: PromptEmbeds,
-        uncond_embeds: PromptEmbeds,
-    ) -> torch.Tensor:
-        """log pi(next_latents | latents, t, c) per sample (differentiable w.r.t. the transformer)."""
-        out = self.step(latents, timesteps, cond_embeds, uncond_embeds, next_latents=next_latents)
-        assert out.log_prob is not None, "log-probabilities need noise_level > 0"
-        return out.log_prob

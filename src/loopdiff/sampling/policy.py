@@ -12,6 +12,7 @@ identically in both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
@@ -29,7 +30,41 @@ class PolicyConfig:
     reduction: LogProbReduction = "mean"
 
 
-class DiffusionPolicy:
+def apply_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + w * (cond - uncond)`` (noise or velocity predictions)."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+class GaussianStepPolicy:
+    """What the sampler and the trainer call on a policy; subclasses implement :meth:`step`."""
+
+    def step(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: Any,
+        uncond_embeds: Any,
+        next_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DDIMStepOutput:
+        """Sample the next latents (or score ``next_latents``) with their log-probability, mean and std."""
+        raise NotImplementedError
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_embeds: Any,
+        uncond_embeds: Any,
+    ) -> torch.Tensor:
+        """log pi(next_latents | latents, t, c) per sample (differentiable w.r.t. the denoiser)."""
+        out = self.step(latents, timesteps, cond_embeds, uncond_embeds, next_latents=next_latents)
+        assert out.log_prob is not None, "log-probabilities need a noisy step (eta or noise_level > 0)"
+        return out.log_prob
+
+
+class DiffusionPolicy(GaussianStepPolicy):
     """A UNet + DDIM scheduler seen as a Gaussian policy over x_{t-1} given (x_t, t, c)."""
 
     def __init__(self, unet: torch.nn.Module, scheduler: DDIMScheduler, config: PolicyConfig):
@@ -59,7 +94,7 @@ class DiffusionPolicy:
         model_in = torch.cat([latents, latents])
         embeds = torch.cat([uncond.to(cond_embeds.dtype), cond_embeds])
         eps_uncond, eps_cond = self.unet(model_in, torch.cat([t, t]), encoder_hidden_states=embeds).sample.chunk(2)
-        return eps_uncond + w * (eps_cond - eps_uncond)
+        return apply_guidance(eps_uncond, eps_cond, w)
 
     def step(
         self,
@@ -82,16 +117,3 @@ class DiffusionPolicy:
             generator=generator,
             reduction=self.config.reduction,
         )
-
-    def log_prob(
-        self,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        cond_embeds: torch.Tensor,
-        uncond_embeds: torch.Tensor,
-    ) -> torch.Tensor:
-        """log pi(next_latents | latents, t, c) per sample (differentiable w.r.t. the UNet)."""
-        out = self.step(latents, timesteps, cond_embeds, uncond_embeds, next_latents=next_latents)
-        assert out.log_prob is not None, "log-probabilities need eta > 0"
-        return out.log_prob

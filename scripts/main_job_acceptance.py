@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopdiff.study.stats import prediction_interval
+from loopdiff.study.stats import prediction_interval, summarize
 
 HELD_OUT, REWARD, BINDING = "embedded_colorfulness", "embedded_aesthetic", "embedded_eval"
 EVAL_REWARDS = f"[{REWARD},{HELD_OUT},{BINDING}]"
@@ -113,11 +112,11 @@ def plot_curves(runs: Path, seeds: list[int], path: Path, window: int = 10) -> d
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Mean of ``a - b`` over prompts and its standard error."""
-    d = a - b
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    difference = summarize(a - b)
+    return difference.mean, difference.se
 
 
-def summarize(runs: Path, seeds: list[int]) -> list[dict]:
+def summary_rows(runs: Path, seeds: list[int]) -> list[dict]:
     """One row per training seed x evaluation seed."""
     rows = []
     for seed in seeds:
@@ -157,10 +156,6 @@ def summarize(runs: Path, seeds: list[int]) -> list[dict]:
 
 def verdict(rows: list[dict]) -> dict:
     """The acceptance figures: gains over the base, LOOP minus control with its standard error over seeds."""
-    def mean_se(values: list[float]) -> tuple[float, float]:
-        v = np.asarray(values)
-        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-
     seeds = sorted({r["train_seed"] for r in rows})
     per_seed = {key: [np.mean([r[key] for r in rows if r["train_seed"] == s]) for s in seeds]
                 for key in ("base", "final", "control_final", "reward_base", "reward_final", "reward_control_final",
@@ -169,13 +164,13 @@ def verdict(rows: list[dict]) -> dict:
     for prefix, (b, f, c) in {"held_out": ("base", "final", "control_final"),
                               "reward": ("reward_base", "reward_final", "reward_control_final"),
                               "binding": ("binding_base", "binding_final", "binding_control_final")}.items():
-        gain = mean_se([x - y for x, y in zip(per_seed[f], per_seed[b])])
-        control_gain = mean_se([x - y for x, y in zip(per_seed[c], per_seed[b])])
-        difference = mean_se([x - y for x, y in zip(per_seed[f], per_seed[c])])
-        out[prefix] = {"base": float(np.mean(per_seed[b])), "gain": gain[0], "gain_se": gain[1],
-                       "control_gain": control_gain[0], "control_gain_se": control_gain[1],
-                       "final_minus_control": difference[0], "final_minus_control_se": difference[1],
-                       "relative_gain": gain[0] / float(np.mean(per_seed[b]))}
+        gain = summarize([x - y for x, y in zip(per_seed[f], per_seed[b])])
+        control_gain = summarize([x - y for x, y in zip(per_seed[c], per_seed[b])])
+        difference = summarize([x - y for x, y in zip(per_seed[f], per_seed[c])])
+        out[prefix] = {"base": float(np.mean(per_seed[b])), "gain": gain.mean, "gain_se": gain.se,
+                       "control_gain": control_gain.mean, "control_gain_se": control_gain.se,
+                       "final_minus_control": difference.mean, "final_minus_control_se": difference.se,
+                       "relative_gain": gain.mean / float(np.mean(per_seed[b]))}
     return out
 
 
@@ -226,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(lambda job: run(*job, args.threads), evals))
 
     args.results.mkdir(parents=True, exist_ok=True)
-    rows = summarize(args.runs, args.seeds)
+    rows = summary_rows(args.runs, args.seeds)
     (args.results / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     figures = verdict(rows) | {"curves": plot_curves(args.runs, args.seeds, args.results / "training_reward.png")}
     models = {"base": None} | {f"{kind}-s{s}": str(args.runs / f"{kind}-s{s}/final_pipeline")

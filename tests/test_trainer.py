@@ -218,6 +218,10 @@ def test_monitor_rewards_are_logged_on_the_samples_and_never_trained_on(tmp_path
     expected = build_reward("jpeg_compressibility")(images, prompts, [{}] * len(prompts))
     torch.testing.assert_close(monitored.monitored["jpeg_compressibility"], expected)
 
+    both = make_trainer(tmp_path / "b", "loop", reward_section={"monitor": ["jpeg_compressibility"]},
+                        eval={"rewards": ["jpeg_compressibility"]})
+    assert both.evaluation_rewards()["jpeg_compressibility"] is both.monitor_rewards["jpeg_compressibility"]
+
     monitored = make_trainer(tmp_path / "m2", "loop", reward_section={"monitor": ["jpeg_compressibility"]})
     plain = make_trainer(tmp_path / "p", "loop")
     record = monitored.train()[0]

@@ -469,12 +469,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def evaluation_rewards(self) -> dict[str, RewardFn]:
-        """The training reward plus ``eval.rewards``, built once (a reward model loads only once per run)."""
+        """The training reward plus ``eval.rewards``, built once (a reward model loads only once per run;
+        one already built for ``reward.monitor`` is reused)."""
         if self._evaluation_rewards is None:
             rewards: dict[str, RewardFn] = {self.reward_name: self.reward_fn}
             for name in self.config.eval.rewards:
                 if name not in rewards:
-                    rewards[name] = build_reward(name, self.config.reward.options)
+                    rewards[name] = self.monitor_rewards.get(name) or build_reward(name, self.config.reward.options)
             self._evaluation_rewards = rewards
         return self._evaluation_rewards
 

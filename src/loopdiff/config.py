@@ -149,6 +149,8 @@ class EvalConfig:
     seed: int = setting(1234, "seed of the evaluation's sampling noise")
     rewards: list[str] = setting(help="extra rewards to report (e.g. the held-out evaluator)", factory=list)
     grid_prompts: int = setting(8, "validation prompts shown in the image grids")
+    deterministic: bool = setting(False, "also evaluate the base and final models with the deterministic sampler "
+                                         "(DDIM eta = 0, or the flow ODE), as eval/<tag>_deterministic.json")
 
 
 @dataclass

@@ -19,6 +19,8 @@ function serves sampling and the training-time recomputation, so guidance is app
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -154,6 +156,10 @@ class FlowMatchPolicy(GaussianStepPolicy):
     def timesteps(self) -> torch.Tensor:
         """The T sampling timesteps (sigma * num_train_timesteps), from noisiest to cleanest."""
         return self.scheduler.timesteps
+
+    def deterministic(self) -> "FlowMatchPolicy":
+        """The Euler ODE (noise level 0), sharing this policy's transformer and scheduler."""
+        return FlowMatchPolicy(self.transformer, self.scheduler, dataclasses.replace(self.config, noise_level=0.0))
 
     def guided_velocity(
         self,

@@ -11,7 +11,7 @@ identically in both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,6 +63,10 @@ class GaussianStepPolicy:
         assert out.log_prob is not None, "log-probabilities need a noisy step (eta or noise_level > 0)"
         return out.log_prob
 
+    def deterministic(self) -> "GaussianStepPolicy":
+        """The same denoiser with its noise switched off: the sampler users run after fine-tuning."""
+        raise NotImplementedError
+
 
 class DiffusionPolicy(GaussianStepPolicy):
     """A UNet + DDIM scheduler seen as a Gaussian policy over x_{t-1} given (x_t, t, c)."""
@@ -77,6 +81,10 @@ class DiffusionPolicy(GaussianStepPolicy):
     def timesteps(self) -> torch.Tensor:
         """The T sampling timesteps, from noisiest to cleanest."""
         return self.scheduler.timesteps
+
+    def deterministic(self) -> "DiffusionPolicy":
+        """DDIM with eta = 0, sharing this policy's UNet and scheduler."""
+        return DiffusionPolicy(self.unet, self.scheduler, replace(self.config, eta=0.0))
 
     def guided_noise(
         self,

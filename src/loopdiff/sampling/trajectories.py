@@ -107,7 +107,8 @@ def sample_trajectories(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the DDIM (eta > 0) sampler for every row of ``prompt_embeds``.
 
-    Returns ``latents`` (N, T + 1, C, H, W) in float32 and ``log_probs`` (N, T).
+    Returns ``latents`` (N, T + 1, C, H, W) in float32 and ``log_probs`` (N, T); a deterministic step
+    (eta = 0) has no density, and its log-probabilities are NaN.
     """
     device = prompt_embeds.device
     timesteps = policy.timesteps.to(device)
@@ -120,7 +121,7 @@ def sample_trajectories(
             out = policy.step(x, t, embeds, uncond_embeds, generator=generator)
             x = out.prev_sample
             steps.append(x.float())
-            log_probs.append(out.log_prob)
+            log_probs.append(out.log_prob if out.log_prob is not None else x.new_full((len(x),), float("nan")))
         all_latents.append(torch.stack(steps, dim=1))
         all_log_probs.append(torch.stack(log_probs, dim=1))
     return torch.cat(all_latents), torch.cat(all_log_probs)

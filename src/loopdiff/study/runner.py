@@ -164,7 +164,10 @@ def execute_job(job: Job) -> None:
     from loopdiff.training.trainer import Trainer
 
     if job.kind == "base":
-        Trainer(job.config).evaluate(BASE_TAG)
+        trainer = Trainer(job.config)
+        trainer.evaluate(BASE_TAG)
+        if job.config.eval.deterministic:
+            trainer.evaluate(BASE_TAG, deterministic=True)
         return
     _drop_unsaved_metrics(job.folder)
     Trainer(job.config).train()

@@ -4,7 +4,7 @@ A study file (YAML) looks like::
 
     name: paper
     seeds: [0, 1, 2]
-    evaluator: embedded_eval          # held-out reward reported beside each task's training reward
+    evaluator: embedded_eval          # held-out reward beside each task's training reward (or task -> reward)
     base: {...}                       # any run-config sections, shared by every run
     tasks:                            # name -> label + run-config overrides
       color: {label: Color, prompts: {train: embedded:color, val: embedded:color:val},
@@ -96,7 +96,7 @@ class StudySpec:
     tables: dict[str, TableSpec]
     grids: GridSpec | None
     claims: tuple[ClaimSpec, ...]
-    evaluator: str | None = None
+    evaluator: Mapping[str, str] | None = None  # task -> held-out evaluator (a study-wide name is set per task)
     curve_tail: float = 0.25  # the "training_curve" metric averages this final fraction of the epochs
     source: str = ""
 
@@ -118,7 +118,7 @@ class StudySpec:
             "eval": {"before_training": False},
             "output": {"dir": str(run_dir), "resume": True, "progress": False},
         })
-        return self._validated(values, f"run {task}/{method}/seed{seed}")
+        return self._validated(values, task, f"run {task}/{method}/seed{seed}")
 
     def base_config(self, task: str, run_dir: Path) -> RunConfig:
         """The config that evaluates the model before fine-tuning on ``task`` (no training)."""
@@ -126,21 +126,26 @@ class StudySpec:
             "training": {"epochs": 0},
             "output": {"dir": str(run_dir), "resume": False, "progress": False},
         })
-        return self._validated(values, f"base evaluation of task '{task}'")
+        return self._validated(values, task, f"base evaluation of task '{task}'")
 
     def metric_key(self, task: str, metric: str) -> str | None:
         """The reward name under which ``metric`` is stored in a run's ``eval/*.json`` means."""
         if metric == "evaluator":
-            return self.evaluator
+            return self.evaluator_for(task)
         return self.base_config(task, Path(".")).reward.name
+
+    def evaluator_for(self, task: str) -> str | None:
+        """The held-out evaluator reported on ``task`` (None: the study has none for it)."""
+        return (self.evaluator or {}).get(task)
 
     def label(self, method: str) -> str:
         return "Base model" if method == BASE else self.methods[method].label
 
-    def _validated(self, values: dict[str, Any], what: str) -> RunConfig:
-        if self.evaluator:
+    def _validated(self, values: dict[str, Any], task: str, what: str) -> RunConfig:
+        evaluator = self.evaluator_for(task)
+        if evaluator:
             rewards = list(values.get("eval", {}).get("rewards", []) or [])
-            values = merge(values, {"eval": {"rewards": rewards + [self.evaluator] * (self.evaluator not in rewards)}})
+            values = merge(values, {"eval": {"rewards": rewards + [evaluator] * (evaluator not in rewards)}})
         try:
             config = config_from_dict(values)
         except ConfigError as error:
@@ -192,9 +197,7 @@ def study_spec_from_dict(data: Mapping[str, Any], default_name: str = "study", s
     if BASE in methods:
         raise StudyError(f"methods.{BASE}: the name '{BASE}' is reserved for the model before fine-tuning")
     tables = _tables(data.get("tables"), tasks, methods)
-    evaluator = data.get("evaluator")
-    if evaluator is not None and (not isinstance(evaluator, str) or not evaluator):
-        raise StudyError(f"evaluator={evaluator!r} must be a reward name or null")
+    evaluator = _evaluators(data.get("evaluator"), tasks)
     spec = StudySpec(
         name=name,
         seeds=_seeds(data.get("seeds", [0])),
@@ -250,6 +253,22 @@ def _fraction(path: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise StudyError(f"{path}={value!r} must be a number in (0, 1]")
     return float(value)
+
+
+def _evaluators(value: Any, tasks: Mapping[str, Entry]) -> dict[str, str] | None:
+    """``evaluator``: one reward name for every task, a mapping task -> reward name, or null."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return {task: value for task in tasks}
+    if isinstance(value, Mapping):
+        for task, name in value.items():
+            if task not in tasks:
+                raise StudyError(f"evaluator.{task}: no such task; tasks: {', '.join(tasks)}")
+            if not isinstance(name, str) or not name:
+                raise StudyError(f"evaluator.{task}={name!r} must be a reward name")
+        return dict(value)
+    raise StudyError(f"evaluator={value!r} must be a reward name, a mapping task -> reward name, or null")
 
 
 def _entries(section: str, value: Any) -> dict[str, Entry]:
@@ -321,13 +340,14 @@ def _claims(value: Any, spec: StudySpec, pairs: set[tuple[str, str]]) -> tuple[C
         metric = body.get("metric", "training")
         if metric not in METRICS:
             raise StudyError(f"{where}.metric={metric!r} is invalid; allowed: {', '.join(METRICS)}")
-        if metric == "evaluator" and not spec.evaluator:
-            raise StudyError(f"{where}.metric='evaluator' but the study sets no evaluator")
+        tasks = _names(f"{where}.tasks", body.get("tasks", list(spec.tasks)), list(spec.tasks))
+        if metric == "evaluator" and not all(spec.evaluator_for(task) for task in tasks):
+            missing = next(task for task in tasks if not spec.evaluator_for(task))
+            raise StudyError(f"{where}.metric='evaluator' but the study sets no evaluator for task '{missing}'")
         allowed = list(spec.methods) if metric == "training_curve" else [BASE, *spec.methods]
         increasing = _names(f"{where}.increasing", body.get("increasing"), allowed)
         if len(increasing) < 2:
             raise StudyError(f"{where}.increasing={list(increasing)!r} must list at least two methods")
-        tasks = _names(f"{where}.tasks", body.get("tasks", list(spec.tasks)), list(spec.tasks))
         for task in tasks:
             for method in increasing:
                 if method != BASE and (task, method) not in pairs:

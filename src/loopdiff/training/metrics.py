@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,6 +22,15 @@ def tensor_stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
         f"{prefix}/min": values.min().item(),
         f"{prefix}/max": values.max().item(),
     }
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """The process's peak memory so far in MiB: allocated CUDA memory on a GPU, resident set size on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 class MetricsLogger:

@@ -33,7 +33,7 @@ from loopdiff.rewards.base import RewardFn, as_scores, build_reward
 from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
-from loopdiff.training.metrics import MetricsLogger, tensor_stats
+from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, tensor_stats
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
 from loopdiff.training.preflight import check_reward_prompts, check_launch, check_output_dir
@@ -394,6 +394,7 @@ class Trainer:
             "time/advantages": t1 - t0,
             "time/training": t2 - t1,
             "time/epoch": t2 - start,
+            "memory/peak_mb": peak_memory_mb(self.device),
             "lr": self.lr_scheduler.get_last_lr()[0],
         }
         return metrics
@@ -479,16 +480,21 @@ class Trainer:
             self._evaluation_rewards = rewards
         return self._evaluation_rewards
 
-    def evaluate(self, tag: str, prompt_set: PromptSet | None = None) -> EvalResult:
-        """Evaluate the current policy on the validation prompts; writes ``eval/<tag>.json`` and a grid."""
+    def evaluate(self, tag: str, prompt_set: PromptSet | None = None, deterministic: bool = False) -> EvalResult:
+        """Evaluate the current policy on the validation prompts; writes ``eval/<tag>.json`` and a grid.
+
+        ``deterministic`` samples without noise (DDIM eta = 0, or the flow ODE) and writes
+        ``eval/<tag>_deterministic.json``: the sampler users run after fine-tuning."""
         e = self.config.eval
+        policy = self.rollout_policy.deterministic() if deterministic else self.rollout_policy
+        tag = f"{tag}_deterministic" if deterministic else tag
         if prompt_set is None and self.config.prompts.val is None:
             raise ConfigError("prompts.val is unset: give a validation prompt file to evaluate on")
         prompt_set = prompt_set or load_prompt_set(self.config.prompts.val).head(e.max_prompts)
         self.unet.eval()
         with self.accelerator.autocast():
             result = evaluate(
-                self.rollout_policy,
+                policy,
                 self.encoder,
                 self.pipeline.vae,
                 prompt_set,
@@ -582,6 +588,8 @@ class Trainer:
         try:
             if c.eval.before_training and not resumed and self._wants_eval():
                 self.evaluate("base")
+                if c.eval.deterministic:
+                    self.evaluate("base", deterministic=True)
             bar = tqdm(range(self.epoch, c.training.epochs), desc="epochs", initial=self.epoch,
                        total=c.training.epochs, disable=not c.output.progress)
             for epoch in bar:
@@ -599,6 +607,8 @@ class Trainer:
                     self.evaluate(f"epoch_{self.epoch:05d}")
             if self._wants_eval():
                 self.evaluate("final")
+                if c.eval.deterministic:
+                    self.evaluate("final", deterministic=True)
                 if self.accelerator.is_main_process:
                     self.comparison_grid()
         finally:

@@ -81,7 +81,7 @@ def study_dict(pipeline: Path | str, prompts: Path | str) -> dict:
             "training": {"epochs": EPOCHS, "samples_per_epoch": 8, "learning_rate": 1e-3},
             "prompts": {"train": str(prompts), "val": str(prompts)},
             "reward": {"name": TRAIN_REWARD, "asynchronous": False},
-            "eval": {"images_per_prompt": 2, "max_prompts": 2, "grid_prompts": 2},
+            "eval": {"images_per_prompt": 2, "max_prompts": 2, "grid_prompts": 2, "deterministic": True},
             "output": {"tensorboard": False, "checkpoint_every": 1},
         },
         "tasks": {"plain": {"label": "Plain"}, "short": {"label": "Short", "sampling": {"num_steps": 2}}},
@@ -91,6 +91,10 @@ def study_dict(pipeline: Path | str, prompts: Path | str) -> dict:
         "grids": {"methods": ["base", *METHODS], "seed": 0, "images_per_model": 2, "prompts": 2},
         "claims": [{"text": "LOOP beats PPO", "increasing": ["ppo", "loop_k2"], "metric": "training"},
                    {"increasing": ["ppo", "loop_k2"], "metric": "training_curve"}],
+        "variance": {"tasks": ["plain"], "groups": 3, "batch": 4,
+                     "estimators": {"reinforce": {"preset": "reinforce"},
+                                    "rloo_k2": {"label": "RLOO k=2", "preset": "rloo", "samples_per_prompt": 2}}},
+        "efficiency": {"tasks": ["plain"], "methods": ["loop_k2"], "reference": "ppo"},
     }
 
 
@@ -215,7 +219,8 @@ def watched_files(out: Path) -> dict[Path, int]:
 
 def test_every_run_and_base_evaluation_is_in_its_folder(mini_study) -> None:
     spec, out, outcome = mini_study
-    assert sorted(outcome.ran) == sorted(["base/plain", "base/short", *all_run_ids()]) and not outcome.failed
+    assert sorted(outcome.ran) == sorted(["base/plain", "base/short", "variance/plain", *all_run_ids()])
+    assert not outcome.failed
     for task in TASKS:
         assert json.loads((out / "base" / task / "eval" / "base.json").read_text())["epoch"] == 0
         for method in METHODS:
@@ -237,7 +242,7 @@ def test_rerun_skips_every_finished_run(mini_study) -> None:
     spec, out, _ = mini_study
     before = watched_files(out)
     outcome = run_study(spec, out, threads=1, progress=False, log=lambda _: None)
-    assert outcome.ran == [] and len(outcome.skipped) == len(all_run_ids()) + len(TASKS)
+    assert outcome.ran == [] and len(outcome.skipped) == len(all_run_ids()) + len(TASKS) + 1  # + variance/plain
     assert watched_files(out) == before
 
 
@@ -300,13 +305,44 @@ def test_curves_equal_hand_prediction_intervals(mini_study) -> None:
         assert float(row["high"]) == pytest.approx(statistics.fmean(rewards) + half)
 
 
-def test_claims_follow_the_means(mini_study) -> None:
+def test_claims_are_paired_differences_over_seeds(mini_study) -> None:
     spec, out, _ = mini_study
-    table = read_csv(out / "report" / "main_training.csv")
+    records = json.loads((out / "report" / "claims.json").read_text())
+    assert len(records) == 2 * len(TASKS)
+    for record in (r for r in records if r["metric"] == "training"):
+        diffs = []
+        for seed in SEEDS:
+            means = {m: json.loads((out / "runs" / record["task"] / m / f"seed{seed}" / "eval" / "final.json")
+                                   .read_text())["means"][TRAIN_REWARD] for m in METHODS}
+            diffs.append(means["loop_k2"] - means["ppo"])
+        assert record["difference"] == pytest.approx(statistics.fmean(diffs))
+        assert record["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(len(SEEDS)))
+        z = record["difference"] / record["se"]
+        expected = "holds" if z >= 2 else "fails" if z <= -2 else "undecided"
+        assert (record["measure"], record["seeds"], record["verdict"]) == ("training_reward", len(SEEDS), expected)
     claims = (out / "report" / "claims.md").read_text()
-    for task, label in zip(TASKS, ("Plain", "Short")):
-        holds = float(table["ppo"][f"{task}_mean"]) < float(table["loop_k2"][f"{task}_mean"])
-        assert f"  - {label}: {'yes' if holds else 'no'} (PPO " in claims.split("(training_curve)")[0]
+    assert f"**{records[0]['verdict']}**" in claims.split("\n")[1]
+
+
+def test_the_deterministic_sampler_and_the_extra_sections(mini_study) -> None:
+    spec, out, _ = mini_study
+    folder = out / "runs" / "plain" / "ppo" / "seed0" / "eval"
+    noisy = json.loads((folder / "final.json").read_text())["means"][EVALUATOR]
+    plain = json.loads((folder / "final_deterministic.json").read_text())["means"][EVALUATOR]
+    assert noisy != plain  # eta = 0 samples other images from the same initial noise
+    rows = json.loads((out / "report" / "sampler.json").read_text())["plain"]
+    ppo = next(r for r in rows if r["method"] == "ppo")
+    assert ppo["deterministic"]["n"] == len(SEEDS) and rows[0]["method"] == "base"
+    seeds = [json.loads((out / "runs" / "plain" / "ppo" / f"seed{s}" / "eval" / name).read_text())["means"][EVALUATOR]
+             for s in SEEDS for name in ("final.json", "final_deterministic.json")]
+    assert ppo["difference"]["mean"] == pytest.approx(statistics.fmean(seeds[1::2]) - statistics.fmean(seeds[0::2]))
+    variance = json.loads((out / "variance" / "plain" / "variance.json").read_text())
+    assert [r["name"] for r in variance["estimators"]] == ["reinforce", "rloo_k2"]
+    assert variance["samples_per_prompt"] == 2 and all(r["noise_per_sample"] > 0 for r in variance["estimators"])
+    index = (out / "report" / "index.html").read_text()
+    for section in ("variance.png", "efficiency_plain.png", "eta = 0 (deterministic)", "RLOO k=2", "claims.json"):
+        assert section in index
+    assert (out / "report" / "efficiency_plain.png").is_file()
 
 
 def test_report_links_are_relative_and_present(mini_study) -> None:

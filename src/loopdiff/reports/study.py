@@ -14,10 +14,13 @@ from typing import Any
 import torch
 
 from loopdiff.grids import side_by_side
-from loopdiff.study.claims import ClaimVerdict, check_claims, claims_markdown
+from loopdiff.study.claims import ClaimVerdict, check_claims, claims_json, claims_markdown, step_text
 from loopdiff.study.curves import plot_table_curves, write_curve_csv
 from loopdiff.study.results import (
     BASE_TAG, FINAL_TAG, StudyResults, base_dir, collect_results, read_eval, report_dir, run_dir,
+)
+from loopdiff.reports.study_sections import (
+    claims_table_html, efficiency_section, sampler_json, sampler_section, variance_section,
 )
 from loopdiff.study.spec import BASE, StudySpec
 from loopdiff.study.tables import Table, format_cell, write_tables
@@ -34,12 +37,17 @@ def build_report(spec: StudySpec, out: Path) -> Path:
     tables = write_tables(spec, results, folder)
     verdicts = check_claims(spec, results)
     (folder / "claims.md").write_text(claims_markdown(spec, verdicts) if verdicts else "No claims configured.\n")
+    (folder / "claims.json").write_text(claims_json(spec, verdicts))
+    (folder / "sampler.json").write_text(sampler_json(spec, results))
     curves = write_curves(spec, results, folder)
     grids = write_grids(spec, out, folder)
     page = Template((resources.files("loopdiff") / "reports" / "study_report.html").read_text()).substitute(
         title=html.escape(f"loopdiff study: {spec.name}"),
         meta=meta_html(spec, out),
-        claims=claims_html(spec, verdicts),
+        claims=claims_table_html(spec, verdicts) + "\n" + claims_html(spec, verdicts),
+        variance=variance_section(spec, out, folder),
+        efficiency=efficiency_section(spec, out, results, folder),
+        sampler=sampler_section(spec, results),
         tables="\n".join(table_html(t) for t in tables),
         curves="\n".join(figure_html(path, caption) for path, caption in curves) or "<p>No training curves yet.</p>",
         grids="\n".join(figure_html(path, caption) for path, caption in grids) or "<p>No image grids yet.</p>",
@@ -147,17 +155,17 @@ def claims_html(spec: StudySpec, verdicts: list[ClaimVerdict]) -> str:
     for verdict in verdicts:
         rows = []
         for task in verdict.tasks:
-            mark = {True: "yes", False: "no", None: "pending"}[task.holds]
+            mark = task.verdict
             values = ", ".join(
                 f"{html.escape(spec.label(m))} {s.mean:.4f}" if s.n else f"{html.escape(spec.label(m))} &ndash;"
                 for m, s in zip(verdict.claim.increasing, task.summaries)
             )
-            margin = "" if task.holds is None else f"; smallest step {task.smallest_margin:+.1f} SE"
+            steps = "; ".join(html.escape(step_text(spec, s)) for s in task.steps)
             rows.append(f'<li><span class="{mark}">{mark}</span> {html.escape(spec.tasks[task.task].label)}: '
-                        f"{values}{margin}</li>")
+                        f"{values}. {steps}</li>")
         items.append(f"<li><b>{html.escape(verdict.claim.text)}</b> ({verdict.claim.metric}): "
                      f"{html.escape(verdict.summary)}<ul>{''.join(rows)}</ul></li>")
-    return f'<ul class="claims">{"".join(items)}</ul>\n<p class="files"><a href="claims.md">Markdown</a></p>'
+    return f'<ul class="claims">{"".join(items)}</ul>\n<p class="files"><a href="claims.md">Markdown</a> \u00b7 <a href="claims.json">JSON</a></p>'
 
 
 def read_study_record(out: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
     <out>/study.json                          command, wall times, status of every run
     <out>/base/<task>/eval/base.json          the model before fine-tuning, once per task
     <out>/runs/<task>/<method>/seed<k>/       an ordinary training run (eval/final.json, metrics.jsonl, ...)
+    <out>/variance/<task>/variance.json       the estimators' gradient noise at the base model
     <out>/report/                             index.html, tables (CSV, Markdown), curves and grids (PNG)
 """
 
@@ -20,6 +21,7 @@ from loopdiff.training.metrics import read_metrics
 
 FINAL_TAG = "final"
 BASE_TAG = "base"
+VARIANCE_FILE = "variance.json"
 DETERMINISTIC = "_deterministic"  # the suffix of evaluations sampled without noise (eval.deterministic)
 
 
@@ -29,6 +31,16 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
 
 def base_dir(out: Path, task: str) -> Path:
     return Path(out) / "base" / task
+
+
+def variance_dir(out: Path, task: str) -> Path:
+    return Path(out) / "variance" / task
+
+
+def read_variance(out: Path, task: str) -> dict[str, Any] | None:
+    """The estimators' gradient noise at the base model on ``task`` (``variance/<task>/variance.json``)."""
+    path = variance_dir(out, task) / VARIANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def report_dir(out: Path) -> Path:

@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 from loopdiff.config import RunConfig, upgrade_renamed_fields
 from loopdiff.reports.study import RUN_RECORD, build_report
-from loopdiff.study.results import BASE_TAG, FINAL_TAG, base_dir, read_eval, run_dir
-from loopdiff.study.spec import StudyError, StudySpec, load_study_spec
+from loopdiff.study.results import BASE_TAG, FINAL_TAG, VARIANCE_FILE, base_dir, read_eval, run_dir, variance_dir
+from loopdiff.study.spec import StudyError, StudySpec, VarianceSpec, load_study_spec
 
 DEFAULT_STUDY = "study-paper.yaml"
 LOG_FILE = "study_log.txt"
@@ -34,7 +34,8 @@ IGNORED_CHANGES = ("training.epochs", "output.")  # config fields a finished run
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work: a training run (``kind="run"``) or a base-model evaluation (``kind="base"``)."""
+    """One unit of work: a training run (``kind="run"``), a base-model evaluation (``kind="base"``) or the
+    estimators' gradient noise at the base model (``kind="variance"``)."""
 
     kind: str
     task: str
@@ -42,15 +43,21 @@ class Job:
     seed: int | None
     folder: Path
     config: RunConfig
+    variance: VarianceSpec | None = None
 
     @property
     def id(self) -> str:
-        return f"base/{self.task}" if self.kind == "base" else f"{self.task}/{self.method}/seed{self.seed}"
+        if self.kind in ("base", "variance"):
+            return f"{self.kind}/{self.task}"
+        return f"{self.task}/{self.method}/seed{self.seed}"
 
     def is_done(self) -> bool:
-        """Base: ``eval/base.json`` exists. Run: ``eval/final.json`` exists and was written at the last epoch."""
+        """Base: ``eval/base.json`` exists. Run: ``eval/final.json`` exists and was written at the last epoch.
+        Variance: ``variance.json`` exists."""
         if self.kind == "base":
             return read_eval(self.folder, BASE_TAG) is not None
+        if self.kind == "variance":
+            return (self.folder / VARIANCE_FILE).is_file()
         record = read_eval(self.folder, FINAL_TAG)
         return record is not None and record.get("epoch") == self.config.training.epochs
 
@@ -81,16 +88,20 @@ def plan_study(spec: StudySpec, out: Path, only: Sequence[str] = ()) -> list[Job
     ]
     bases = [Job("base", task, None, None, base_dir(out, task), spec.base_config(task, base_dir(out, task)))
              for task in spec.tasks]
+    variance = [Job("variance", task, None, None, variance_dir(out, task),
+                    spec.base_config(task, variance_dir(out, task)), spec.variance)
+                for task in (spec.variance.tasks if spec.variance else ())]
     if only:
         runs = [job for job in runs if _matches(job.id, only)]
         wanted = {job.task for job in runs}
         bases = [job for job in bases if job.task in wanted or _matches(job.id, only)]
-        if not runs and not bases:
+        variance = [job for job in variance if _matches(job.id, only)]
+        if not runs and not bases and not variance:
             raise StudyError(f"--only {' '.join(only)} matches no run; run ids look like "
                              f"'{spec.pairs()[0][0]}/{spec.pairs()[0][1]}/seed{spec.seeds[0]}' or 'base/<task>'")
     for job in runs:
         _check_unchanged(job)
-    return bases + runs
+    return bases + variance + runs
 
 
 def _matches(job_id: str, patterns: Sequence[str]) -> bool:
@@ -163,6 +174,13 @@ def execute_job(job: Job) -> None:
     """Run one job in this process: evaluate the base model, or train (resuming from a checkpoint)."""
     from loopdiff.training.trainer import Trainer
 
+    if job.kind == "variance":
+        from loopdiff.study.variance import measure_variance
+
+        spec = job.variance
+        assert spec is not None
+        measure_variance(Trainer(job.config), spec, job.folder / VARIANCE_FILE)
+        return
     if job.kind == "base":
         trainer = Trainer(job.config)
         trainer.evaluate(BASE_TAG)

@@ -25,8 +25,9 @@ and the bad value.
 from __future__ import annotations
 
 import copy
+import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +43,8 @@ METRIC_LABELS = {
     "training_curve": "training reward over the last epochs",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TOP_LEVEL = ("name", "seeds", "evaluator", "base", "tasks", "methods", "tables", "grids", "claims", "curve_tail")
+_TOP_LEVEL = ("name", "seeds", "evaluator", "base", "tasks", "methods", "tables", "grids", "claims", "curve_tail",
+              "variance", "efficiency")
 
 
 class StudyError(ValueError):
@@ -77,13 +79,36 @@ class GridSpec:
 
 
 @dataclass(frozen=True)
+class VarianceSpec:
+    """Per-estimator gradient noise and signal at the base model (``loopdiff.diagnostics.estimator_variance``):
+    ``groups`` training prompts x the largest K of the estimators, one shared set of score gradients."""
+
+    tasks: tuple[str, ...]
+    estimators: dict[str, Entry]  # name -> label + estimator fields (preset, samples_per_prompt, ...)
+    groups: int = 64
+    batch: int = 24  # the SNR is reported for a gradient from this many samples
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EfficiencySpec:
+    """Samples and wall time each method needs to reach the ``reference`` method's final scores on ``tasks``."""
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    reference: str
+
+
+@dataclass(frozen=True)
 class ClaimSpec:
-    """A claim holds on a task when the methods' means increase strictly in the order given."""
+    """The methods' means increase in the order given (``loopdiff.study.claims`` decides it per task);
+    ``paper_effect``: per task, the paper's relative gap of each step (a fraction of the lower mean)."""
 
     text: str
     increasing: tuple[str, ...]
     metric: str
     tasks: tuple[str, ...]
+    paper_effect: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,8 @@ class StudySpec:
     grids: GridSpec | None
     claims: tuple[ClaimSpec, ...]
     evaluator: Mapping[str, str] | None = None  # task -> held-out evaluator (a study-wide name is set per task)
+    variance: VarianceSpec | None = None
+    efficiency: EfficiencySpec | None = None
     curve_tail: float = 0.25  # the "training_curve" metric averages this final fraction of the epochs
     source: str = ""
 
@@ -212,7 +239,8 @@ def study_spec_from_dict(data: Mapping[str, Any], default_name: str = "study", s
         source=source,
     )
     pairs = set(spec.pairs())
-    spec = replace(spec, grids=_grids(data.get("grids"), spec), claims=_claims(data.get("claims", []), spec, pairs))
+    spec = replace(spec, grids=_grids(data.get("grids"), spec), claims=_claims(data.get("claims", []), spec, pairs),
+                   variance=_variance(data.get("variance"), tasks), efficiency=_efficiency(data.get("efficiency"), spec, pairs))
     _check_runs(spec)
     return spec
 
@@ -253,6 +281,50 @@ def _fraction(path: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise StudyError(f"{path}={value!r} must be a number in (0, 1]")
     return float(value)
+
+
+def _efficiency(value: Any, spec: StudySpec, pairs: set[tuple[str, str]]) -> EfficiencySpec | None:
+    if value is None:
+        return None
+    body = _mapping("efficiency", value)
+    extra = [k for k in body if k not in ("tasks", "methods", "reference")]
+    if extra:
+        raise StudyError(f"unknown field 'efficiency.{extra[0]}'; allowed: tasks, methods, reference")
+    tasks = _names("efficiency.tasks", body.get("tasks"), list(spec.tasks))
+    methods = _names("efficiency.methods", body.get("methods"), list(spec.methods))
+    reference = _names("efficiency.reference", [body.get("reference")], list(spec.methods))[0]
+    for task in tasks:
+        for method in (*methods, reference):
+            if (task, method) not in pairs:
+                raise StudyError(f"efficiency compares '{method}' on task '{task}', which no table trains")
+    return EfficiencySpec(tasks, methods, reference)
+
+
+def _variance(value: Any, tasks: Mapping[str, Entry]) -> VarianceSpec | None:
+    if value is None:
+        return None
+    body = _mapping("variance", value)
+    extra = [k for k in body if k not in ("tasks", "estimators", "groups", "batch", "seed")]
+    if extra:
+        raise StudyError(f"unknown field 'variance.{extra[0]}'; allowed: tasks, estimators, groups, batch, seed")
+    counts = {}
+    for key, default, least in (("groups", 64, 2), ("batch", 24, 1), ("seed", 0, 0)):
+        counts[key] = body.get(key, default)
+        if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < least:
+            raise StudyError(f"variance.{key}={counts[key]!r} must be an integer >= {least}")
+    value = body.get("estimators")
+    if not isinstance(value, Mapping) or not value:
+        raise StudyError(f"variance.estimators={value!r} must be a non-empty mapping of name -> estimator fields")
+    estimators = {}
+    for name, fields in value.items():
+        fields = _mapping(f"variance.estimators.{_name(f'variance.estimators.{name}', name)}", fields or {})
+        label = fields.pop("label", name)
+        try:
+            check_fields({"estimator": fields})
+        except ConfigError as error:
+            raise StudyError(f"variance.estimators.{name}: {error}") from None
+        estimators[name] = Entry(name, str(label), fields)
+    return VarianceSpec(_names("variance.tasks", body.get("tasks"), list(tasks)), estimators, **counts)
 
 
 def _evaluators(value: Any, tasks: Mapping[str, Entry]) -> dict[str, str] | None:
@@ -334,9 +406,10 @@ def _claims(value: Any, spec: StudySpec, pairs: set[tuple[str, str]]) -> tuple[C
     for k, body in enumerate(value):
         where = f"claims[{k}]"
         body = _mapping(where, body)
-        extra = [key for key in body if key not in ("text", "increasing", "metric", "tasks")]
+        extra = [key for key in body if key not in ("text", "increasing", "metric", "tasks", "paper_effect")]
         if extra:
-            raise StudyError(f"unknown field '{where}.{extra[0]}'; allowed: text, increasing, metric, tasks")
+            raise StudyError(f"unknown field '{where}.{extra[0]}'; allowed: text, increasing, metric, tasks, "
+                             "paper_effect")
         metric = body.get("metric", "training")
         if metric not in METRICS:
             raise StudyError(f"{where}.metric={metric!r} is invalid; allowed: {', '.join(METRICS)}")
@@ -353,8 +426,20 @@ def _claims(value: Any, spec: StudySpec, pairs: set[tuple[str, str]]) -> tuple[C
                 if method != BASE and (task, method) not in pairs:
                     raise StudyError(f"{where} compares '{method}' on task '{task}', which no table trains")
         text = body.get("text") or " < ".join(spec.label(m) for m in increasing)
-        claims.append(ClaimSpec(str(text), increasing, metric, tasks))
+        claims.append(ClaimSpec(str(text), increasing, metric, tasks, _paper_effect(where, body.get("paper_effect"), tasks)))
     return tuple(claims)
+
+
+def _paper_effect(where: str, value: Any, tasks: Sequence[str]) -> dict[str, float]:
+    if value is None:
+        return {}
+    body = _mapping(f"{where}.paper_effect", value)
+    for task, effect in body.items():
+        if task not in tasks:
+            raise StudyError(f"{where}.paper_effect.{task}: the claim has no task '{task}'; its tasks: {', '.join(tasks)}")
+        if isinstance(effect, bool) or not isinstance(effect, (int, float)) or not math.isfinite(effect):
+            raise StudyError(f"{where}.paper_effect.{task}={effect!r} must be a number (a fraction, 0.15 = 15%)")
+    return {task: float(effect) for task, effect in body.items()}
 
 
 def _check_runs(spec: StudySpec) -> None:

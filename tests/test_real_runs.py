@@ -164,7 +164,8 @@ def test_packaged_config_runs_one_epoch_on_a_tiny_pipeline(name: str, tmp_path: 
 def test_packaged_sdxl_config_runs_one_epoch_on_a_tiny_sdxl_pipeline(name: str, tmp_path: Path, tiny_sdxl_dir: Path,
                                                                     prompt_file: Path) -> None:
     export = _one_epoch(name, tmp_path, tiny_sdxl_dir, prompt_file)
-    assert export.name == "final_lora" and "StableDiffusionXLPipeline.from_pretrained" in (export / "README.md").read_text()
+    assert export.name == "final_lora"
+    assert "StableDiffusionXLPipeline.from_pretrained" in (export / "README.md").read_text()
 
 
 def _one_epoch(name: str, tmp_path: Path, pipeline_dir: Path, prompt_file: Path) -> Path:

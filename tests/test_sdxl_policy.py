@@ -33,7 +33,8 @@ def _policy(pipe, **overrides) -> DiffusionPolicy:
 
 def _batch(pipe, n: int = 3, seed: int = 0) -> tuple[PromptEmbeds, PromptEmbeds, torch.Tensor]:
     encoder = SDXLPromptEncoder(pipe, "cpu")
-    return encoder(PROMPTS[:n]), encoder.unconditional(), torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return encoder(PROMPTS[:n]), encoder.unconditional(), x
 
 
 def _unet(pipe, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
@@ -86,7 +87,8 @@ def test_prompt_encoder_is_the_penultimate_states_the_pooled_projection_and_the_
 def test_without_forced_zeros_the_negative_is_the_encoded_empty_prompt() -> None:
     pipe = build_tiny_sdxl_pipeline(force_zeros_for_empty_prompt=False)
     uncond = SDXLPromptEncoder(pipe, "cpu").unconditional()
-    _, negative, _, negative_pooled = pipe.encode_prompt(["a red circle"], device="cpu", do_classifier_free_guidance=True)
+    _, negative, _, negative_pooled = pipe.encode_prompt(["a red circle"], device="cpu",
+                                                         do_classifier_free_guidance=True)
     torch.testing.assert_close(uncond.sequence, negative, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(uncond.pooled, negative_pooled, atol=1e-6, rtol=1e-6)
     assert uncond.pooled.abs().max() > 1e-3  # not zeros
@@ -99,7 +101,8 @@ def test_prompt_embeds_keep_time_ids_through_the_batch_operations() -> None:
     a = PromptEmbeds(torch.randn(1, 3, 4), torch.randn(1, 2), torch.tensor([NATIVE_TIME_IDS]))
     b = PromptEmbeds(torch.randn(2, 3, 4), torch.randn(2, 2), torch.randn(2, 6))
     both = PromptEmbeds.cat([a.expand(2), b])
-    assert len(both) == 4 and torch.equal(both.time_ids[:2], a.time_ids.expand(2, 6)) and torch.equal(both.time_ids[2:], b.time_ids)
+    assert len(both) == 4 and torch.equal(both.time_ids[:2], a.time_ids.expand(2, 6))
+    assert torch.equal(both.time_ids[2:], b.time_ids)
     assert both[1:3].time_ids.shape == (2, 6) and both.to(torch.float64).time_ids.dtype == torch.float64
     with pytest.raises(ValueError, match="with and without time ids"):
         PromptEmbeds.cat([a, PromptEmbeds(a.sequence, a.pooled)])
@@ -127,8 +130,10 @@ def test_unet_gets_the_same_added_conditioning_in_sampling_and_training(sdxl) ->
     assert len(calls) == 2
     for call in calls:
         added = call["added_cond_kwargs"]
-        torch.testing.assert_close(call["encoder_hidden_states"], torch.cat([uncond.sequence.expand(3, -1, -1), embeds.sequence]), rtol=0, atol=0)
-        torch.testing.assert_close(added["text_embeds"], torch.cat([torch.zeros(3, PROJECTION), embeds.pooled]), rtol=0, atol=0)
+        states = torch.cat([uncond.sequence.expand(3, -1, -1), embeds.sequence])
+        torch.testing.assert_close(call["encoder_hidden_states"], states, rtol=0, atol=0)
+        pooled = torch.cat([torch.zeros(3, PROJECTION), embeds.pooled])
+        torch.testing.assert_close(added["text_embeds"], pooled, rtol=0, atol=0)
         assert added["time_ids"].tolist() == [NATIVE_TIME_IDS] * 6
     assert trained.log_prob.requires_grad and torch.equal(trained.mean, sampled.mean)
     assert torch.equal(trained.log_prob.detach(), sampled.log_prob)
@@ -160,7 +165,9 @@ def test_training_recomputation_of_mixed_steps_gives_ratio_one(sdxl) -> None:
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     # the added conditioning enters the recomputation: other time ids or pooled embeddings move it
     e = traj.prompt_embeds[i]
-    for changed in (PromptEmbeds(e.sequence, e.pooled, 2 * e.time_ids), PromptEmbeds(e.sequence, 0 * e.pooled, e.time_ids)):
+    other_size = PromptEmbeds(e.sequence, e.pooled, 2 * e.time_ids)
+    no_pooled = PromptEmbeds(e.sequence, 0 * e.pooled, e.time_ids)
+    for changed in (other_size, no_pooled):
         with torch.no_grad():
             moved = policy.log_prob(*args, changed, uncond)
         assert (moved - traj.log_probs[i, j]).abs().max() > 1e-4

@@ -4,8 +4,8 @@ Three kinds of pipeline: Stable-Diffusion format (UNet + DDIM, :class:`Diffusion
 (``StableDiffusionXLPipeline``: the same UNet policy, conditioned also on pooled text embeddings and size time
 ids through :class:`SDXLPromptEncoder`) and SD3 format (``StableDiffusion3Pipeline``: SD3 transformer +
 flow-matching Euler scheduler, :class:`FlowMatchPolicy`). ``load_pipeline`` reads the kind from the folder's
-``model_index.json``; :func:`denoiser` and :func:`build_policies` route the rest by the loaded pipeline's kind. The trained module is called ``unet``
-throughout the training code whichever kind it is.
+``model_index.json``; :func:`denoiser` and :func:`build_policies` route the rest by the loaded pipeline's kind.
+The trained module is called ``unet`` throughout the training code whichever kind it is.
 """
 
 from __future__ import annotations

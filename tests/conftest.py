@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Stable-Diffusion-format pipeline built from configs with the real classes."""
+"""Shared fixtures: tiny Stable-Diffusion-format (and SDXL-format) pipelines built from configs with the real classes."""
 
 from __future__ import annotations
 
@@ -110,6 +110,16 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pipeline saved with save_pretrained (load it back with from_pretrained)."""
     path = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny StableDiffusionXLPipeline saved with save_pretrained (sdxl_helpers.build_tiny_sdxl_pipeline)."""
+    from sdxl_helpers import build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl_pipeline().save_pretrained(path)
     return path
 
 

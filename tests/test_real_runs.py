@@ -17,6 +17,7 @@ from loopdiff.training.trainer import Trainer
 
 SD_CONFIGS = ["sd15-ddpo-aesthetic", "sd15-ddpo-compressibility", "sd2-compbench-attributes",
               "sd2-compbench-numeracy", "sd2-compbench-spatial"]
+SDXL_CONFIGS = ["sdxl-compbench-attributes"]
 PROMPTS = ["a red circle", "a blue square", "a green star", "a big cat"]
 
 
@@ -105,8 +106,8 @@ def test_a_run_without_validation_prompts_skips_evaluation(tmp_path: Path, tiny_
 
 
 def test_packaged_stable_diffusion_configs_need_the_users_prompts() -> None:
-    assert set(SD_CONFIGS) <= set(packaged_config_names())
-    for name in SD_CONFIGS:
+    assert set(SD_CONFIGS + SDXL_CONFIGS) <= set(packaged_config_names())
+    for name in SD_CONFIGS + SDXL_CONFIGS:
         with pytest.raises(ConfigError, match="prompts.train is required for a model other than 'embedded'"):
             load_config(resolve_config(name))
         assert resolve_config(name).read_text().startswith("# ")  # the header says what it is and its source
@@ -143,11 +144,35 @@ def test_ddpo_configs_hold_ddpo_pytorchs_settings(prompt_file: Path) -> None:
         assert c.reward.name == reward
 
 
+def test_sdxl_config_holds_the_loop_settings_with_lora_on_sdxl_base(prompt_file: Path) -> None:
+    c = load_config(resolve_config("sdxl-compbench-attributes"), [f"prompts.train={prompt_file}"])
+    assert c.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (c.model.lora, c.model.lora_rank, c.model.mixed_precision) == (True, 16, "bf16")
+    assert (c.sampling.num_steps, c.sampling.guidance_scale, c.sampling.eta) == (50, 5.0, 1.0)
+    assert (c.estimator.preset, c.estimator.samples_per_prompt, c.estimator.clip_range) == ("loop", 4, 1e-4)
+    assert (c.training.weight_decay, c.training.max_grad_norm, c.training.gradient_checkpointing) == (1e-4, 1.0, True)
+    assert c.reward.name == "blip_vqa" and c.eval.images_per_prompt == 10
+
+
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_packaged_config_runs_one_epoch_on_a_tiny_pipeline(name: str, tmp_path: Path, tiny_pipeline_dir: Path,
                                                           prompt_file: Path) -> None:
+    _one_epoch(name, tmp_path, tiny_pipeline_dir, prompt_file)
+
+
+@pytest.mark.parametrize("name", SDXL_CONFIGS)
+def test_packaged_sdxl_config_runs_one_epoch_on_a_tiny_sdxl_pipeline(name: str, tmp_path: Path, tiny_sdxl_dir: Path,
+                                                                    prompt_file: Path) -> None:
+    export = _one_epoch(name, tmp_path, tiny_sdxl_dir, prompt_file)
+    assert export.name == "final_lora"
+    assert "StableDiffusionXLPipeline.from_pretrained" in (export / "README.md").read_text()
+
+
+def _one_epoch(name: str, tmp_path: Path, pipeline_dir: Path, prompt_file: Path) -> Path:
+    """``loopdiff train --config name`` for one small epoch on ``pipeline_dir``; checks the export's card and
+    returns the export's folder."""
     run = tmp_path / "run"
-    code = main(["train", "--config", name, f"model.pretrained={tiny_pipeline_dir}", "model.device=cpu",
+    code = main(["train", "--config", name, f"model.pretrained={pipeline_dir}", "model.device=cpu",
                  "model.mixed_precision=no", "sampling.num_steps=2", "training.epochs=1",
                  "training.samples_per_epoch=8", f"prompts.train={prompt_file}", f"prompts.val={prompt_file}",
                  "eval.max_prompts=1", "eval.images_per_prompt=2", "reward.name=jpeg_compressibility",
@@ -157,8 +182,9 @@ def test_packaged_config_runs_one_epoch_on_a_tiny_pipeline(name: str, tmp_path: 
     config = json.loads((run / "config.json").read_text())
     export = run / ("final_lora" if config["model"]["lora"] else "final_pipeline")
     front = yaml.safe_load((export / "README.md").read_text().split("---")[1])
-    assert front["base_model"] == str(tiny_pipeline_dir)
+    assert front["base_model"] == str(pipeline_dir)
     assert {"loopdiff", config["estimator"]["preset"], "jpeg_compressibility"} <= set(front["tags"])
+    return export
 
 
 # ---------------------------------------------------------------- model card

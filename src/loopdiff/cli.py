@@ -144,11 +144,13 @@ def _load_for_inference(model: str, lora: str | None, device: str):
 
 
 def _policy_parts(pipe, args: argparse.Namespace):
-    from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
-    from loopdiff.sampling.trajectories import PromptEncoder
+    """The sampling policy and prompt encoder for the pipeline's kind, as the trainer builds them."""
+    from loopdiff.config import SamplingConfig
+    from loopdiff.models import build_policies, denoiser
 
-    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(args.guidance_scale, args.eta, args.steps))
-    return policy, PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device)
+    sampling = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta)
+    policy, _, encoder = build_policies(pipe, denoiser(pipe), denoiser(pipe), sampling, pipe.device)
+    return policy, encoder
 
 
 def _reward_options(args: argparse.Namespace) -> dict:

@@ -1,10 +1,11 @@
 """Loading the pipeline to fine-tune, choosing what trains (full UNet or LoRA), and the reference policy.
 
-Two kinds of pipeline: Stable-Diffusion format (UNet + DDIM, :class:`DiffusionPolicy`) and SD3 format
-(``StableDiffusion3Pipeline``: SD3 transformer + flow-matching Euler scheduler, :class:`FlowMatchPolicy`).
-``load_pipeline`` reads the kind from the folder's ``model_index.json``; :func:`denoiser` and
-:func:`build_policies` route the rest by the loaded pipeline's kind. The trained module is called ``unet``
-throughout the training code whichever kind it is.
+Three kinds of pipeline: Stable-Diffusion format (UNet + DDIM, :class:`DiffusionPolicy`), SDXL format
+(``StableDiffusionXLPipeline``: the same UNet policy, conditioned also on pooled text embeddings and size time
+ids through :class:`SDXLPromptEncoder`) and SD3 format (``StableDiffusion3Pipeline``: SD3 transformer +
+flow-matching Euler scheduler, :class:`FlowMatchPolicy`). ``load_pipeline`` reads the kind from the folder's
+``model_index.json``; :func:`denoiser` and :func:`build_policies` route the rest by the loaded pipeline's kind.
+The trained module is called ``unet`` throughout the training code whichever kind it is.
 """
 
 from __future__ import annotations
@@ -49,13 +50,20 @@ def is_flow_matching(pipe: Any) -> bool:
     )
 
 
+def is_sdxl(pipe: Any) -> bool:
+    """Whether ``pipe`` is an SDXL-format pipeline (a UNet conditioned on two text encoders and size time ids)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
 def denoiser(pipe: Any) -> torch.nn.Module:
     """The module that trains: the SD3 transformer or the UNet."""
     return pipe.transformer if is_flow_matching(pipe) else pipe.unet
 
 
 def text_encoders(pipe: Any) -> list[torch.nn.Module]:
-    """The pipeline's text encoders (one for Stable Diffusion, two or three for SD3)."""
+    """The pipeline's text encoders (one for Stable Diffusion, two for SDXL, two or three for SD3)."""
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
 
@@ -75,8 +83,9 @@ def _load_sd3_pipeline(source: str, config: ModelConfig, index: dict[str, Any]) 
 
 
 def load_pipeline(config: ModelConfig) -> StableDiffusionPipeline:
-    """Load a Stable-Diffusion-format pipeline with a DDIM scheduler and frozen VAE and text encoder, or an
-    SD3-format one (``_class_name`` StableDiffusion3Pipeline) with its flow-matching scheduler."""
+    """Load a Stable-Diffusion-format pipeline, or an SDXL-format one (``_class_name``
+    StableDiffusionXLPipeline), with a DDIM scheduler, or an SD3-format one (StableDiffusion3Pipeline) with
+    its flow-matching scheduler; the VAE and the text encoders frozen."""
     source = resolve_pretrained(config.pretrained)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local:
@@ -94,18 +103,26 @@ def load_pipeline(config: ModelConfig) -> StableDiffusionPipeline:
         pipe.set_progress_bar_config(disable=True)
         return pipe
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(Path(source).expanduser()) if looks_local else source,
-            revision=config.revision,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        if index.get("_class_name") == "StableDiffusionXLPipeline":
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(Path(source).expanduser()) if looks_local else source, revision=config.revision
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(Path(source).expanduser()) if looks_local else source,
+                revision=config.revision,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
     except (OSError, ValueError) as error:
         message = " ".join(str(error).split())
         raise ConfigError(f"model.pretrained='{config.pretrained}' could not be loaded: {message}") from None
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # SDXL ships an Euler scheduler
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for encoder in text_encoders(pipe):
+        encoder.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -147,8 +164,9 @@ def build_policies(
 ) -> tuple[Any, Any, Any]:
     """(sampling policy, training policy, prompt encoder) for the pipeline's kind.
 
-    UNet pipelines: :class:`DiffusionPolicy` with DDIM eta = ``sampling.eta``. SD3 pipelines:
-    :class:`FlowMatchPolicy` with the SDE noise level a = ``sampling.eta`` and form ``sampling.sde_type``.
+    UNet pipelines: :class:`DiffusionPolicy` with DDIM eta = ``sampling.eta`` (conditioned on
+    :class:`SDXLPromptEncoder`'s embeddings for SDXL). SD3 pipelines: :class:`FlowMatchPolicy` with the SDE
+    noise level a = ``sampling.eta`` and form ``sampling.sde_type``.
     """
     from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
     from loopdiff.sampling.trajectories import PromptEncoder
@@ -174,10 +192,16 @@ def build_policies(
         num_steps=sampling.num_steps,
         reduction=sampling.logprob_reduction,  # type: ignore[arg-type]
     )
+    if is_sdxl(pipe):
+        from loopdiff.sampling.sdxl import SDXLPromptEncoder
+
+        encoder: Any = SDXLPromptEncoder(pipe, device)
+    else:
+        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device)
     return (
         DiffusionPolicy(rollout_model, pipe.scheduler, policy_config),
         DiffusionPolicy(train_model, pipe.scheduler, policy_config),
-        PromptEncoder(pipe.tokenizer, pipe.text_encoder, device),
+        encoder,
     )
 
 

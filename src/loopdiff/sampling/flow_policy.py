@@ -5,12 +5,11 @@ The counterpart of :class:`loopdiff.sampling.policy.DiffusionPolicy` for ``SD3Tr
 so the trajectory sampler and the trainer drive either one. The step itself is in
 :mod:`loopdiff.sampling.flow_sde` (forms "sde" and "cps", noise level ``a``).
 
-Prompt embeddings. SD3 conditions on a token sequence *and* a pooled vector, so where the UNet path passes a
-tensor (N, L, D) this one passes a :class:`PromptEmbeds` pair ``(sequence (N, L, D), pooled (N, P))``. It
-indexes, slices, ``len``-s and moves (``.device``, ``.to``) like a tensor along the batch dimension, which is
-all the sampler, the trajectories store and the trainer do with prompt embeddings. :class:`SD3PromptEncoder`
-makes them with the pipeline's own ``encode_prompt`` (two CLIP encoders, plus T5 when the pipeline has one;
-without T5 diffusers pads with zeros of ``max_sequence_length`` tokens).
+Prompt embeddings. SD3 conditions on a token sequence *and* a pooled vector, so where the Stable Diffusion 1/2
+path passes a tensor (N, L, D) this one passes a :class:`~loopdiff.sampling.embeds.PromptEmbeds` pair
+``(sequence (N, L, D), pooled (N, P))``. :class:`SD3PromptEncoder` makes them with the pipeline's own
+``encode_prompt`` (two CLIP encoders, plus T5 when the pipeline has one; without T5 diffusers pads with zeros
+of ``max_sequence_length`` tokens).
 
 Classifier-free guidance runs the unconditional and the conditional branch in one batched transformer call
 ``v_hat = v_uncond + w * (v_cond - v_uncond)``, in the pipeline's order (unconditional first). The same
@@ -20,7 +19,6 @@ function serves sampling and the training-time recomputation, so guidance is app
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,51 +26,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from loopdiff.sampling.ddim import DDIMStepOutput, LogProbReduction
+from loopdiff.sampling.embeds import PromptEmbeds
 from loopdiff.sampling.flow_sde import SDEType, flow_step_with_logprob
 from loopdiff.sampling.policy import GaussianStepPolicy, apply_guidance
-
-
-@dataclass(frozen=True)
-class PromptEmbeds:
-    """An SD3 prompt's conditioning: ``sequence`` (N, L, D) token states and ``pooled`` (N, P) vectors."""
-
-    sequence: torch.Tensor
-    pooled: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.sequence.shape[0] != self.pooled.shape[0]:
-            raise ValueError(f"{self.sequence.shape[0]} sequences but {self.pooled.shape[0]} pooled embeddings")
-
-    def __len__(self) -> int:
-        return self.sequence.shape[0]
-
-    def __getitem__(self, index: Any) -> "PromptEmbeds":
-        if isinstance(index, int):
-            index = slice(index, index + 1)  # keep the batch dimension
-        return PromptEmbeds(self.sequence[index], self.pooled[index])
-
-    @property
-    def device(self) -> torch.device:
-        return self.sequence.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.sequence.dtype
-
-    def to(self, *args: Any, **kwargs: Any) -> "PromptEmbeds":
-        return PromptEmbeds(self.sequence.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
-
-    def expand(self, n: int) -> "PromptEmbeds":
-        """A batch of ``n`` copies of a single embedding (shape (1, ...)); any other batch is returned as is."""
-        if len(self) == n:
-            return self
-        return PromptEmbeds(
-            self.sequence.expand(n, *self.sequence.shape[1:]), self.pooled.expand(n, *self.pooled.shape[1:])
-        )
-
-    @staticmethod
-    def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
-        return PromptEmbeds(torch.cat([p.sequence for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
 class SD3PromptEncoder:

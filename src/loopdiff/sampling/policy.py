@@ -7,6 +7,10 @@ Classifier-free guidance runs the unconditional and the conditional branch in on
 ``eps_hat = eps_uncond + w * (eps_cond - eps_uncond)``. The same function serves sampling (no gradients) and
 the training-time recomputation of log pi (gradients through both branches), so guidance is applied
 identically in both.
+
+The UNet's conditioning is a tensor of text-encoder states (Stable Diffusion 1/2) or a
+:class:`~loopdiff.sampling.embeds.PromptEmbeds` (SDXL), whose pooled text embeddings and size ``time_ids``
+go to the UNet as ``added_cond_kwargs``, row by row with the token states in both guidance branches.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from loopdiff.sampling.ddim import DDIMStepOutput, LogProbReduction, ddim_step_with_logprob
+from loopdiff.sampling.embeds import Conditioning, PromptEmbeds, cat_rows, expand_rows
 
 
 @dataclass
@@ -90,26 +95,34 @@ class DiffusionPolicy(GaussianStepPolicy):
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        cond_embeds: torch.Tensor,
-        uncond_embeds: torch.Tensor,
+        cond_embeds: Conditioning,
+        uncond_embeds: Conditioning,
     ) -> torch.Tensor:
         """eps_hat for a batch; per-sample timesteps; one UNet call holding both guidance branches."""
         w = self.config.guidance_scale
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
         if w == 1.0:
-            return self.unet(latents, t, encoder_hidden_states=cond_embeds).sample
-        uncond = uncond_embeds.expand(latents.shape[0], *uncond_embeds.shape[1:])
-        model_in = torch.cat([latents, latents])
-        embeds = torch.cat([uncond.to(cond_embeds.dtype), cond_embeds])
-        eps_uncond, eps_cond = self.unet(model_in, torch.cat([t, t]), encoder_hidden_states=embeds).sample.chunk(2)
+            return self._noise(latents, t, cond_embeds)
+        uncond = expand_rows(uncond_embeds, latents.shape[0]).to(cond_embeds.dtype)
+        both = self._noise(torch.cat([latents, latents]), torch.cat([t, t]), cat_rows([uncond, cond_embeds]))
+        eps_uncond, eps_cond = both.chunk(2)
         return apply_guidance(eps_uncond, eps_cond, w)
+
+    def _noise(self, latents: torch.Tensor, t: torch.Tensor, embeds: Conditioning) -> torch.Tensor:
+        """The UNet's prediction, with SDXL's pooled text embeddings and time ids as ``added_cond_kwargs``."""
+        if not isinstance(embeds, PromptEmbeds):
+            return self.unet(latents, t, encoder_hidden_states=embeds).sample
+        if embeds.time_ids is None:
+            raise ValueError("a UNet conditioned on PromptEmbeds needs their time_ids (SDXL's size conditioning)")
+        added = {"text_embeds": embeds.pooled, "time_ids": embeds.time_ids}
+        return self.unet(latents, t, encoder_hidden_states=embeds.sequence, added_cond_kwargs=added).sample
 
     def step(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        cond_embeds: torch.Tensor,
-        uncond_embeds: torch.Tensor,
+        cond_embeds: Conditioning,
+        uncond_embeds: Conditioning,
         next_latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> DDIMStepOutput:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from loopdiff.sampling.embeds import Conditioning
 from loopdiff.sampling.policy import DiffusionPolicy
 
 
@@ -24,7 +25,8 @@ class Trajectories:
     - ``timesteps``: (T,), the scheduler timestep of each step;
     - ``prompt_ids``: (N,), index of each sample's prompt in ``prompts``;
     - ``group_ids``: (N,), equal for the K samples drawn for the same prompt in this batch;
-    - ``prompt_embeds``: (N, L, D), the text-encoder states of each sample's prompt.
+    - ``prompt_embeds``: each sample's prompt conditioning: text-encoder states (N, L, D), or
+      :class:`~loopdiff.sampling.embeds.PromptEmbeds` (SD3, SDXL).
     """
 
     latents: torch.Tensor
@@ -32,7 +34,7 @@ class Trajectories:
     timesteps: torch.Tensor
     prompt_ids: torch.Tensor
     group_ids: torch.Tensor
-    prompt_embeds: torch.Tensor
+    prompt_embeds: Conditioning
     prompts: list[str] = field(default_factory=list)
     metadata: list[Mapping[str, Any]] = field(default_factory=list)
 
@@ -99,8 +101,8 @@ def initial_latents(
 @torch.inference_mode()
 def sample_trajectories(
     policy: DiffusionPolicy,
-    prompt_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor,
+    prompt_embeds: Conditioning,
+    uncond_embeds: Conditioning,
     generator: torch.Generator,
     batch_size: int = 64,
     progress: bool = False,

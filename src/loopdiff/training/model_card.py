@@ -57,14 +57,14 @@ def evaluation_table(evaluations: dict[str, dict[str, Any]], images_per_prompt: 
     return "\n".join(lines)
 
 
-def usage_snippet(config: RunConfig, path: Path) -> str:
-    """Python that loads the exported model and samples as it was trained."""
+def usage_snippet(config: RunConfig, path: Path, pipeline_class: str = "StableDiffusionPipeline") -> str:
+    """Python that loads the exported model with diffusers' ``pipeline_class`` and samples as it was trained."""
     s = config.sampling
-    load = (f'pipe = StableDiffusionPipeline.from_pretrained("{config.model.pretrained}")\n'
+    load = (f'pipe = {pipeline_class}.from_pretrained("{config.model.pretrained}")\n'
             f'pipe.load_lora_weights("{path}")' if config.model.lora
-            else f'pipe = StableDiffusionPipeline.from_pretrained("{path}")')
+            else f'pipe = {pipeline_class}.from_pretrained("{path}")')
     return (
-        "```python\nfrom diffusers import DDIMScheduler, StableDiffusionPipeline\n\n"
+        f"```python\nfrom diffusers import DDIMScheduler, {pipeline_class}\n\n"
         f"{load}\npipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
         f'image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale}, '
         f"eta={s.eta}).images[0]\n```"
@@ -72,9 +72,11 @@ def usage_snippet(config: RunConfig, path: Path) -> str:
 
 
 def model_card(
-    config: RunConfig, estimator: Estimator, reward_name: str, run_dir: Path, epochs: int, path: Path
+    config: RunConfig, estimator: Estimator, reward_name: str, run_dir: Path, epochs: int, path: Path,
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> str:
-    """The text of ``README.md`` for the model exported to ``path`` after ``epochs`` epochs."""
+    """The text of ``README.md`` for the model exported to ``path`` after ``epochs`` epochs (a fine-tune of a
+    diffusers ``pipeline_class`` pipeline)."""
     front = {
         "base_model": config.model.pretrained,
         "library_name": "diffusers",
@@ -92,7 +94,7 @@ def model_card(
         f"{config.training.samples_per_epoch} samples "
         f"on the prompts `{prompts}` ({config.sampling.num_steps} DDIM steps, eta {config.sampling.eta}, "
         f"guidance {config.sampling.guidance_scale}).",
-        "## Use\n\n" + usage_snippet(config, path),
+        "## Use\n\n" + usage_snippet(config, path, pipeline_class),
         "## Evaluation\n\n" + evaluation_table(read_evaluations(run_dir), config.eval.images_per_prompt),
         "## Estimator\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(estimator), sort_keys=False) + "```",
         "## Training configuration\n\nThe resolved config (`loopdiff train --config` accepts it as a file):\n\n"

@@ -44,6 +44,7 @@ from loopdiff.models import (
     configure_trainable,
     denoiser,
     is_flow_matching,
+    is_sdxl,
     load_pipeline,
     text_encoders,
 )
@@ -80,7 +81,8 @@ def training_reward_name(config: RunConfig, reward_fn: RewardFn | None) -> str:
 
 
 class Trainer:
-    """Fine-tunes a Stable-Diffusion-format pipeline's UNet with the configured estimator."""
+    """Fine-tunes a pipeline's denoiser (the UNet of Stable Diffusion 1/2 or SDXL, or the SD3 transformer)
+    with the configured estimator."""
 
     def __init__(self, config: RunConfig, reward_fn: RewardFn | None = None, pipeline: Any = None):
         """``reward_fn`` (a reward callable) replaces ``reward.name``; ``pipeline`` replaces ``model.pretrained``."""
@@ -150,7 +152,8 @@ class Trainer:
         self.train_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.params = params
         # The same weights twice: sampled from without gradients, and trained through the accelerate wrapper.
-        # DiffusionPolicy + PromptEncoder, or FlowMatchPolicy + SD3PromptEncoder for an SD3 pipeline.
+        # DiffusionPolicy + PromptEncoder (SDXLPromptEncoder for SDXL), or FlowMatchPolicy + SD3PromptEncoder
+        # for an SD3 pipeline.
         self.rollout_policy, self.train_policy, self.encoder = build_policies(
             pipe, self.unet, self.train_unet, config.sampling, self.device
         )
@@ -541,7 +544,8 @@ class Trainer:
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             self._write_export(tmp)
-            card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path)
+            kind = "StableDiffusionXLPipeline" if is_sdxl(self.pipeline) else "StableDiffusionPipeline"
+            card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path, kind)
             (tmp / "README.md").write_text(card)
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
@@ -551,7 +555,7 @@ class Trainer:
     def _write_export(self, path: Path) -> None:
         unet = self.accelerator.unwrap_model(self.train_unet)
         if self.config.model.lora:
-            from diffusers import StableDiffusionPipeline
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
@@ -563,7 +567,8 @@ class Trainer:
                     safe_serialization=True,
                 )
                 return
-            StableDiffusionPipeline.save_lora_weights(
+            saver = StableDiffusionXLPipeline if is_sdxl(self.pipeline) else StableDiffusionPipeline
+            saver.save_lora_weights(
                 path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
             )
             return

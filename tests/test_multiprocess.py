@@ -107,4 +107,5 @@ def test_two_processes_keep_gradients_in_sync(tmp_path) -> None:
     assert all(r["processes"] == 2 for r in ranks)
     assert ranks[0]["sample_sum"] != ranks[1]["sample_sum"]  # each rank draws its own samples
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced: same weights
+    assert ranks[0]["ema_checksum"] == ranks[1]["ema_checksum"] != ranks[0]["checksum"]  # and the same EMA
     assert ranks[0]["reward_means"] == ranks[1]["reward_means"]  # metrics are over the gathered batch

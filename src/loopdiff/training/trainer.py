@@ -39,7 +39,7 @@ from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewar
 from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, tensor_stats
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
-from loopdiff.training.preflight import check_reward_prompts, check_launch, check_output_dir
+from loopdiff.training.preflight import check_reward_prompts, check_launch, check_output_dir, check_sharding
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
@@ -114,6 +114,7 @@ class Trainer:
     def _check_before_loading(self) -> None:
         """Fail fast, before the model loads: launch, process count, output folder, resume point."""
         check_launch(self.accelerator.num_processes)
+        check_sharding(self.accelerator.distributed_type.value)
         check_processes(self.config, self.accelerator.num_processes)
         check_output_dir(self.run_dir)
         self._resume_path = self.resume_point() if self.config.output.resume else None

@@ -1,5 +1,6 @@
 """Two processes through accelerate (gloo on CPU): ranks sample different data yet keep identical weights;
-the documented CPU launch writes one run; a launch without a distributed backend fails at once."""
+the documented CPU launches (torchrun, and accelerate launch with the shipped DDP config) write one run; a
+launch without a distributed backend, or asking for FSDP on the CPU, fails at once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -35,10 +37,48 @@ def _torchrun_train(run: Path, *overrides: str, use_cpu_env: bool = False) -> su
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=run.parent)
 
 
+def _accelerate_train(run: Path, config_file: str, *overrides: str) -> subprocess.CompletedProcess:
+    """docs/scaling.md's CPU launch: ``accelerate launch --config_file <shipped> --num_processes 2 -m
+    loopdiff.cli train model.device=cpu ...``, 1 thread each."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    path = str(resources.files("loopdiff") / "accelerate_configs" / config_file)
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", path,
+               "--num_processes", "2", "-m", "loopdiff.cli", "train", "model.device=cpu", *TINY_CLI_RUN,
+               f"output.dir={run}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=run.parent)
+
+
+needs_accelerate = pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(),
+                                      reason="the accelerate command is not available")
+
+
 @needs_torchrun
 def test_the_documented_cpu_launch_trains_one_run_with_two_processes(tmp_path) -> None:
     run = tmp_path / "run"
     result = _torchrun_train(run, "model.device=cpu")
+    _check_one_run(run, result)
+
+
+@needs_accelerate
+def test_the_shipped_ddp_config_trains_one_run_with_two_processes_on_the_cpu(tmp_path) -> None:
+    run = tmp_path / "run"
+    _check_one_run(run, _accelerate_train(run, "ddp.yaml"))
+
+
+@needs_accelerate
+def test_the_shipped_fsdp_config_on_the_cpu_fails_at_once(tmp_path) -> None:
+    """On the CPU accelerate runs an FSDP launch as plain data parallel; the run stops before loading."""
+    run = tmp_path / "run"
+    result = _accelerate_train(run, "fsdp.yaml")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("loopdiff train: error:")]
+    assert errors and "asked for FSDP (ACCELERATE_USE_FSDP=true) but accelerate runs MULTI_CPU" in errors[0], \
+        result.stderr[-3000:]
+    assert not run.exists()
+
+
+def _check_one_run(run: Path, result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("exported the fine-tuned model") == 1  # only the main process reports
     logged = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -107,4 +147,5 @@ def test_two_processes_keep_gradients_in_sync(tmp_path) -> None:
     assert all(r["processes"] == 2 for r in ranks)
     assert ranks[0]["sample_sum"] != ranks[1]["sample_sum"]  # each rank draws its own samples
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced: same weights
+    assert ranks[0]["ema_checksum"] == ranks[1]["ema_checksum"] != ranks[0]["checksum"]  # and the same EMA
     assert ranks[0]["reward_means"] == ranks[1]["reward_means"]  # metrics are over the gathered batch

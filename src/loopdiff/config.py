@@ -114,6 +114,12 @@ class TrainingConfig:
         0.5, "an optimiser step with a non-finite loss or gradient norm is skipped; more than this fraction of "
         "an epoch's steps skipped stops the run"
     )
+    ema_decay: float | None = setting(
+        None, "keep an exponential moving average (EMA) of the trainable weights with this decay d in (0, 1) "
+        "(at optimiser step n the decay is min(d, (1 + n) / (10 + n))); evaluations and the export use it; "
+        "None or 0: no EMA"
+    )
+    ema_every: int = setting(1, "update the EMA every N optimiser steps")
 
 
 @dataclass
@@ -525,6 +531,9 @@ def validate(config: RunConfig) -> None:
     for name in ("max_nonfinite_fraction", "max_skipped_fraction"):
         value = getattr(t, name)
         _check(0 <= value <= 1, f"training.{name}", value, "a number in [0, 1]")
+    _check(t.ema_decay is None or 0 <= t.ema_decay < 1, "training.ema_decay", t.ema_decay,
+           "a number in [0, 1), or none for no EMA (0 also turns it off)")
+    _check(t.ema_every >= 1, "training.ema_every", t.ema_every, "an integer >= 1")
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "an integer >= 1")
     for name, options in config.reward.options.items():
         _check(isinstance(options, Mapping), f"reward.options.{name}", options,

@@ -1,8 +1,8 @@
 """Save and resume the whole training state.
 
 A checkpoint folder ``<run>/checkpoints/epoch_<N>/`` holds the trainable weights (safetensors: the whole UNet,
-or the LoRA adapter), the optimiser and LR-schedule state, the per-prompt stat tracker, the RNG states and the
-epoch. Sampling and shuffling draw from generators seeded by (seed, epoch), so a resumed run on the CPU
+or the LoRA adapter), the optimiser and LR-schedule state, the per-prompt stat tracker, the EMA of the weights
+(with ``training.ema_decay``), the RNG states and the epoch. Sampling and shuffling draw from generators seeded by (seed, epoch), so a resumed run on the CPU
 continues exactly as the uninterrupted one.
 
 A checkpoint is complete only once its ``manifest.json`` (each file's size and sha256) exists: it is written
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import check_finite_weights
 from loopdiff.models import load_trainable_state_dict, trainable_state_dict
 
@@ -55,6 +56,7 @@ class Resumable:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     tracker: Any  # PerPromptStatTracker or None
+    ema: ParameterEMA | None = None
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
@@ -184,6 +186,9 @@ def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str
     """
     weights = trainable_state_dict(parts.unet, parts.lora)
     check_finite_weights(weights.items(), f"the checkpoint of epoch {epoch}")
+    ema = parts.ema.state_dict() if parts.ema is not None else None
+    if ema is not None:
+        check_finite_weights(((f"ema.{k}", v) for k, v in ema["average"].items()), f"the checkpoint of epoch {epoch}")
     path = checkpoint_dir(run_dir, epoch)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -194,6 +199,7 @@ def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str
         "optimizer": parts.optimizer.state_dict(),
         "lr_scheduler": parts.lr_scheduler.state_dict(),
         "tracker": parts.tracker.state_dict() if parts.tracker is not None else None,
+        "ema": ema,
         "rng": _rng_state(),
     }
     torch.save(state, tmp / STATE)
@@ -233,5 +239,12 @@ def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if parts.tracker is not None and state["tracker"] is not None:
         parts.tracker.load_state_dict(state["tracker"])
+    if parts.ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(f"checkpoint {path} holds no EMA state, but training.ema_decay is set")
+        try:
+            parts.ema.load_state_dict(state["ema"])
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {path}: {error}") from None
     _set_rng_state(state["rng"])
     return read_info(path)

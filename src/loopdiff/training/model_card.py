@@ -71,6 +71,16 @@ def usage_snippet(config: RunConfig, path: Path, pipeline_class: str = "StableDi
     )
 
 
+def ema_note(config: RunConfig) -> str:
+    """A sentence saying the weights are an EMA (with ``training.ema_decay``), else nothing."""
+    t = config.training
+    if not t.ema_decay:
+        return ""
+    every = "optimiser step" if t.ema_every == 1 else f"{t.ema_every} optimiser steps"
+    return (f" The weights are the exponential moving average of the trained weights (decay {t.ema_decay}, "
+            f"updated every {every}), which the evaluation below used too.")
+
+
 def model_card(
     config: RunConfig, estimator: Estimator, reward_name: str, run_dir: Path, epochs: int, path: Path,
     pipeline_class: str = "StableDiffusionPipeline",
@@ -93,7 +103,7 @@ def model_card(
         f"against the reward `{reward_name}` for {epochs} epoch{'s' * (epochs != 1)} of "
         f"{config.training.samples_per_epoch} samples "
         f"on the prompts `{prompts}` ({config.sampling.num_steps} DDIM steps, eta {config.sampling.eta}, "
-        f"guidance {config.sampling.guidance_scale}).",
+        f"guidance {config.sampling.guidance_scale}).{ema_note(config)}",
         "## Use\n\n" + usage_snippet(config, path, pipeline_class),
         "## Evaluation\n\n" + evaluation_table(read_evaluations(run_dir), config.eval.images_per_prompt),
         "## Estimator\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(estimator), sort_keys=False) + "```",

@@ -2,6 +2,8 @@
 
 A launcher that starts several processes without a distributed backend taking effect leaves each process
 training alone into the same run folder; :func:`check_launch` stops that at once with how to launch instead.
+A launch asking for FSDP or DeepSpeed that accelerate runs as plain data parallel (on the CPU it always does)
+is stopped by :func:`check_sharding`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,23 @@ def check_launch(num_processes: int, env: Mapping[str, str] | None = None) -> No
         raise LaunchError(
             "'accelerate launch --num_processes N' without --multi_gpu starts one process, not N; " + LAUNCH_HELP
         )
+
+
+# The launcher's environment variable asking for a sharded backend -> accelerate's distributed_type for it.
+SHARDED_BACKENDS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def check_sharding(distributed_type: str, env: Mapping[str, str] | None = None) -> None:
+    """Raise LaunchError when the launcher asked for FSDP or DeepSpeed (``accelerate launch`` with such a
+    config file) but accelerate runs ``distributed_type`` instead: on the CPU it falls back to data parallel."""
+    env = os.environ if env is None else env
+    for variable, backend in SHARDED_BACKENDS.items():
+        if env.get(variable, "").lower() == "true" and distributed_type != backend:
+            raise LaunchError(
+                f"the launch asked for {backend} ({variable}=true) but accelerate runs {distributed_type} "
+                f"(with model.device=cpu, or without GPUs, it never shards); launch without the {backend} config "
+                "file (the ddp one, or torchrun on the CPU), see docs/scaling.md"
+            )
 
 
 def check_output_dir(path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Per epoch: sample prompts x K trajectories without gradients -> decode -> rewards (in a worker thread,
 overlapping the next sampling chunk) -> advantages -> inner epochs of shuffled minibatches over
-(sample, step) pairs, recomputing log pi with gradients -> clipped AdamW steps. Evaluation before and after.
+(sample, step) pairs, recomputing log pi with gradients -> clipped AdamW steps (each followed by the EMA
+update with ``training.ema_decay``). Evaluation before and after; evaluations and the export use the EMA
+weights when there is an EMA.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from loopdiff.rewards.async_reward import AsyncReward
 from loopdiff.rewards.base import RewardFn, as_scores, build_reward
 from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
+from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
 from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, tensor_stats
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
-from loopdiff.training.preflight import check_reward_prompts, check_launch, check_output_dir
+from loopdiff.training.preflight import check_reward_prompts, check_launch, check_output_dir, check_sharding
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
@@ -113,6 +116,7 @@ class Trainer:
     def _check_before_loading(self) -> None:
         """Fail fast, before the model loads: launch, process count, output folder, resume point."""
         check_launch(self.accelerator.num_processes)
+        check_sharding(self.accelerator.distributed_type.value)
         check_processes(self.config, self.accelerator.num_processes)
         check_output_dir(self.run_dir)
         self._resume_path = self.resume_point() if self.config.output.resume else None
@@ -151,6 +155,8 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / warmup))
         self.train_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.params = params
+        decay = train_cfg.ema_decay
+        self.ema = ParameterEMA(self.unet, decay, train_cfg.ema_every) if decay else None
         # The same weights twice: sampled from without gradients, and trained through the accelerate wrapper.
         # DiffusionPolicy + PromptEncoder (SDXLPromptEncoder for SDXL), or FlowMatchPolicy + SD3PromptEncoder
         # for an SD3 pipeline.
@@ -299,6 +305,8 @@ class Trainer:
                 grad_norm = float(self.accelerator.clip_grad_norm_(self.params, train_cfg.max_grad_norm))
                 steps += 1
                 if self.step_if_finite(step_sums["loss"], grad_norm):
+                    if self.ema is not None:
+                        self.ema.step()
                     for key in sums:
                         sums[key] += step_sums[key]
                     pairs_seen += sum(len(m) for m in minibatch)
@@ -403,11 +411,20 @@ class Trainer:
         return metrics
 
     def _checkpoint_parts(self) -> ckpt.Resumable:
-        return ckpt.Resumable(self.unet, self.config.model.lora, self.optimizer, self.lr_scheduler, self.tracker)
+        return ckpt.Resumable(self.unet, self.config.model.lora, self.optimizer, self.lr_scheduler, self.tracker,
+                              self.ema)
 
     def check_weights(self, what: str) -> None:
-        """Raise NonFiniteError (on every process) if a trainable weight is non-finite, before writing ``what``."""
+        """Raise NonFiniteError (on every process) if a trainable weight or its EMA is non-finite, before
+        writing ``what``."""
         check_finite_weights(((name, p) for name, p in self.unet.named_parameters() if p.requires_grad), what)
+        if self.ema is not None:
+            check_finite_weights(((f"ema.{name}", t) for name, t in self.ema.average.items()), what)
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """Within the block the UNet holds the EMA of its trainable weights (``training.ema_decay``), its live
+        weights again afterwards; without an EMA, its live weights throughout."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def save(self) -> Path | None:
         """Checkpoint the finished epochs; refuses (NonFiniteError) when a trainable weight is non-finite.
@@ -484,7 +501,8 @@ class Trainer:
         return self._evaluation_rewards
 
     def evaluate(self, tag: str, prompt_set: PromptSet | None = None, deterministic: bool = False) -> EvalResult:
-        """Evaluate the current policy on the validation prompts; writes ``eval/<tag>.json`` and a grid.
+        """Evaluate the current policy (its EMA weights when there is an EMA) on the validation prompts; writes
+        ``eval/<tag>.json`` and a grid.
 
         ``deterministic`` samples without noise (DDIM eta = 0, or the flow ODE) and writes
         ``eval/<tag>_deterministic.json``: the sampler users run after fine-tuning."""
@@ -495,7 +513,7 @@ class Trainer:
             raise ConfigError("prompts.val is unset: give a validation prompt file to evaluate on")
         prompt_set = prompt_set or load_prompt_set(self.config.prompts.val).head(e.max_prompts)
         self.unet.eval()
-        with self.accelerator.autocast():
+        with self.ema_weights(), self.accelerator.autocast():
             result = evaluate(
                 policy,
                 self.encoder,
@@ -534,21 +552,23 @@ class Trainer:
     def export(self) -> Path:
         """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``),
         with its model card (``README.md``: what it was trained from, how, on what, and how it evaluated).
+        With an EMA (``training.ema_decay``) the exported weights are the EMA's.
 
         Call it on every process: the main one writes into a temporary folder renamed into place when
         complete, the others wait for it.
         """
-        self.check_weights("the exported model")
         path = self.run_dir / ("final_lora" if self.config.model.lora else "final_pipeline")
-        if self.accelerator.is_main_process:
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._write_export(tmp)
-            kind = "StableDiffusionXLPipeline" if is_sdxl(self.pipeline) else "StableDiffusionPipeline"
-            card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path, kind)
-            (tmp / "README.md").write_text(card)
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
+        with self.ema_weights():
+            self.check_weights("the exported model")
+            if self.accelerator.is_main_process:
+                tmp = path.with_name(path.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._write_export(tmp)
+                kind = "StableDiffusionXLPipeline" if is_sdxl(self.pipeline) else "StableDiffusionPipeline"
+                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path, kind)
+                (tmp / "README.md").write_text(card)
+                shutil.rmtree(path, ignore_errors=True)
+                tmp.rename(path)
         self.accelerator.wait_for_everyone()
         return path
 

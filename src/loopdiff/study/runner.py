@@ -302,10 +302,25 @@ def run_study(
     return outcome
 
 
+def exit_with_parent() -> None:
+    """In a worker: ask Linux to end this process when its parent dies (a killed ``loopdiff study`` must not
+    leave workers training into the study's folders); elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 def _run_parallel(todo: list[Job], jobs: int, threads: int, finished: Callable[[Job, bool, float], None]) -> None:
-    """``jobs`` worker processes (spawned, so no OpenMP state is forked) take the jobs in order."""
+    """``jobs`` worker processes (spawned, so no OpenMP state is forked) take the jobs in order; they end
+    when this process ends, however it ends."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=exit_with_parent) as pool:
         futures = {pool.submit(_timed_job, job, threads): job for job in todo}
         for future in as_completed(futures):
             try:

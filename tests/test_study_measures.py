@@ -209,3 +209,14 @@ def test_study_workers_end_with_their_parent(tmp_path) -> None:
             pytest.fail("the worker outlived its killed parent")
     finally:
         parent.kill()
+
+
+def test_study_threads_must_be_positive(tmp_path) -> None:
+    from loopdiff.study.runner import run_study
+
+    spec = study_spec_from_dict({"name": "s", "base": {"model": {"pretrained": "embedded"}}, "tasks": {"a": {}},
+                                 "methods": {"ppo": {"estimator": {"preset": "ppo"}}},
+                                 "tables": {"t": {"methods": ["ppo"], "tasks": ["a"]}}})
+    with pytest.raises(StudyError, match="--threads 0 must be >= 1"):
+        run_study(spec, tmp_path, threads=0, progress=False)
+    assert not (tmp_path / "runs").exists()

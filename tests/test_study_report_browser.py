@@ -45,7 +45,8 @@ def spec_dict() -> dict:
                     "loop_k4": {"label": "LOOP k=4", "estimator": {"preset": "loop", "samples_per_prompt": 4}}},
         "tables": {"main": {"title": "Main", "methods": ["base", *METHODS], "tasks": list(TASKS)}},
         "grids": {"methods": ["base", *METHODS], "images_per_model": 2, "prompts": 2},
-        "claims": [{"text": "LOOP beats PPO", "increasing": ["ppo", "loop_k4"]}],
+        "claims": [{"text": "LOOP beats PPO", "increasing": ["ppo", "loop_k4"], "paper_effect": {"color": 0.5}},
+                   {"text": "PPO beats LOOP", "increasing": ["loop_k4", "ppo"], "metric": "evaluator"}],
     }
 
 
@@ -136,6 +137,15 @@ def test_images_decode_and_tables_show_hand_computed_numbers(report: Path, tmp_p
     for img in dom.images:
         with Image.open(report.parent / str(img["src"])) as picture:
             assert int(str(img["data-natural-width"])) == picture.width > 0, img
+
+    claims = {(row[0], row[1]): row for row in dom.tables["claims"][1:]}
+    for task in ("Color", "Shape"):  # LOOP - PPO = 0.1 on every seed (0.2 on the evaluator)
+        won = claims[("LOOP beats PPO", task)]
+        assert (won[2], won[3], won[5], won[8]) == ("training_reward", "+0.1000 \u00b1 0.0000", "3", "holds")
+        lost = claims[("PPO beats LOOP", task)]
+        assert (lost[2], lost[3], lost[8]) == ("held_out", "-0.2000 \u00b1 0.0000", "fails")
+    lower = statistics.fmean(final_value(0, 0, seed) for seed in SEEDS)
+    assert claims[("LOOP beats PPO", "Color")][6] == f"{0.5 * lower:.4f}" and claims[("LOOP beats PPO", "Shape")][6] == "–"
 
     runs = {tuple(row[:2]): row[2] for row in dom.tables["runs"][1:]}
     assert runs[("Color", "base model")] == "1 / 1" and runs[("Shape", "LOOP k=4")] == "3 / 3"

@@ -18,11 +18,12 @@ from loopdiff.study.spec import BASE, StudySpec
 from loopdiff.study.stats import prediction_interval, summarize
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "", table_id: str = "") -> str:
+    ident = f' id="{html.escape(table_id)}"' if table_id else ""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table{ident}>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _num(value: float | None, digits: int = 4, signed: bool = False) -> str:
@@ -40,11 +41,12 @@ def claims_table_html(spec: StudySpec, verdicts: list[ClaimVerdict]) -> str:
         powered = {True: "yes", False: "no", None: "&ndash;"}[r["powered"]]
         rows.append([
             html.escape(r["claim"]), html.escape(spec.tasks[r["task"]].label), r["measure"],
-            f"{_num(r['difference'], signed=True)} &plusmn; {_num(r['se'])}", _num(r["z"], 1, signed=True),
+            f"{_num(r['difference'], signed=True)} &plusmn; {_num(r['se'])}",
+            _num(r["z"], 1, signed=True) if r["z"] is not None else "&ndash;",
             r["seeds"], _num(r["paper_difference"]), powered, f'<span class="{r["verdict"]}">{r["verdict"]}</span>',
         ])
     header = ["claim", "task", "measure", "difference ± SE", "in SE", "seeds", "paper's gap", "power", "verdict"]
-    return html_table(header, rows)
+    return html_table(header, rows, table_id="claims")
 
 
 # ---------------------------------------------------------------- variance

@@ -264,6 +264,8 @@ def run_study(
 
     if jobs < 1:
         raise StudyError(f"--jobs {jobs} must be >= 1")
+    if threads is not None and threads < 1:
+        raise StudyError(f"--threads {threads} must be >= 1")
     out = Path(out)
     plan = plan_study(spec, out, only)
     preflight(plan)
@@ -375,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="study folder (default: studies/<study name>)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, in N worker processes with cores // N torch threads each (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per job (default: cores // jobs); 1 on a machine shared with other work")
     parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
                         help="run only jobs whose id matches this glob, e.g. 'color/*' or '*/ppo/seed0' "
                         "(repeatable); ids are <task>/<method>/seed<k> and base/<task>")
@@ -401,7 +405,7 @@ def study_cli(argv: list[str] | None = None) -> int:
             for job in plan_study(spec, out, args.only):
                 print(f"{'done' if job.is_done() else 'todo'}  {job.id}  {job.folder}")
             return 0
-        outcome = run_study(spec, out, jobs=args.jobs, only=args.only, command=command)
+        outcome = run_study(spec, out, jobs=args.jobs, threads=args.threads, only=args.only, command=command)
     except (StudyError, ConfigError, PromptError, RewardError) as error:
         print(f"loopdiff study: error: {error}", file=sys.stderr)
         return 2

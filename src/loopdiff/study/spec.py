@@ -426,7 +426,8 @@ def _claims(value: Any, spec: StudySpec, pairs: set[tuple[str, str]]) -> tuple[C
                 if method != BASE and (task, method) not in pairs:
                     raise StudyError(f"{where} compares '{method}' on task '{task}', which no table trains")
         text = body.get("text") or " < ".join(spec.label(m) for m in increasing)
-        claims.append(ClaimSpec(str(text), increasing, metric, tasks, _paper_effect(where, body.get("paper_effect"), tasks)))
+        effect = _paper_effect(where, body.get("paper_effect"), list(spec.tasks))
+        claims.append(ClaimSpec(str(text), increasing, metric, tasks, {t: v for t, v in effect.items() if t in tasks}))
     return tuple(claims)
 
 
@@ -436,7 +437,7 @@ def _paper_effect(where: str, value: Any, tasks: Sequence[str]) -> dict[str, flo
     body = _mapping(f"{where}.paper_effect", value)
     for task, effect in body.items():
         if task not in tasks:
-            raise StudyError(f"{where}.paper_effect.{task}: the claim has no task '{task}'; its tasks: {', '.join(tasks)}")
+            raise StudyError(f"{where}.paper_effect.{task}: no such task; tasks: {', '.join(tasks)}")
         if isinstance(effect, bool) or not isinstance(effect, (int, float)) or not math.isfinite(effect):
             raise StudyError(f"{where}.paper_effect.{task}={effect!r} must be a number (a fraction, 0.15 = 15%)")
     return {task: float(effect) for task, effect in body.items()}

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Stable-Diffusion-format (and SDXL-format) pipelines built from configs with the real classes."""
+"""Shared fixtures: tiny Stable-Diffusion-format (and SDXL- and SD3-format) pipelines built from configs with the real
+classes."""
 
 from __future__ import annotations
 
@@ -120,6 +121,16 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny-sdxl")
     build_tiny_sdxl_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny StableDiffusion3Pipeline saved with save_pretrained (sd3_helpers.build_tiny_sd3_pipeline)."""
+    from sd3_helpers import build_tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3_pipeline().save_pretrained(path)
     return path
 
 

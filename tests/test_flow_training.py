@@ -1,7 +1,9 @@
-"""LOOP on an SD3-format pipeline: the trainer routes a StableDiffusion3Pipeline folder to FlowMatchPolicy."""
+"""LOOP on an SD3-format pipeline: the trainer routes a StableDiffusion3Pipeline folder to FlowMatchPolicy, every
+estimator trains on it, exports load in plain diffusers, and the sample / eval / gradient-noise commands run on it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from loopdiff.cli import main
 from loopdiff.config import ModelConfig, config_from_dict
+from loopdiff.estimators import PRESETS
 from loopdiff.sampling.flow_policy import FlowMatchPolicy, PromptEmbeds, SD3PromptEncoder
 from loopdiff.models import is_flow_matching, load_pipeline
 from loopdiff.training.trainer import Trainer
-from sd3_helpers import build_tiny_sd3_pipeline
 from trainer_helpers import PROMPTS, red_minus_blue
 
 
@@ -22,10 +25,8 @@ def blue_minus_red(images: torch.Tensor, prompts, metadata) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-sd3-train")
-    build_tiny_sd3_pipeline().save_pretrained(path)
-    return path
+def sd3_dir(tiny_sd3_dir: Path) -> Path:
+    return tiny_sd3_dir  # conftest's session folder (sd3_helpers.build_tiny_sd3_pipeline, saved)
 
 
 def _trainer(tmp_path: Path, sd3_dir: Path, reward=blue_minus_red, **sections: Any) -> Trainer:
@@ -107,3 +108,117 @@ def test_lora_on_sd3_exports_adapters_that_load(tmp_path: Path, sd3_dir: Path) -
         ours, theirs = trainer.unet(**kwargs).sample, pipe.transformer(**kwargs).sample
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     assert (theirs - base).abs().max() > 1e-4  # the adapters trained and were applied
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_estimator_preset_trains_an_epoch_on_sd3(preset: str, tmp_path: Path, sd3_dir: Path) -> None:
+    trainer = _trainer(tmp_path, sd3_dir, estimator={"preset": preset}, sampling={"num_steps": 2},
+                       training={"epochs": 1, "samples_per_epoch": 8})
+    estimator = PRESETS[preset]
+    assert (trainer.reference is not None) == (estimator.kl_coef > 0)
+    before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    record = trainer.train()[0]
+    assert record["optimizer_steps"] == estimator.inner_epochs * estimator.minibatches
+    assert record["skipped_steps"] == 0 and np.isfinite(record["loss"]) and record["grad_norm"] > 0
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.unet.state_dict().items())
+    if estimator.kl_coef > 0:
+        assert record["kl_penalty"] > 0  # the reference (a frozen copy) is a different policy after the steps
+
+
+def test_model_cards_of_sd3_exports_name_the_sd3_pipeline_and_its_sampler(tmp_path: Path, sd3_dir: Path) -> None:
+    for lora in (False, True):
+        (tmp_path / f"lora-{lora}").mkdir()
+        trainer = _trainer(tmp_path / f"lora-{lora}", sd3_dir, model={"lora": lora}, sampling={"num_steps": 2},
+                           training={"epochs": 1, "samples_per_epoch": 4})
+        trainer.train()
+        card = (trainer.export() / "README.md").read_text()
+        assert "from diffusers import StableDiffusion3Pipeline\n" in card
+        assert "StableDiffusion3Pipeline.from_pretrained" in card and ("load_lora_weights" in card) == lora
+        assert "DDIM" not in card and "eta=" not in card and "StableDiffusionPipeline" not in card
+        assert "2 flow-matching steps of Flow-GRPO's SDE (`sde_type: sde`), noise level 0.7" in card
+        assert ("A full transformer fine-tune" in card) != lora
+
+
+def _diffusers_sd3_images(sd3_dir: Path, prompts: list[str], x_T: torch.Tensor, steps: int, guidance: float):
+    """Images of diffusers' own StableDiffusion3Pipeline (its Euler ODE) from the initial latents ``x_T``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompts, latents=x_T, num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images
+
+
+def test_eval_command_on_sd3_scores_diffusers_own_samples(tmp_path: Path, sd3_dir: Path) -> None:
+    """`loopdiff eval` with noise level 0 on an SD3 folder scores the images StableDiffusion3Pipeline makes from
+    the same x_T (its Euler scheduler, the same guidance)."""
+    prompts = tmp_path / "val.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "scores.json"
+    code = main(["eval", "--model", str(sd3_dir), "--prompts", str(prompts), "--reward",
+                 "trainer_helpers:red_minus_blue", "--images-per-prompt", "2", "--steps", "3", "--eta", "0",
+                 "--guidance-scale", "4.5", "--seed", "7", "--batch-size", "4", "--out", str(out)])
+    assert code == 0
+    score = json.loads(out.read_text())["per_prompt"]["trainer_helpers:red_minus_blue"]
+    x_T = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(7))  # one call: both prompts, 2 each
+    images = _diffusers_sd3_images(sd3_dir, ["a red circle"] * 2 + ["a blue square"] * 2, x_T, 3, 4.5)
+    expected = red_minus_blue(images, [], []).view(2, 2).mean(dim=1)
+    np.testing.assert_allclose(score, expected.numpy(), rtol=1e-4, atol=1e-4)
+    assert abs(score[0] - score[1]) > 1e-3  # the two prompts' images differ
+
+
+def test_sample_command_on_sd3_draws_diffusers_own_images(tmp_path: Path, sd3_dir: Path) -> None:
+    """`loopdiff sample` with noise level 0 writes the grid of StableDiffusion3Pipeline's images from the same x_T."""
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    code = main(["sample", "--model", str(sd3_dir), "--prompt", "a red circle", "--prompt", "a blue square",
+                 "--num", "2", "--steps", "3", "--eta", "0", "--guidance-scale", "4.5", "--seed", "3",
+                 "--out", str(out)])
+    assert code == 0
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+    assert grid.shape == (2 * 132, 220 + 2 * 132, 3)  # label column + 2 cells of 128 px (+4 px gaps), 2 rows
+    x_T = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    images = _diffusers_sd3_images(sd3_dir, ["a red circle"] * 2 + ["a blue square"] * 2, x_T, 3, 4.5)
+    theirs = (images.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy().astype(np.int16)
+    for index in range(4):
+        row, column = divmod(index, 2)
+        cell = grid[row * 132 : row * 132 + 128, 220 + column * 132 : 220 + column * 132 + 128]
+        assert np.abs(cell[::4, ::4] - theirs[index]).max() <= 1  # 32 px images enlarged 4x (nearest)
+
+
+def test_gradient_noise_command_on_sd3_prints_the_library_measurement(tmp_path: Path, sd3_dir: Path,
+                                                                      capsys) -> None:
+    """`loopdiff gradient-noise` trains nothing but needs the denoiser's gradients: on an SD3 folder, those of
+    its transformer (a pipeline without a UNet)."""
+    from loopdiff.diagnostics.gradient_noise import measure_gradient_noise
+    from loopdiff.prompts import PromptSet
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.sampling.flow_policy import FlowPolicyConfig
+
+    listed = ["a red circle", "a blue square"]
+    prompt_file = tmp_path / "train.txt"
+    prompt_file.write_text("".join(p + "\n" for p in listed))
+    code = main(["gradient-noise", "--model", str(sd3_dir), "--prompts", str(prompt_file), "--groups", "2",
+                 "--samples-per-prompt", "2", "--reward", "jpeg_incompressibility", "--steps", "2", "--eta", "0.7",
+                 "--guidance-scale", "4.5", "--seed", "5"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    printed = {line.rsplit(None, 1)[0].strip(): float(line.split()[-1]) for line in lines[1:5]}
+    rows = {line[:26].strip(): line[26:].split() for line in lines[6:]}
+
+    pipe = load_pipeline(ModelConfig(pretrained=str(sd3_dir)))
+    pipe.transformer.requires_grad_(True)
+    policy = FlowMatchPolicy(pipe.transformer, pipe.scheduler,
+                             FlowPolicyConfig(guidance_scale=4.5, noise_level=0.7, num_steps=2))
+    order = torch.randperm(2, generator=torch.Generator().manual_seed(5)).tolist()
+    chosen = PromptSet(tuple(listed[i] for i in order), ({},) * 2)
+    direct = measure_gradient_noise(policy, SD3PromptEncoder(pipe, "cpu"), pipe.vae, chosen,
+                                    build_reward("jpeg_incompressibility"), samples_per_prompt=2, seed=5)
+    assert direct.mean_sq > 0
+    assert printed["|mean g|^2"] == pytest.approx(direct.mean_sq, rel=1e-3)
+    assert printed["noise tr(Cov g)/G"] == pytest.approx(direct.noise, rel=1e-3)
+    assert {"joint attention, image", "joint attention, text", "feed-forward"} <= set(rows) == set(direct.by_module)
+    image = direct.by_module["joint attention, image"]
+    assert [float(v) for v in rows["joint attention, image"][:2]] == pytest.approx([image.mean_sq, image.noise],
+                                                                                    rel=1e-3)

@@ -78,6 +78,16 @@ def test_module_kinds_follow_the_diffusers_unet_names() -> None:
     assert module_kind("conv_in.weight") == "other"
 
 
+def test_module_kinds_follow_the_diffusers_sd3_transformer_names() -> None:
+    assert module_kind("transformer_blocks.3.attn.add_k_proj.weight") == "joint attention, text"
+    assert module_kind("transformer_blocks.3.attn.to_add_out.bias") == "joint attention, text"
+    assert module_kind("transformer_blocks.3.attn.to_q.weight") == "joint attention, image"
+    assert module_kind("transformer_blocks.3.attn2.to_out.0.weight") == "joint attention, image"
+    assert module_kind("transformer_blocks.3.ff_context.net.2.weight") == "feed-forward"
+    assert module_kind("transformer_blocks.3.norm1_context.linear.weight") == "other"
+    assert module_kind("pos_embed.proj.weight") == "other"
+
+
 def test_signal_and_groups_needed() -> None:
     assert GradientNoise(groups=10, mean_sq=3.0, noise=1.0).signal_sq == 2.0
     assert GradientNoise(groups=10, mean_sq=3.0, noise=1.0).groups_for_snr_one == pytest.approx(5.0)  # 10 / 2

@@ -148,7 +148,8 @@ def _policy_parts(pipe, args: argparse.Namespace):
     from loopdiff.config import SamplingConfig
     from loopdiff.models import build_policies, denoiser
 
-    sampling = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta)
+    sampling = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
+                              sde_type=args.sde_type)
     policy, _, encoder = build_policies(pipe, denoiser(pipe), denoiser(pipe), sampling, pipe.device)
     return policy, encoder
 
@@ -280,8 +281,10 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     if args.groups < 2 or args.samples_per_prompt < 2:
         return _usage_error("gradient-noise", f"--groups {args.groups} and --samples-per-prompt "
                             f"{args.samples_per_prompt}: both must be >= 2")
+    from loopdiff.models import denoiser
+
     pipe = _load_for_inference(args.model, args.lora, args.device)
-    pipe.unet.requires_grad_(True)
+    denoiser(pipe).requires_grad_(True)  # the UNet, or an SD3 pipeline's transformer
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts)
     shuffled = torch.randperm(len(prompt_set), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -352,11 +355,13 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_hel
                         help="'embedded', a pipeline folder or a Hub id (default embedded)")
     parser.add_argument("--lora", default=None, help="LoRA weights folder saved by training (final_lora)")
     parser.add_argument("--steps", type=int, default=field_default("sampling.num_steps"),
-                        help=_as("sampling.num_steps", "DDIM steps"))
+                        help=_as("sampling.num_steps", "denoising steps (DDIM, or the SD3 flow sampler)"))
     parser.add_argument("--guidance-scale", type=float, default=field_default("sampling.guidance_scale"),
                         help=_as("sampling.guidance_scale", "classifier-free guidance"))
     parser.add_argument("--eta", type=float, default=field_default("sampling.eta"),
-                        help=_as("sampling.eta", "DDIM eta"))
+                        help=_as("sampling.eta", "DDIM eta, or an SD3 pipeline's SDE noise level (0: its Euler ODE)"))
+    parser.add_argument("--sde-type", choices=("sde", "cps"), default=field_default("sampling.sde_type"),
+                        help=_as("sampling.sde_type", "SD3 pipelines only: the SDE form"))
     parser.add_argument("--seed", type=int, default=seed, help=f"seed of the sampling noise ({seed_help})")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 

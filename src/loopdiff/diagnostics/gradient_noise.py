@@ -45,7 +45,15 @@ class GradientNoise:
 
 
 def module_kind(name: str) -> str:
-    """Coarse kind of a UNet parameter, from its name: where in the network the gradient lands."""
+    """Coarse kind of a UNet or SD3 transformer parameter, from its name: where in the network the gradient
+    lands. An SD3 transformer's joint blocks (``transformer_blocks.N``) have one attention over image and text
+    tokens, whose text-side projections are ``add_*_proj`` and ``to_add_out``."""
+    if name.startswith("transformer_blocks."):
+        if ".attn.add_" in name or ".attn.to_add_out" in name:
+            return "joint attention, text"
+        if ".attn." in name or ".attn2." in name:  # attn2: SD3.5's extra image self-attention
+            return "joint attention, image"
+        return "feed-forward" if ".ff." in name or ".ff_context." in name else "other"
     if ".attn2.to_k" in name or ".attn2.to_v" in name:
         return "cross-attention K/V"
     if ".attn2." in name:

@@ -57,18 +57,39 @@ def evaluation_table(evaluations: dict[str, dict[str, Any]], images_per_prompt: 
     return "\n".join(lines)
 
 
+FLOW_PIPELINES = ("StableDiffusion3Pipeline",)  # flow-matching pipelines: their own Euler scheduler, no eta
+
+
 def usage_snippet(config: RunConfig, path: Path, pipeline_class: str = "StableDiffusionPipeline") -> str:
-    """Python that loads the exported model with diffusers' ``pipeline_class`` and samples as it was trained."""
+    """Python that loads the exported model with diffusers' ``pipeline_class`` and samples as it was trained:
+    with DDIM at the trained eta for a UNet pipeline; with the pipeline's own flow-matching Euler scheduler (the
+    ODE the trained SDE shares its marginals with) for an SD3 pipeline."""
     s = config.sampling
     load = (f'pipe = {pipeline_class}.from_pretrained("{config.model.pretrained}")\n'
             f'pipe.load_lora_weights("{path}")' if config.model.lora
             else f'pipe = {pipeline_class}.from_pretrained("{path}")')
+    if pipeline_class in FLOW_PIPELINES:
+        return (
+            f"```python\nfrom diffusers import {pipeline_class}\n\n{load}\n"
+            f'image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale}).images[0]'
+            "\n```"
+        )
     return (
         f"```python\nfrom diffusers import DDIMScheduler, {pipeline_class}\n\n"
         f"{load}\npipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
         f'image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale}, '
         f"eta={s.eta}).images[0]\n```"
     )
+
+
+def sampler_phrase(config: RunConfig, pipeline_class: str) -> str:
+    """How the training samples were drawn: DDIM steps and eta, or the SD3 flow sampler's SDE and noise level."""
+    s = config.sampling
+    if pipeline_class in FLOW_PIPELINES:
+        form = "Flow-GRPO's SDE" if s.sde_type == "sde" else "the coefficients-preserving SDE"
+        return (f"{s.num_steps} flow-matching steps of {form} (`sde_type: {s.sde_type}`), noise level {s.eta}, "
+                f"guidance {s.guidance_scale}")
+    return f"{s.num_steps} DDIM steps, eta {s.eta}, guidance {s.guidance_scale}"
 
 
 def ema_note(config: RunConfig) -> str:
@@ -93,7 +114,8 @@ def model_card(
         "pipeline_tag": "text-to-image",
         "tags": card_tags(estimator, reward_name, config.model.lora),
     }
-    kind = "LoRA weights" if config.model.lora else "A full UNet fine-tune"
+    network = "transformer" if pipeline_class in FLOW_PIPELINES else "UNet"
+    kind = "LoRA weights" if config.model.lora else f"A full {network} fine-tune"
     prompts = config.prompts.train if config.prompts.max_train is None else \
         f"{config.prompts.train} (first {config.prompts.max_train})"
     sections = [
@@ -102,8 +124,7 @@ def model_card(
         f"{kind} of `{config.model.pretrained}`, trained with loopdiff's `{estimator.name}` estimator "
         f"against the reward `{reward_name}` for {epochs} epoch{'s' * (epochs != 1)} of "
         f"{config.training.samples_per_epoch} samples "
-        f"on the prompts `{prompts}` ({config.sampling.num_steps} DDIM steps, eta {config.sampling.eta}, "
-        f"guidance {config.sampling.guidance_scale}).{ema_note(config)}",
+        f"on the prompts `{prompts}` ({sampler_phrase(config, pipeline_class)}).{ema_note(config)}",
         "## Use\n\n" + usage_snippet(config, path, pipeline_class),
         "## Evaluation\n\n" + evaluation_table(read_evaluations(run_dir), config.eval.images_per_prompt),
         "## Estimator\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(estimator), sort_keys=False) + "```",

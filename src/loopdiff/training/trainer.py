@@ -564,7 +564,8 @@ class Trainer:
                 tmp = path.with_name(path.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._write_export(tmp)
-                kind = "StableDiffusionXLPipeline" if is_sdxl(self.pipeline) else "StableDiffusionPipeline"
+                kind = ("StableDiffusion3Pipeline" if is_flow_matching(self.pipeline)
+                        else "StableDiffusionXLPipeline" if is_sdxl(self.pipeline) else "StableDiffusionPipeline")
                 card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path, kind)
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)

@@ -30,6 +30,7 @@ def sd3_dir(tiny_sd3_dir: Path) -> Path:
 
 
 def _trainer(tmp_path: Path, sd3_dir: Path, reward=blue_minus_red, **sections: Any) -> Trainer:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     values: dict[str, Any] = {
@@ -127,8 +128,8 @@ def test_every_estimator_preset_trains_an_epoch_on_sd3(preset: str, tmp_path: Pa
 
 def test_model_cards_of_sd3_exports_name_the_sd3_pipeline_and_its_sampler(tmp_path: Path, sd3_dir: Path) -> None:
     for lora in (False, True):
-        (tmp_path / f"lora-{lora}").mkdir()
-        trainer = _trainer(tmp_path / f"lora-{lora}", sd3_dir, model={"lora": lora}, sampling={"num_steps": 2},
+        size = {"resolution": 48} if lora else {}
+        trainer = _trainer(tmp_path / f"lora-{lora}", sd3_dir, model={"lora": lora}, sampling={"num_steps": 2, **size},
                            training={"epochs": 1, "samples_per_epoch": 4})
         trainer.train()
         card = (trainer.export() / "README.md").read_text()
@@ -137,31 +138,39 @@ def test_model_cards_of_sd3_exports_name_the_sd3_pipeline_and_its_sampler(tmp_pa
         assert "DDIM" not in card and "eta=" not in card and "StableDiffusionPipeline" not in card
         assert "2 flow-matching steps of Flow-GRPO's SDE (`sde_type: sde`), noise level 0.7" in card
         assert ("A full transformer fine-tune" in card) != lora
+        assert ('pipe("a prompt", height=48, width=48, num_inference_steps=2, guidance_scale=5.0)' in card) == lora
 
 
 def _diffusers_sd3_images(sd3_dir: Path, prompts: list[str], x_T: torch.Tensor, steps: int, guidance: float):
-    """Images of diffusers' own StableDiffusion3Pipeline (its Euler ODE) from the initial latents ``x_T``."""
+    """Images of diffusers' own StableDiffusion3Pipeline (its Euler ODE) from the initial latents ``x_T``, at the
+    size of ``x_T``."""
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
+    pixels = x_T.shape[-1] * pipe.vae_scale_factor
     with torch.no_grad():
-        return pipe(prompts, latents=x_T, num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images
+        return pipe(prompts, latents=x_T, num_inference_steps=steps, guidance_scale=guidance, height=pixels,
+                    width=pixels, output_type="pt").images
 
 
-def test_eval_command_on_sd3_scores_diffusers_own_samples(tmp_path: Path, sd3_dir: Path) -> None:
+@pytest.mark.parametrize("resolution", [None, 48])
+def test_eval_command_on_sd3_scores_diffusers_own_samples(tmp_path: Path, sd3_dir: Path, resolution) -> None:
     """`loopdiff eval` with noise level 0 on an SD3 folder scores the images StableDiffusion3Pipeline makes from
-    the same x_T (its Euler scheduler, the same guidance)."""
+    the same x_T (its Euler scheduler, the same guidance), at the native 32 px or at --resolution 48."""
     prompts = tmp_path / "val.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "scores.json"
+    size = [] if resolution is None else ["--resolution", str(resolution)]
     code = main(["eval", "--model", str(sd3_dir), "--prompts", str(prompts), "--reward",
                  "trainer_helpers:red_minus_blue", "--images-per-prompt", "2", "--steps", "3", "--eta", "0",
-                 "--guidance-scale", "4.5", "--seed", "7", "--batch-size", "4", "--out", str(out)])
+                 "--guidance-scale", "4.5", "--seed", "7", "--batch-size", "4", "--out", str(out), *size])
     assert code == 0
     score = json.loads(out.read_text())["per_prompt"]["trainer_helpers:red_minus_blue"]
-    x_T = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(7))  # one call: both prompts, 2 each
+    latent = 8 if resolution is None else resolution // 4  # the tiny VAE downscales 4x
+    x_T = torch.randn(4, 4, latent, latent, generator=torch.Generator().manual_seed(7))  # both prompts in one call
     images = _diffusers_sd3_images(sd3_dir, ["a red circle"] * 2 + ["a blue square"] * 2, x_T, 3, 4.5)
+    assert images.shape[-1] == (32 if resolution is None else resolution)
     expected = red_minus_blue(images, [], []).view(2, 2).mean(dim=1)
     np.testing.assert_allclose(score, expected.numpy(), rtol=1e-4, atol=1e-4)
     assert abs(score[0] - score[1]) > 1e-3  # the two prompts' images differ
@@ -222,3 +231,19 @@ def test_gradient_noise_command_on_sd3_prints_the_library_measurement(tmp_path: 
     image = direct.by_module["joint attention, image"]
     assert [float(v) for v in rows["joint attention, image"][:2]] == pytest.approx([image.mean_sq, image.noise],
                                                                                     rel=1e-3)
+
+
+def test_sd3_trains_at_another_resolution_and_refuses_sizes_it_cannot_sample(tmp_path: Path, sd3_dir: Path) -> None:
+    trainer = _trainer(tmp_path, sd3_dir, sampling={"num_steps": 2, "resolution": 48},
+                       training={"epochs": 1, "samples_per_epoch": 4})
+    assert trainer.rollout_policy.latent_shape == trainer.train_policy.latent_shape == (4, 12, 12)
+    timings = dict.fromkeys(("time/sampling", "time/decoding", "time/reward_wait"), 0.0)
+    trajectories, rewards = trainer.collect(0, timings)
+    assert trajectories.latents.shape == (4, 3, 4, 12, 12) and bool(torch.isfinite(trajectories.log_probs).all())
+    assert np.isfinite(trainer.train()[0]["loss"])
+    from loopdiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampling.resolution=44 is invalid; allowed: a multiple of 8"):
+        _trainer(tmp_path / "a", sd3_dir, sampling={"resolution": 44})
+    with pytest.raises(ConfigError, match=r"sampling.resolution=80 is invalid; allowed: at most 64 px"):
+        _trainer(tmp_path / "b", sd3_dir, sampling={"resolution": 80})  # pos_embed_max_size 8 patches of 2 x 4 px

@@ -193,3 +193,31 @@ def test_bad_reward_options_json_is_named(tiny_pipeline_dir, capsys) -> None:
     code = main(["eval", "--model", str(tiny_pipeline_dir), "--prompts", "embedded:color:val",
                  "--reward", "jpeg_compressibility", "--reward-options", "{jpeg: 1}", "--steps", "2"])
     assert code == 2 and "--reward-options '{jpeg: 1}' is not JSON" in capsys.readouterr().err
+
+
+def test_eval_at_another_resolution_scores_diffusers_own_samples(tiny_pipeline_dir, tmp_path) -> None:
+    """`loopdiff eval --resolution 48` (native: 32 px) with eta 0 scores the images StableDiffusionPipeline makes
+    at height = width = 48 from the same x_T (DDIM, eta 0, the same guidance); a size the UNet cannot take is
+    refused with the multiple it needs."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from trainer_helpers import red_minus_blue
+
+    prompts = tmp_path / "val.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "scores.json"
+    common = ["eval", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--reward",
+              "trainer_helpers:red_minus_blue", "--images-per-prompt", "2", "--steps", "3", "--eta", "0", "--seed", "7"]
+    assert main([*common, "--resolution", "48", "--out", str(out)]) == 0
+    score = json.loads(out.read_text())["per_prompt"]["trainer_helpers:red_minus_blue"]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        images = pipe(["a red circle"] * 2, latents=x_T, num_inference_steps=3, guidance_scale=5.0, eta=0.0,
+                      height=48, width=48, output_type="pt").images
+    assert images.shape == (2, 3, 48, 48)
+    np.testing.assert_allclose(score, [float(red_minus_blue(images, [], []).mean())], rtol=1e-4, atol=1e-4)
+    assert main([*common, "--resolution", "44"]) == 2  # the VAE's 4x times the UNet's 2 levels: multiples of 8

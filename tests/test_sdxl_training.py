@@ -145,9 +145,11 @@ def test_lora_export_loads_into_a_diffusers_sdxl_pipeline(tmp_path: Path, tiny_s
     assert (image - base_image).abs().max() > 0
 
 
-def test_eval_command_on_sdxl_scores_diffusers_own_samples(tmp_path: Path, tiny_sdxl_dir: Path) -> None:
+@pytest.mark.parametrize("resolution", [None, 48])
+def test_eval_command_on_sdxl_scores_diffusers_own_samples(tmp_path: Path, tiny_sdxl_dir: Path, resolution) -> None:
     """`loopdiff eval` with eta 0 on an SDXL folder scores the images StableDiffusionXLPipeline makes from the
-    same x_T (with DDIM, eta 0 and the same guidance)."""
+    same x_T (with DDIM, eta 0 and the same guidance), at the native 32 px or at --resolution 48 (then with the
+    size conditioning of a 48 px image, as the pipeline given that height and width)."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     prompts = tmp_path / "val.txt"
@@ -155,14 +157,17 @@ def test_eval_command_on_sdxl_scores_diffusers_own_samples(tmp_path: Path, tiny_
     out = tmp_path / "scores.json"
     code = main(["eval", "--model", str(tiny_sdxl_dir), "--prompts", str(prompts), "--reward",
                  "trainer_helpers:red_minus_blue", "--images-per-prompt", "2", "--steps", "3", "--eta", "0",
-                 "--guidance-scale", "5", "--seed", "7", "--out", str(out)])
+                 "--guidance-scale", "5", "--seed", "7", "--out", str(out),
+                 *([] if resolution is None else ["--resolution", str(resolution)])])
     assert code == 0
     score = json.loads(out.read_text())["per_prompt"]["trainer_helpers:red_minus_blue"]
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    pixels = 32 if resolution is None else resolution
+    x_T = torch.randn(2, 4, pixels // 4, pixels // 4, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         images = pipe(["a red circle"] * 2, latents=x_T, num_inference_steps=3, guidance_scale=5.0, eta=0.0,
-                      output_type="pt").images
+                      height=pixels, width=pixels, output_type="pt").images
+    assert images.shape[-1] == pixels
     np.testing.assert_allclose(score, [float(red_minus_blue(images, [], []).mean())], rtol=1e-4, atol=1e-4)

@@ -149,7 +149,7 @@ def _policy_parts(pipe, args: argparse.Namespace):
     from loopdiff.models import build_policies, denoiser
 
     sampling = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
-                              sde_type=args.sde_type)
+                              sde_type=args.sde_type, resolution=args.resolution)
     policy, _, encoder = build_policies(pipe, denoiser(pipe), denoiser(pipe), sampling, pipe.device)
     return policy, encoder
 
@@ -362,6 +362,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_hel
                         help=_as("sampling.eta", "DDIM eta, or an SD3 pipeline's SDE noise level (0: its Euler ODE)"))
     parser.add_argument("--sde-type", choices=("sde", "cps"), default=field_default("sampling.sde_type"),
                         help=_as("sampling.sde_type", "SD3 pipelines only: the SDE form"))
+    parser.add_argument("--resolution", type=int, default=field_default("sampling.resolution"),
+                        help="image height and width in pixels (as sampling.resolution; default: the model's "
+                        "native size)")
     parser.add_argument("--seed", type=int, default=seed, help=f"seed of the sampling noise ({seed_help})")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 

@@ -64,6 +64,10 @@ class SamplingConfig:
     )
     batch_size: int = setting(32, "trajectories per sampling call")
     sde_type: Literal["sde", "cps"] = setting("sde", "SD3 pipelines only: the SDE form; eta is then its noise level a")
+    resolution: int | None = setting(
+        None, "image height and width in pixels; None: the denoiser's native size (its sample_size x the VAE's "
+        "downscale, e.g. 512 for SD 2 base, 1024 for SDXL base and SD3 medium)"
+    )
 
 
 def _estimator_config() -> type:
@@ -516,6 +520,8 @@ def validate(config: RunConfig) -> None:
     _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")
     _check(s.guidance_scale >= 1.0, "sampling.guidance_scale", s.guidance_scale, "a number >= 1")
     _check(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
+    _check(s.resolution is None or s.resolution >= 1, "sampling.resolution", s.resolution,
+           "an integer >= 1 (pixels), or none for the denoiser's native size")
     _check(t.epochs >= 0, "training.epochs", t.epochs, "an integer >= 0")
     _check(t.samples_per_epoch >= 1, "training.samples_per_epoch", t.samples_per_epoch, "an integer >= 1")
     _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "a number > 0")

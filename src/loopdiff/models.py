@@ -158,6 +158,33 @@ def configure_attention(unet: torch.nn.Module, choice: str, device: torch.device
         unet.set_attn_processor(AttnProcessor2_0())
 
 
+def latent_size(pipe: Any, resolution: int | None) -> int | None:
+    """The latents' height and width for images of ``resolution`` pixels (None: the denoiser's native size).
+
+    Raises ConfigError when the pipeline cannot sample at that size: ``resolution`` must be a multiple of the
+    VAE's downscale times what the denoiser divides the latents by (2 per UNet level after the first, or an SD3
+    transformer's patch size), and an SD3 transformer has position embeddings for ``pos_embed_max_size``
+    patches per side at most.
+    """
+    if resolution is None:
+        return None
+    model, vae_factor = denoiser(pipe), pipe.vae_scale_factor
+    if is_flow_matching(pipe):
+        step, why = model.config.patch_size, f"x the transformer's patch size {model.config.patch_size}"
+    else:
+        levels = len(model.config.block_out_channels)
+        step, why = 2 ** (levels - 1), f"x 2^{levels - 1} for the UNet's {levels} levels"
+    if resolution % (vae_factor * step):
+        raise ConfigError(f"sampling.resolution={resolution} is invalid; allowed: a multiple of {vae_factor * step} "
+                          f"(the VAE's downscale {vae_factor} {why}), or none for the native size")
+    size = resolution // vae_factor
+    most = getattr(model.config, "pos_embed_max_size", None) if is_flow_matching(pipe) else None
+    if most is not None and size // step > most:
+        raise ConfigError(f"sampling.resolution={resolution} is invalid; allowed: at most {most * step * vae_factor} "
+                          f"px ({most} patches per side, the transformer's pos_embed_max_size)")
+    return size
+
+
 def build_policies(
     pipe: Any, rollout_model: torch.nn.Module, train_model: torch.nn.Module, sampling: SamplingConfig,
     device: torch.device,
@@ -166,10 +193,13 @@ def build_policies(
 
     UNet pipelines: :class:`DiffusionPolicy` with DDIM eta = ``sampling.eta`` (conditioned on
     :class:`SDXLPromptEncoder`'s embeddings for SDXL). SD3 pipelines: :class:`FlowMatchPolicy` with the SDE
-    noise level a = ``sampling.eta`` and form ``sampling.sde_type``.
+    noise level a = ``sampling.eta`` and form ``sampling.sde_type``. Both sample images of
+    ``sampling.resolution`` pixels (:func:`latent_size`; the denoiser's native size when unset).
     """
     from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
     from loopdiff.sampling.trajectories import PromptEncoder
+
+    sample_size = latent_size(pipe, getattr(sampling, "resolution", None))
 
     if is_flow_matching(pipe):
         from loopdiff.sampling.flow_policy import FlowMatchPolicy, FlowPolicyConfig, SD3PromptEncoder
@@ -180,6 +210,7 @@ def build_policies(
             num_steps=sampling.num_steps,
             reduction=sampling.logprob_reduction,  # type: ignore[arg-type]
             sde_type=getattr(sampling, "sde_type", "sde"),  # type: ignore[arg-type]
+            sample_size=sample_size,
         )
         return (
             FlowMatchPolicy(rollout_model, pipe.scheduler, flow_config),
@@ -191,11 +222,12 @@ def build_policies(
         eta=sampling.eta,
         num_steps=sampling.num_steps,
         reduction=sampling.logprob_reduction,  # type: ignore[arg-type]
+        sample_size=sample_size,
     )
     if is_sdxl(pipe):
         from loopdiff.sampling.sdxl import SDXLPromptEncoder
 
-        encoder: Any = SDXLPromptEncoder(pipe, device)
+        encoder: Any = SDXLPromptEncoder(pipe, device, sample_size)
     else:
         encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device)
     return (

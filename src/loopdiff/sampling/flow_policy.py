@@ -65,23 +65,28 @@ class SD3PromptEncoder:
 
 @dataclass
 class FlowPolicyConfig:
-    """How the policy samples: guidance weight w, SDE noise level a, number of steps, reduction, SDE form."""
+    """How the policy samples: guidance weight w, SDE noise level a, number of steps, reduction, SDE form, and
+    the latents' height and width (``sample_size``; None: the transformer's ``config.sample_size``)."""
 
     guidance_scale: float = 5.0
     noise_level: float = 0.7
     num_steps: int = 10
     reduction: LogProbReduction = "mean"
     sde_type: SDEType = "sde"
+    sample_size: int | None = None
 
 
-def set_flow_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, transformer: Any) -> None:
-    """``scheduler.set_timesteps`` as StableDiffusion3Pipeline calls it (with its ``mu`` under dynamic shifting)."""
+def set_flow_timesteps(
+    scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, transformer: Any, sample_size: int | None = None
+) -> None:
+    """``scheduler.set_timesteps`` as StableDiffusion3Pipeline calls it (with its ``mu`` under dynamic shifting,
+    from the number of image tokens at latent size ``sample_size``, by default the transformer's)."""
     if not scheduler.config.get("use_dynamic_shifting", False):
         scheduler.set_timesteps(num_steps)
         return
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-    size = transformer.config.sample_size
+    size = sample_size or transformer.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
     patch = transformer.config.patch_size
     mu = calculate_shift(
@@ -101,7 +106,7 @@ class FlowMatchPolicy(GaussianStepPolicy):
         self.transformer = transformer
         self.scheduler = scheduler
         self.config = config
-        set_flow_timesteps(scheduler, config.num_steps, transformer)
+        set_flow_timesteps(scheduler, config.num_steps, transformer, config.sample_size)
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -27,12 +27,14 @@ from loopdiff.sampling.embeds import Conditioning, PromptEmbeds, cat_rows, expan
 
 @dataclass
 class PolicyConfig:
-    """How the policy samples: guidance weight w, DDIM eta, number of steps, log-prob reduction."""
+    """How the policy samples: guidance weight w, DDIM eta, number of steps, log-prob reduction, and the
+    latents' height and width (``sample_size``; None: the UNet's ``config.sample_size``)."""
 
     guidance_scale: float = 5.0
     eta: float = 1.0
     num_steps: int = 20
     reduction: LogProbReduction = "mean"
+    sample_size: int | None = None
 
 
 def apply_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -41,7 +43,20 @@ def apply_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: flo
 
 
 class GaussianStepPolicy:
-    """What the sampler and the trainer call on a policy; subclasses implement :meth:`step`."""
+    """What the sampler and the trainer call on a policy; subclasses implement :meth:`step` and hold the
+    denoiser as ``unet`` and their settings as ``config``."""
+
+    unet: torch.nn.Module
+    config: Any
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents sampled: ``config.sample_size`` when set, else the
+        denoiser's own ``sample_size``."""
+        denoiser = self.unet.config
+        size = self.config.sample_size or denoiser.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return denoiser.in_channels, height, width
 
     def step(
         self,

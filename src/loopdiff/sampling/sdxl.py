@@ -7,7 +7,8 @@
 - ``time_ids`` (N, 6): original size (h, w), crop top-left (top, left) and target size (h, w), in pixels.
 
 :class:`SDXLPromptEncoder` makes the first two with the pipeline's own ``encode_prompt`` and adds the time
-ids of uncropped images at the UNet's native resolution, as the pipeline does by default. The unconditional
+ids of uncropped images at the sampled resolution (the UNet's native one unless ``sampling.resolution`` sets
+another), as the pipeline does by default for the height and width it is given. The unconditional
 embeddings follow the pipeline's ``force_zeros_for_empty_prompt``: zeros (SDXL base's setting), else the
 encoded empty prompt. The time ids are the same in both guidance branches, as in the pipeline.
 """
@@ -23,14 +24,15 @@ from loopdiff.sampling.embeds import PromptEmbeds
 TIME_IDS = 6  # original (h, w), crop top-left (top, left), target (h, w)
 
 
-def sdxl_time_ids(pipeline: Any) -> torch.Tensor:
-    """(1, 6) float32 time ids of an uncropped image at the UNet's native size: (h, w, 0, 0, h, w) in pixels.
+def sdxl_time_ids(pipeline: Any, sample_size: int | None = None) -> torch.Tensor:
+    """(1, 6) float32 time ids of an uncropped image of latent size ``sample_size`` (by default the UNet's native
+    size): (h, w, 0, 0, h, w) in pixels.
 
     Raises ValueError when the UNet's added-embedding input does not fit the time ids and the second text
     encoder's projection (as ``StableDiffusionXLPipeline`` checks).
     """
     unet = pipeline.unet
-    size = unet.config.sample_size
+    size = sample_size or unet.config.sample_size
     height, width = ((size, size) if isinstance(size, int) else tuple(size))
     height, width = height * pipeline.vae_scale_factor, width * pipeline.vae_scale_factor
     expected = unet.add_embedding.linear_1.in_features
@@ -47,10 +49,10 @@ def sdxl_time_ids(pipeline: Any) -> torch.Tensor:
 class SDXLPromptEncoder:
     """Prompt embeddings from a ``StableDiffusionXLPipeline``'s two text encoders, cached per distinct prompt."""
 
-    def __init__(self, pipeline: Any, device: torch.device | str):
+    def __init__(self, pipeline: Any, device: torch.device | str, sample_size: int | None = None):
         self.pipeline = pipeline
         self.device = torch.device(device)
-        self.time_ids = sdxl_time_ids(pipeline).to(self.device)
+        self.time_ids = sdxl_time_ids(pipeline, sample_size).to(self.device)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()

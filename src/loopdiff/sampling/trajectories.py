@@ -89,13 +89,15 @@ class PromptEncoder:
 
 
 def initial_latents(
-    unet: torch.nn.Module, n: int, generator: torch.Generator, device: torch.device | str
+    unet: torch.nn.Module, n: int, generator: torch.Generator, device: torch.device | str,
+    shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """x_T ~ N(0, I) of the UNet's latent shape, drawn on the generator's device."""
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    shape = (n, unet.config.in_channels, height, width)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    """x_T ~ N(0, I) of ``shape`` (C, H, W), by default the UNet's latent shape, drawn on the generator's device."""
+    if shape is None:
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        shape = (unet.config.in_channels, height, width)
+    return torch.randn((n, *shape), generator=generator, device=generator.device).to(device)
 
 
 @torch.inference_mode()
@@ -117,7 +119,7 @@ def sample_trajectories(
     all_latents, all_log_probs = [], []
     for start in tqdm(range(0, len(prompt_embeds), batch_size), desc="sampling", disable=not progress, leave=False):
         embeds = prompt_embeds[start : start + batch_size]
-        x = initial_latents(policy.unet, len(embeds), generator, device)
+        x = initial_latents(policy.unet, len(embeds), generator, device, policy.latent_shape)
         steps, log_probs = [x.float()], []
         for t in timesteps:
             out = policy.step(x, t, embeds, uncond_embeds, generator=generator)

@@ -65,19 +65,20 @@ def usage_snippet(config: RunConfig, path: Path, pipeline_class: str = "StableDi
     with DDIM at the trained eta for a UNet pipeline; with the pipeline's own flow-matching Euler scheduler (the
     ODE the trained SDE shares its marginals with) for an SD3 pipeline."""
     s = config.sampling
+    size = "" if s.resolution is None else f"height={s.resolution}, width={s.resolution}, "
     load = (f'pipe = {pipeline_class}.from_pretrained("{config.model.pretrained}")\n'
             f'pipe.load_lora_weights("{path}")' if config.model.lora
             else f'pipe = {pipeline_class}.from_pretrained("{path}")')
     if pipeline_class in FLOW_PIPELINES:
         return (
             f"```python\nfrom diffusers import {pipeline_class}\n\n{load}\n"
-            f'image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale}).images[0]'
-            "\n```"
+            f'image = pipe("a prompt", {size}num_inference_steps={s.num_steps}, '
+            f"guidance_scale={s.guidance_scale}).images[0]\n```"
         )
     return (
         f"```python\nfrom diffusers import DDIMScheduler, {pipeline_class}\n\n"
         f"{load}\npipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
-        f'image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale}, '
+        f'image = pipe("a prompt", {size}num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale}, '
         f"eta={s.eta}).images[0]\n```"
     )
 

@@ -247,3 +247,29 @@ def test_sd3_trains_at_another_resolution_and_refuses_sizes_it_cannot_sample(tmp
         _trainer(tmp_path / "a", sd3_dir, sampling={"resolution": 44})
     with pytest.raises(ConfigError, match=r"sampling.resolution=80 is invalid; allowed: at most 64 px"):
         _trainer(tmp_path / "b", sd3_dir, sampling={"resolution": 80})  # pos_embed_max_size 8 patches of 2 x 4 px
+
+
+def test_dynamic_shift_follows_the_sampled_resolution_as_in_the_sd3_pipeline() -> None:
+    """Under ``use_dynamic_shifting`` the schedule depends on the number of image tokens: set_flow_timesteps at
+    latent size 12 gives the timesteps StableDiffusion3Pipeline sets for a 48 px image, not the native 32 px ones."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from loopdiff.sampling.flow_policy import set_flow_timesteps
+    from sd3_helpers import build_tiny_sd3_pipeline
+
+    def shifting() -> FlowMatchEulerDiscreteScheduler:
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+
+    pipe = build_tiny_sd3_pipeline()
+    pipe.scheduler = shifting()
+    pipe.set_progress_bar_config(disable=True)
+    ours = {}
+    for size in (None, 12):
+        scheduler = shifting()
+        set_flow_timesteps(scheduler, 3, pipe.transformer, size)
+        ours[size] = scheduler.timesteps.clone()
+    for pixels, size in ((32, None), (48, 12)):
+        with torch.no_grad():
+            pipe("a red circle", num_inference_steps=3, height=pixels, width=pixels, output_type="latent")
+        torch.testing.assert_close(ours[size], pipe.scheduler.timesteps)
+    assert (ours[12] - ours[None]).abs().max() > 1.0

@@ -54,7 +54,8 @@ def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
 
     assert packaged_config_names() == [
         "embedded-aesthetic", "embedded-color", "sd15-ddpo-aesthetic", "sd15-ddpo-compressibility",
-        "sd2-compbench-attributes", "sd2-compbench-numeracy", "sd2-compbench-spatial", "sdxl-compbench-attributes",
+        "sd2-compbench-attributes", "sd2-compbench-numeracy", "sd2-compbench-spatial", "sd3-compbench-attributes",
+        "sdxl-compbench-attributes",
     ]  # the Stable Diffusion ones are tested in test_real_runs.py
     for name in ("embedded-aesthetic", "embedded-color"):
         config = load_config(resolve_config(name))

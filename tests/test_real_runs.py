@@ -18,6 +18,7 @@ from loopdiff.training.trainer import Trainer
 SD_CONFIGS = ["sd15-ddpo-aesthetic", "sd15-ddpo-compressibility", "sd2-compbench-attributes",
               "sd2-compbench-numeracy", "sd2-compbench-spatial"]
 SDXL_CONFIGS = ["sdxl-compbench-attributes"]
+SD3_CONFIGS = ["sd3-compbench-attributes"]
 PROMPTS = ["a red circle", "a blue square", "a green star", "a big cat"]
 
 
@@ -106,8 +107,8 @@ def test_a_run_without_validation_prompts_skips_evaluation(tmp_path: Path, tiny_
 
 
 def test_packaged_stable_diffusion_configs_need_the_users_prompts() -> None:
-    assert set(SD_CONFIGS + SDXL_CONFIGS) <= set(packaged_config_names())
-    for name in SD_CONFIGS + SDXL_CONFIGS:
+    assert set(SD_CONFIGS + SDXL_CONFIGS + SD3_CONFIGS) <= set(packaged_config_names())
+    for name in SD_CONFIGS + SDXL_CONFIGS + SD3_CONFIGS:
         with pytest.raises(ConfigError, match="prompts.train is required for a model other than 'embedded'"):
             load_config(resolve_config(name))
         assert resolve_config(name).read_text().startswith("# ")  # the header says what it is and its source
@@ -154,6 +155,19 @@ def test_sdxl_config_holds_the_loop_settings_with_lora_on_sdxl_base(prompt_file:
     assert c.reward.name == "blip_vqa" and c.eval.images_per_prompt == 10
 
 
+def test_sd3_config_holds_flow_grpos_sampling_and_lora_with_the_loop_estimator(prompt_file: Path) -> None:
+    c = load_config(resolve_config("sd3-compbench-attributes"), [f"prompts.train={prompt_file}"])
+    assert c.model.pretrained == "stabilityai/stable-diffusion-3-medium-diffusers"
+    assert (c.model.lora, c.model.lora_rank, c.model.lora_alpha, c.model.mixed_precision) == (True, 32, 64.0, "bf16")
+    s = c.sampling
+    assert (s.num_steps, s.guidance_scale, s.eta, s.sde_type, s.resolution, s.logprob_reduction) == (
+        10, 4.5, 0.7, "sde", 512, "mean")
+    assert (c.training.learning_rate, c.training.weight_decay, c.training.max_grad_norm) == (3e-4, 1e-4, 1.0)
+    assert (c.training.ema_decay, c.training.ema_every) == (0.9, 8)
+    assert (c.estimator.preset, c.estimator.samples_per_prompt, c.estimator.clip_range) == ("loop", 4, 1e-4)
+    assert c.reward.name == "blip_vqa" and c.eval.images_per_prompt == 10 and c.eval.deterministic
+
+
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_packaged_config_runs_one_epoch_on_a_tiny_pipeline(name: str, tmp_path: Path, tiny_pipeline_dir: Path,
                                                           prompt_file: Path) -> None:
@@ -168,15 +182,26 @@ def test_packaged_sdxl_config_runs_one_epoch_on_a_tiny_sdxl_pipeline(name: str, 
     assert "StableDiffusionXLPipeline.from_pretrained" in (export / "README.md").read_text()
 
 
-def _one_epoch(name: str, tmp_path: Path, pipeline_dir: Path, prompt_file: Path) -> Path:
-    """``loopdiff train --config name`` for one small epoch on ``pipeline_dir``; checks the export's card and
-    returns the export's folder."""
+@pytest.mark.parametrize("name", SD3_CONFIGS)
+def test_packaged_sd3_config_runs_one_epoch_on_a_tiny_sd3_pipeline(name: str, tmp_path: Path, tiny_sd3_dir: Path,
+                                                                  prompt_file: Path) -> None:
+    # the tiny transformer has position embeddings for 64 px at most: the config's 512 px is set back to native
+    export = _one_epoch(name, tmp_path, tiny_sd3_dir, prompt_file, ["sampling.resolution=null"])
+    assert export.name == "final_lora"
+    card = (export / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "DDIM" not in card
+    assert (tmp_path / "run" / "eval" / "final_deterministic.json").is_file()
+
+
+def _one_epoch(name: str, tmp_path: Path, pipeline_dir: Path, prompt_file: Path, extra: list[str] = ()) -> Path:
+    """``loopdiff train --config name`` for one small epoch on ``pipeline_dir`` (with the ``extra`` overrides);
+    checks the export's card and returns the export's folder."""
     run = tmp_path / "run"
     code = main(["train", "--config", name, f"model.pretrained={pipeline_dir}", "model.device=cpu",
                  "model.mixed_precision=no", "sampling.num_steps=2", "training.epochs=1",
                  "training.samples_per_epoch=8", f"prompts.train={prompt_file}", f"prompts.val={prompt_file}",
                  "eval.max_prompts=1", "eval.images_per_prompt=2", "reward.name=jpeg_compressibility",
-                 f"output.dir={run}", "output.progress=false", "output.tensorboard=false"])
+                 f"output.dir={run}", "output.progress=false", "output.tensorboard=false", *extra])
     assert code == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     config = json.loads((run / "config.json").read_text())

@@ -1,15 +1,18 @@
 """The network calls one training epoch needs: counted analytically, observed with hooks, and timed bare.
 
 An epoch of N trajectories of T steps with guidance makes
-- sampling: T UNet calls per sampling chunk, at 2 x chunk rows (both guidance branches in one call);
+- sampling: T denoiser calls per sampling chunk, at 2 x chunk rows (both guidance branches in one call);
 - decoding: one VAE decode per chunk (at most ``decode_batch`` latents per call);
 - training: per inner epoch, N x round(T x timestep_fraction) (sample, step) pairs split into ``minibatches``
-  optimiser steps of micro-batches of at most ``micro_batch_size`` pairs; one forward+backward UNet call at
-  2 x micro rows each.
+  optimiser steps of micro-batches of at most ``micro_batch_size`` pairs; one forward+backward denoiser call
+  at 2 x micro rows each.
 
-``bare_epoch_seconds`` times exactly these calls on random inputs of the same shapes and nothing else: the
-floor an epoch cannot go below. An epoch's time divided by it is the trainer's overhead factor. Both wall
-time and process CPU time are kept: on a machine shared with other jobs, CPU time is the steadier of the two.
+The denoiser is the UNet of Stable Diffusion 1/2 or SDXL, or an SD3 transformer; :class:`CallShape` holds
+what one call takes besides its rows (latents, text states, and SDXL's pooled embeddings and size time ids
+or SD3's pooled projections). ``bare_epoch_seconds`` times exactly these calls on random inputs of the same
+shapes and nothing else: the floor an epoch cannot go below. An epoch's time divided by it is the trainer's
+overhead factor. Both wall time and process CPU time are kept: on a machine shared with other jobs, CPU time
+is the steadier of the two. On a GPU every timed call is bracketed by ``torch.cuda.synchronize``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -118,18 +121,27 @@ class ObservedCalls:
     cpu: float = 0.0  # process CPU seconds inside them
 
 
+def device_sync(module: torch.nn.Module) -> Callable[[], None]:
+    """A function that waits for the module's device to finish its queued work (nothing to wait for on a CPU)."""
+    device = next(module.parameters()).device
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 class _Stopwatch:
     """Adds the wall and process CPU time between ``start`` and ``stop`` to an ObservedCalls."""
 
-    def __init__(self, seen: ObservedCalls):
+    def __init__(self, seen: ObservedCalls, sync: Callable[[], None] = lambda: None):
         self.seen = seen
+        self.sync = sync
         self.started: tuple[float, float] | None = None
 
     def start(self) -> None:
+        self.sync()
         self.started = (time.perf_counter(), time.process_time())
 
     def stop(self) -> None:
         if self.started is not None:
+            self.sync()
             wall, cpu = self.started
             self.seen.wall += time.perf_counter() - wall
             self.seen.cpu += time.process_time() - cpu
@@ -138,13 +150,14 @@ class _Stopwatch:
 
 @contextlib.contextmanager
 def observe_calls(unet: torch.nn.Module, vae: torch.nn.Module, accelerator=None) -> Iterator[ObservedCalls]:
-    """Record the batch size and time of each UNet forward and VAE decode while the context is open; given
-    the trainer's ``accelerator``, also time its backward passes (the UNet's backward, plus the loss's)."""
+    """Record the batch size and time of each denoiser forward (``unet``: a UNet or an SD3 transformer) and VAE
+    decode while the context is open; given the trainer's ``accelerator``, also time its backward passes (the
+    denoiser's backward, plus the loss's)."""
     seen = ObservedCalls()
-    watch = _Stopwatch(seen)
+    watch = _Stopwatch(seen, device_sync(unet))
 
     def before_unet(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         (seen.unet_grad if torch.is_grad_enabled() else seen.unet_no_grad).append(sample.shape[0])
         watch.start()
 
@@ -204,53 +217,101 @@ class BareTimes:
         return self.sampling + self.decoding + self.training
 
 
-def _latent_hw(unet: torch.nn.Module) -> tuple[int, int]:
+@dataclass(frozen=True)
+class CallShape:
+    """What one denoiser call takes besides its number of rows: latents (C, H, W), text states (L, D), the
+    pooled text embedding's width (SDXL, SD3) and the call's signature (``kind``): ``"sd"`` (UNet with text
+    states), ``"sdxl"`` (UNet with ``added_cond_kwargs`` text_embeds and time_ids) or ``"sd3"`` (transformer
+    with ``hidden_states``, ``encoder_hidden_states`` and ``pooled_projections``)."""
+
+    latent: tuple[int, int, int]
+    text: tuple[int, int]
+    pooled: int | None = None
+    kind: str = "sd"
+
+    @classmethod
+    def from_trainer(cls, trainer) -> "CallShape":
+        """The shapes of the trainer's own denoiser calls (its sampled latent shape, its prompt embeddings)."""
+        from loopdiff.sampling.embeds import PromptEmbeds
+
+        uncond, latent = trainer.uncond, tuple(trainer.rollout_policy.latent_shape)
+        if not isinstance(uncond, PromptEmbeds):
+            return cls(latent, tuple(uncond.shape[1:]))
+        kind = "sdxl" if uncond.time_ids is not None else "sd3"
+        return cls(latent, tuple(uncond.sequence.shape[1:]), int(uncond.pooled.shape[1]), kind)
+
+    def inputs(self, rows: int, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+        """Random keyword inputs of one call of ``rows`` rows, drawn on the CPU, then moved to ``device``."""
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(rows, *shape, generator=generator).to(device)
+
+        latents, states = randn(*self.latent), randn(*self.text)
+        timesteps = torch.randint(0, 1000, (rows,), generator=generator).to(device)
+        if self.kind == "sd3":
+            return {"hidden_states": latents, "timestep": timesteps.float(), "encoder_hidden_states": states,
+                    "pooled_projections": randn(self.pooled)}
+        inputs = {"sample": latents, "timestep": timesteps, "encoder_hidden_states": states}
+        if self.kind == "sdxl":
+            height, width = self.latent[1] * 8, self.latent[2] * 8
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(rows, 1)
+            inputs["added_cond_kwargs"] = {"text_embeds": randn(self.pooled), "time_ids": time_ids.to(device)}
+        return inputs
+
+
+def _as_call_shape(unet: torch.nn.Module, shape: "CallShape | tuple[int, int]") -> CallShape:
+    """A CallShape; a (tokens, width) pair is a Stable Diffusion UNet's text states at its native latent size."""
+    if isinstance(shape, CallShape):
+        return shape
     size = unet.config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _unet_inputs(unet: torch.nn.Module, rows: int, context: tuple[int, int], generator: torch.Generator):
-    height, width = _latent_hw(unet)
-    device = next(unet.parameters()).device
-    latents = torch.randn(rows, unet.config.in_channels, height, width, generator=generator).to(device)
-    timesteps = torch.randint(0, 1000, (rows,), generator=generator).to(device)
-    states = torch.randn(rows, *context, generator=generator).to(device)
-    return latents, timesteps, states
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return CallShape((unet.config.in_channels, height, width), tuple(shape))  # type: ignore[arg-type]
 
 
 def bare_epoch_seconds(
-    unet: torch.nn.Module, vae: torch.nn.Module, plan: CallPlan, context: tuple[int, int], seed: int = 0
+    unet: torch.nn.Module, vae: torch.nn.Module, plan: CallPlan, shape: "CallShape | tuple[int, int]", seed: int = 0,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> BareTimes:
-    """Time the plan's calls alone: UNet forwards under inference mode, forward+backward calls (gradients
+    """Time the plan's calls alone: denoiser forwards under inference mode, forward+backward calls (gradients
     accumulated per optimiser step, then dropped), VAE decodes. Inputs are drawn before each timed call.
 
-    ``context`` is the (tokens, width) shape of the text-encoder states the UNet cross-attends to.
+    ``shape`` is a :class:`CallShape` (or, for a Stable Diffusion UNet, the (tokens, width) shape of the
+    text-encoder states it cross-attends to); denoiser calls run inside ``autocast()`` (the trainer's
+    ``accelerator.autocast`` under mixed precision), decodes outside it, as in the trainer.
     """
+    shape = _as_call_shape(unet, shape)
     generator = torch.Generator().manual_seed(seed)
+    device, sync = next(unet.parameters()).device, device_sync(unet)
     was_training = unet.training
     sampling = decoding = training = cpu = 0.0
     unet.eval()
     with torch.inference_mode():
         for rows in plan.sampling:
-            inputs = _unet_inputs(unet, rows, context, generator)
+            inputs = shape.inputs(rows, generator, device)
+            sync()
             start, cpu_start = time.perf_counter(), time.process_time()
-            unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2])
+            with autocast():
+                unet(**inputs)
+            sync()
             sampling += time.perf_counter() - start
             cpu += time.process_time() - cpu_start
-        latent_shape = (unet.config.in_channels, *_latent_hw(unet))
         for rows in plan.decoding:
-            z = torch.randn(rows, *latent_shape, generator=generator).to(next(vae.parameters()).device)
+            z = torch.randn(rows, *shape.latent, generator=generator).to(next(vae.parameters()).device, vae.dtype)
+            sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             vae.decode(z)
+            sync()
             decoding += time.perf_counter() - start
             cpu += time.process_time() - cpu_start
     unet.train()
     for step in plan.training:
         for rows in step:
-            inputs = _unet_inputs(unet, rows, context, generator)
+            inputs = shape.inputs(rows, generator, device)
+            sync()
             start, cpu_start = time.perf_counter(), time.process_time()
-            out = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
+            with autocast():
+                out = unet(**inputs).sample
             out.float().square().mean().backward()
+            sync()
             training += time.perf_counter() - start
             cpu += time.process_time() - cpu_start
         unet.zero_grad(set_to_none=True)
@@ -260,5 +321,4 @@ def bare_epoch_seconds(
 
 def text_context_shape(trainer) -> tuple[int, int]:
     """(tokens, width) of the trainer's text-encoder states."""
-    return tuple(trainer.uncond.shape[1:])  # type: ignore[return-value]
-
+    return CallShape.from_trainer(trainer).text

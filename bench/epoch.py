@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _calls import (  # noqa: E402
     BareTimes,
+    CallShape,
     EpochShape,
     ObservedCalls,
     bare_epoch_seconds,
     epoch_plan,
     observe_calls,
-    text_context_shape,
 )
 from _memory import peak_rss_mb  # noqa: E402
 from _setup import BenchSetup, build_trainer, default_pipeline_folder, save_bench_pipeline  # noqa: E402
@@ -111,10 +111,20 @@ def measure_setup(
     if epochs < 1 or warmup < 1:
         raise ValueError(f"epochs={epochs} and warmup={warmup} must both be >= 1")
     trainer = build_trainer(setup, pipeline, scratch, device)
+    result = measure_trainer(trainer, warmup, epochs)
+    return {"setup": {**asdict(setup), "samples": setup.samples}, "pipeline": str(pipeline), **result,
+            "images_per_second": setup.samples / result["seconds"]["epoch"]}
+
+
+def measure_trainer(trainer, warmup: int, epochs: int) -> dict[str, Any]:
+    """``measure_setup``'s measurement on a built trainer (any family: UNet or SD3 transformer): the first
+    warm-up epoch's calls checked against the plan, then per measured epoch its phases, the time inside its
+    own calls and a bare replay of them."""
     trainer.reward_fn = timed = TimedReward(trainer.reward_fn)
     unet, vae = trainer.unet, trainer.pipeline.vae
     shape = EpochShape.from_trainer(trainer)
     plan = epoch_plan(shape)
+    call_shape = CallShape.from_trainer(trainer)
     with observe_calls(unet, vae) as seen:  # warm-up epoch 0, calls counted
         trainer.run_epoch(0)
     mismatches = plan_mismatches(seen, shape)
@@ -130,17 +140,17 @@ def measure_setup(
         phases = _epoch_phases(metrics, timed.seconds)
         phases["epoch_cpu"] = time.process_time() - cpu_start
         phases["inside_calls"], phases["inside_calls_cpu"] = inside.wall, inside.cpu
-        bare.append(bare_epoch_seconds(unet, vae, plan, text_context_shape(trainer), seed=epoch))
+        autocast = trainer.accelerator.autocast  # the trainer's denoiser calls run under it (mixed precision)
+        bare.append(bare_epoch_seconds(unet, vae, plan, call_shape, seed=epoch, autocast=autocast))
         epoch_phases.append(phases)
         factors.append(_factors(phases, inside, bare[-1]))
 
     median = {key: statistics.median(p[key] for p in epoch_phases) for key in epoch_phases[0]}
     bare_keys = ("sampling", "decoding", "training", "total", "cpu")
     return {
-        "setup": {**asdict(setup), "samples": setup.samples},
-        "pipeline": str(pipeline),
         "unet_params": sum(p.numel() for p in unet.parameters()),
-        "latent_size": unet.config.sample_size,
+        "trainable_params": sum(p.numel() for p in trainer.params),
+        "latent_size": call_shape.latent[1],
         "calls": plan.summary(),
         "plan_mismatches": mismatches,
         "seconds": median,
@@ -149,7 +159,6 @@ def measure_setup(
         "bare_seconds": {key: statistics.median(getattr(b, key) for b in bare) for key in bare_keys},
         "overhead": {key: statistics.median(f[key] for f in factors) for key in FACTORS},
         "overhead_per_epoch": {key: [f[key] for f in factors] for key in FACTORS},
-        "images_per_second": setup.samples / median["epoch"],
         "peak_rss_mb": peak_rss_mb(),
     }
 

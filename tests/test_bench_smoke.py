@@ -1,11 +1,13 @@
 """The benchmark's bookkeeping: its call plan is the calls a trainer epoch really makes, and its bare replay
-makes exactly those calls and nothing else (no timing is asserted anywhere)."""
+makes exactly those calls and nothing else (no timing is asserted anywhere); the published architectures it
+writes out have the published parameter counts, and scaled down they train a step in each family."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +15,12 @@ from trainer_helpers import make_trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from _calls import EpochShape, bare_epoch_seconds, epoch_plan, observe_calls, text_context_shape  # noqa: E402
+from _calls import (  # noqa: E402
+    CallShape, EpochShape, bare_epoch_seconds, epoch_plan, observe_calls, text_context_shape,
+)
+from _families import ARCHITECTURES, FAMILIES, family_configs  # noqa: E402
 from epoch import plan_mismatches  # noqa: E402
+from families import build_family_trainer, family_setting  # noqa: E402
 
 # 12 samples (3 prompts x K=4), 3 steps, sampling chunks of 8, 2 of 3 steps trained (round(3 x 0.67) = 2),
 # 2 inner epochs of 3 optimiser steps, micro-batches of at most 5 pairs.
@@ -115,3 +121,98 @@ def test_peak_memory_of_a_subprocess_is_its_own():
     assert parent >= 256
     assert float(child.stdout) < parent - 200
     del ballast
+
+
+# ---------------------------------------------------------------- the families' published architectures
+
+# Parameter counts of the published checkpoints (SD 2 base, SDXL base 1.0, SD3 medium): denoiser, VAE, and each
+# CLIP text encoder with CLIP's 49408-token vocabulary.
+PUBLISHED_PARAMETERS = {
+    "sd2": (865_910_724, 83_653_863, [340_387_840]),
+    "sdxl": (2_567_463_684, 83_653_863, [123_060_480, 694_659_840]),
+    "sd3": (2_028_328_000, 83_819_683, [123_650_304, 694_659_840]),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_written_out_architectures_have_the_published_parameter_counts(family: str) -> None:
+    """Built on the meta device (no memory, no weights) from the configs the benchmark writes out."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    configs = family_configs(family, scale=1)
+    encoders = [CLIPTextModel] if family == "sd2" else (
+        [CLIPTextModel, CLIPTextModelWithProjection] if family == "sdxl" else [CLIPTextModelWithProjection] * 2)
+    with torch.device("meta"):
+        denoiser = (SD3Transformer2DModel(**configs["transformer"]) if family == "sd3"
+                    else UNet2DConditionModel(**configs["unet"]))
+        vae = AutoencoderKL(**configs["vae"])
+        texts = [cls(CLIPTextConfig(vocab_size=49408, **c)) for cls, c in zip(encoders, configs["text_encoders"])]
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert (count(denoiser), count(vae), [count(t) for t in texts]) == PUBLISHED_PARAMETERS[family]
+
+
+@pytest.mark.parametrize("scale", [1, 8, 64])
+def test_scaled_configs_keep_the_widths_the_components_exchange_consistent(scale: int) -> None:
+    sd2, sdxl, sd3 = (family_configs(f, scale) for f in FAMILIES)
+    assert sd2["unet"]["cross_attention_dim"] == sd2["text_encoders"][0]["hidden_size"]
+    first, second = sdxl["text_encoders"]
+    unet = sdxl["unet"]
+    assert unet["cross_attention_dim"] == first["hidden_size"] + second["hidden_size"]  # the two states concatenated
+    time_ids = 6 * unet["addition_time_embed_dim"]  # six size numbers, each embedded in that many features
+    assert unet["projection_class_embeddings_input_dim"] == time_ids + second["projection_dim"]
+    first, second = sd3["text_encoders"]
+    transformer = sd3["transformer"]
+    assert transformer["pooled_projection_dim"] == first["projection_dim"] + second["projection_dim"]
+    assert transformer["joint_attention_dim"] >= first["hidden_size"] + second["hidden_size"]  # CLIP states padded
+    heads, head_width = transformer["num_attention_heads"], transformer["attention_head_dim"]
+    assert transformer["caption_projection_dim"] == heads * head_width
+    for configs in (sd2, sdxl, sd3):
+        assert all(t["num_hidden_layers"] >= (1 if configs is sd2 else 2) for t in configs["text_encoders"])
+        widths = configs["vae"]["block_out_channels"] + configs.get("unet", {}).get("block_out_channels", [])
+        assert all(w % configs["vae"]["norm_num_groups"] == 0 for w in widths)
+    for family, configs in zip(FAMILIES, (sd2, sdxl, sd3)):
+        key = "transformer" if family == "sd3" else "unet"
+        widths = "attention_head_dim" if family == "sd3" else "block_out_channels"
+        published = ARCHITECTURES[family][key][widths]
+        assert configs[key][widths] == ([w // scale for w in published] if isinstance(published, list)
+                                        else published // scale)
+    with pytest.raises(ValueError, match="scale=3"):
+        family_configs("sd2", 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scaled_down_real_architecture_takes_training_steps_on_the_cpu(family: str, tmp_path: Path) -> None:
+    """Widths / 64 at 64 px: the denoiser maps latents to latents of the same shape, one trainer epoch makes the
+    planned calls with finite losses, gradients reach the trained parameters and the step moves them; the bare
+    replay's random inputs fit the family's call."""
+    torch.manual_seed(0)
+    setting = family_setting(family, 64, steps=2, prompts=1, k=2)
+    trainer = build_family_trainer(family, 64, setting, tmp_path)
+    shape = CallShape.from_trainer(trainer)
+    assert shape.latent == ((16 if family == "sd3" else 4), 8, 8) and shape.kind == {"sd2": "sd"}.get(family, family)
+    # CLIP's 77 tokens (SD3: and T5's 256, zeros without T5) at the cross-attention width / 64
+    assert shape.text == {"sd2": (77, 1024 // 64), "sdxl": (77, 2048 // 64), "sd3": (77 + 256, 4096 // 64)}[family]
+    inputs = shape.inputs(3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    trainer.unet.train()
+    out = trainer.unet(**inputs).sample
+    latents = inputs["hidden_states" if family == "sd3" else "sample"]
+    assert out.shape == latents.shape and bool(torch.isfinite(out).all())
+    out.square().mean().backward()
+    grads = [p.grad for p in trainer.params]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert sum(float(g.abs().sum() > 0) for g in grads) >= len(grads) / 2  # LoRA: the zero-initialised B matrices
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    before = [p.detach().clone() for p in trainer.params]
+    plan_shape = EpochShape.from_trainer(trainer)
+    with observe_calls(trainer.unet, trainer.pipeline.vae) as seen:
+        metrics = trainer.run_epoch(0)
+    assert plan_mismatches(seen, plan_shape) == []
+    assert metrics["optimizer_steps"] == trainer.estimator.minibatches and metrics["skipped_steps"] == 0
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert any(not torch.equal(p, b) for p, b in zip(trainer.params, before))
+    plan = epoch_plan(plan_shape)
+    with observe_calls(trainer.unet, trainer.pipeline.vae) as seen:
+        bare_epoch_seconds(trainer.unet, trainer.pipeline.vae, plan, shape)
+    assert (seen.unet_no_grad, seen.unet_grad, seen.decoder) == (plan.sampling, plan.training_calls, plan.decoding)

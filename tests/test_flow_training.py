@@ -273,3 +273,27 @@ def test_dynamic_shift_follows_the_sampled_resolution_as_in_the_sd3_pipeline() -
             pipe("a red circle", num_inference_steps=3, height=pixels, width=pixels, output_type="latent")
         torch.testing.assert_close(ours[size], pipe.scheduler.timesteps)
     assert (ours[12] - ours[None]).abs().max() > 1.0
+
+
+def test_branch_command_on_sd3_prints_the_library_measurement(tmp_path: Path, sd3_dir: Path, capsys) -> None:
+    from loopdiff.diagnostics.branching import reward_variance_by_step
+    from loopdiff.prompts import PromptSet
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.sampling.flow_policy import FlowPolicyConfig
+
+    prompt_file = tmp_path / "train.txt"
+    prompt_file.write_text("a red circle\na blue square\n")
+    code = main(["branch", "--model", str(sd3_dir), "--prompts", str(prompt_file), "--reward",
+                 "jpeg_incompressibility", "--branches", "3", "--steps", "3", "--at", "0,1,3", "--eta", "0.7",
+                 "--seed", "2"])
+    assert code == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    printed = {int(r[0]): float(r[1]) for r in rows}
+    pipe = load_pipeline(ModelConfig(pretrained=str(sd3_dir)))
+    policy = FlowMatchPolicy(pipe.transformer, pipe.scheduler, FlowPolicyConfig(noise_level=0.7, num_steps=3,
+                                                                                 guidance_scale=5.0))
+    direct = reward_variance_by_step(policy, SD3PromptEncoder(pipe, "cpu"), pipe.vae,
+                                     PromptSet(("a red circle", "a blue square"), ({}, {})),
+                                     build_reward("jpeg_incompressibility"), [0, 1, 3], branches=3, seed=2)
+    np.testing.assert_allclose([printed[s] for s in (0, 1, 3)], direct.variance, rtol=1e-3, atol=1e-5)
+    assert printed[0] > 0 and printed[3] == 0

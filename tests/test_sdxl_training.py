@@ -171,3 +171,27 @@ def test_eval_command_on_sdxl_scores_diffusers_own_samples(tmp_path: Path, tiny_
                       height=pixels, width=pixels, output_type="pt").images
     assert images.shape[-1] == pixels
     np.testing.assert_allclose(score, [float(red_minus_blue(images, [], []).mean())], rtol=1e-4, atol=1e-4)
+
+
+def test_branch_command_on_sdxl_prints_the_library_measurement(tmp_path: Path, tiny_sdxl_dir: Path, capsys) -> None:
+    from loopdiff.config import ModelConfig
+    from loopdiff.diagnostics.branching import reward_variance_by_step
+    from loopdiff.models import load_pipeline
+    from loopdiff.prompts import PromptSet
+    from loopdiff.rewards.base import build_reward
+    from loopdiff.sampling.policy import PolicyConfig
+
+    prompt_file = tmp_path / "train.txt"
+    prompt_file.write_text("a red circle\na blue square\n")
+    code = main(["branch", "--model", str(tiny_sdxl_dir), "--prompts", str(prompt_file), "--reward",
+                 "jpeg_incompressibility", "--branches", "3", "--steps", "3", "--at", "0,1,3", "--seed", "2"])
+    assert code == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    printed = {int(r[0]): float(r[1]) for r in rows}
+    pipe = load_pipeline(ModelConfig(pretrained=str(tiny_sdxl_dir)))
+    policy = DiffusionPolicy(pipe.unet, pipe.scheduler, PolicyConfig(num_steps=3))
+    direct = reward_variance_by_step(policy, SDXLPromptEncoder(pipe, "cpu"), pipe.vae,
+                                     PromptSet(("a red circle", "a blue square"), ({}, {})),
+                                     build_reward("jpeg_incompressibility"), [0, 1, 3], branches=3, seed=2)
+    np.testing.assert_allclose([printed[s] for s in (0, 1, 3)], direct.variance, rtol=1e-3, atol=1e-5)
+    assert printed[0] > 0 and printed[3] == 0

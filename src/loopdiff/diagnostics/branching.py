@@ -70,7 +70,8 @@ def reward_variance_by_step(
     generator = torch.Generator().manual_seed(seed)
     embeds, uncond = encoder(prompts), encoder.unconditional()
     latents, _ = sample_trajectories(policy, embeds, uncond, generator)
-    repeated_embeds = embeds.repeat_interleave(branches, dim=0)
+    rows = torch.arange(len(prompts)).repeat_interleave(branches)
+    repeated_embeds = embeds[rows.to(embeds.device)]  # text states, or SDXL's / SD3's PromptEmbeds
     repeated_prompts = [p for p in prompts for _ in range(branches)]
     repeated_meta = [m for m in metadata for _ in range(branches)]
     variance, mean = [], []

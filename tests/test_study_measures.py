@@ -182,15 +182,15 @@ def test_study_workers_end_with_their_parent(tmp_path) -> None:
         "from loopdiff.study.runner import exit_with_parent\n"
         "def work(path):\n"
         "    open(path, 'w').write(str(os.getpid()))\n"
-        "    time.sleep(60)\n"
+        "    time.sleep(900)\n"
         "if __name__ == '__main__':\n"
         "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=exit_with_parent)\n"
         f"    pool.submit(work, {str(pid_file)!r})\n"
-        "    time.sleep(60)\n"
+        "    time.sleep(900)\n"
     )
     parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": "src"})
     try:
-        for _ in range(600):
+        for _ in range(3000):  # a loaded machine may take minutes to start the worker
             if pid_file.is_file() and pid_file.read_text():
                 break
             time.sleep(0.1)
@@ -198,7 +198,7 @@ def test_study_workers_end_with_their_parent(tmp_path) -> None:
         os.kill(worker, 0)  # alive while its parent is
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        for _ in range(100):
+        for _ in range(600):
             try:
                 os.kill(worker, 0)
             except ProcessLookupError:

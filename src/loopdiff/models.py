@@ -277,7 +277,22 @@ def configure_trainable(unet: torch.nn.Module, config: ModelConfig) -> list[torc
 
 
 def trainable_state_dict(unet: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    """The weights that training changes: the LoRA adapter (peft format) or the whole UNet."""
+    """The weights that training changes: the LoRA adapter (peft format) or the whole UNet, on the CPU.
+
+    A UNet sharded by FSDP has its shards gathered: every process calls this, and the first one gets the
+    weights (the others an empty dict).
+    """
+    from loopdiff.training.sharding import full_model_state_dict, full_tensors, is_sharded, reshard
+
+    if is_sharded(unet):
+        if not lora:
+            return {k: v.contiguous() for k, v in full_model_state_dict(unet).items()}
+        from peft.utils import get_peft_model_state_dict
+
+        reshard(unet)  # only the adapters are gathered, not the frozen base weights
+        adapters = full_tensors((name, p) for name, p in unet.named_parameters() if p.requires_grad)
+        return {k: v.contiguous() for k, v in get_peft_model_state_dict(unet, state_dict=adapters).items()} \
+            if adapters else {}
     if lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -285,7 +300,31 @@ def trainable_state_dict(unet: torch.nn.Module, lora: bool) -> dict[str, torch.T
     return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
 
 
+def _peft_to_module_keys(unet: torch.nn.Module) -> dict[str, str]:
+    """peft's key for each LoRA parameter of ``unet`` (what :func:`trainable_state_dict` writes) -> the
+    parameter's name in the module, found by passing placeholders through peft's own renaming."""
+    from peft.utils import get_peft_model_state_dict
+
+    placeholders = {name: torch.empty(0) for name, p in unet.named_parameters() if p.requires_grad}
+    owner = {id(t): name for name, t in placeholders.items()}
+    return {key: owner[id(t)] for key, t in get_peft_model_state_dict(unet, state_dict=placeholders).items()}
+
+
 def load_trainable_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
+    """Load :func:`trainable_state_dict`'s output; under FSDP every process holds all of ``state`` and keeps
+    its shards."""
+    from loopdiff.training.sharding import is_sharded, load_full_model_state_dict
+
+    if is_sharded(unet):
+        if not lora:
+            load_full_model_state_dict(unet, state)
+            return
+        names = _peft_to_module_keys(unet)
+        unexpected = sorted(set(state) - set(names))
+        if unexpected:
+            raise ValueError(f"LoRA checkpoint has unexpected keys: {unexpected[:5]}")
+        load_full_model_state_dict(unet, {names[k]: v for k, v in state.items()}, strict=False)
+        return
     if lora:
         from peft.utils import set_peft_model_state_dict
 

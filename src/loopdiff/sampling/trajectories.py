@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from loopdiff.sampling.embeds import Conditioning
 from loopdiff.sampling.policy import DiffusionPolicy
+from loopdiff.training.sharding import no_autograd
 
 
 @dataclass
@@ -100,7 +101,6 @@ def initial_latents(
     return torch.randn((n, *shape), generator=generator, device=generator.device).to(device)
 
 
-@torch.inference_mode()
 def sample_trajectories(
     policy: DiffusionPolicy,
     prompt_embeds: Conditioning,
@@ -112,8 +112,21 @@ def sample_trajectories(
     """Run the DDIM (eta > 0) sampler for every row of ``prompt_embeds``.
 
     Returns ``latents`` (N, T + 1, C, H, W) in float32 and ``log_probs`` (N, T); a deterministic step
-    (eta = 0) has no density, and its log-probabilities are NaN.
+    (eta = 0) has no density, and its log-probabilities are NaN. Runs in inference mode, or under
+    ``torch.no_grad`` when the denoiser is sharded by FSDP (see :func:`loopdiff.training.sharding.no_autograd`).
     """
+    with no_autograd(policy.unet):
+        return _sample(policy, prompt_embeds, uncond_embeds, generator, batch_size, progress)
+
+
+def _sample(
+    policy: DiffusionPolicy,
+    prompt_embeds: Conditioning,
+    uncond_embeds: Conditioning,
+    generator: torch.Generator,
+    batch_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     device = prompt_embeds.device
     timesteps = policy.timesteps.to(device)
     all_latents, all_log_probs = [], []

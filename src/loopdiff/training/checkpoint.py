@@ -9,6 +9,11 @@ A checkpoint is complete only once its ``manifest.json`` (each file's size and s
 last, atomically by a rename, and removed first when the checkpoint is pruned. Loading verifies every file
 against it, so a damaged newest checkpoint is reported and the previous complete one is used. The training
 state loads with ``torch.load(weights_only=True)``: it holds only tensors, numbers, strings and containers.
+
+When FSDP shards the UNet, every process takes part in a save (the weights, the EMA and the optimiser state
+are gathered in full onto the main process, which alone writes) and every process loads the whole
+checkpoint and keeps its shards. The files are the same as an unsharded run's, so either kind of run
+resumes from the other's checkpoints.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import check_finite_weights
+from loopdiff.training.sharding import full_optimizer_state_dict, is_sharded, load_full_optimizer_state_dict
 from loopdiff.models import load_trainable_state_dict, trainable_state_dict
 
 WEIGHTS = "trainable.safetensors"
@@ -179,14 +185,24 @@ def remove_checkpoint(path: Path, epoch: int | None = None) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path, epoch: int, parts: Resumable, extra: dict[str, Any], keep: int = 2, write: bool = True
+) -> Path | None:
     """Write the checkpoint for ``epoch`` (the number of finished epochs) and prune older ones.
 
+    With the UNet sharded by FSDP every process calls this: all gather the state, only the one with
+    ``write`` (the main process) writes; the others return None.
     Raises NonFiniteError, writing nothing, when a weight is non-finite: the older checkpoints stay as they are.
     """
+    sharded = is_sharded(parts.unet)
+    if not write and not sharded:
+        return None
     weights = trainable_state_dict(parts.unet, parts.lora)
-    check_finite_weights(weights.items(), f"the checkpoint of epoch {epoch}")
     ema = parts.ema.state_dict() if parts.ema is not None else None
+    optimizer = full_optimizer_state_dict(parts.unet, parts.optimizer) if sharded else parts.optimizer.state_dict()
+    if not write:
+        return None
+    check_finite_weights(weights.items(), f"the checkpoint of epoch {epoch}")
     if ema is not None:
         check_finite_weights(((f"ema.{k}", v) for k, v in ema["average"].items()), f"the checkpoint of epoch {epoch}")
     path = checkpoint_dir(run_dir, epoch)
@@ -196,7 +212,7 @@ def save_checkpoint(run_dir: Path, epoch: int, parts: Resumable, extra: dict[str
     save_file(weights, str(tmp / WEIGHTS))
     fault_point("weights", epoch)
     state = {
-        "optimizer": parts.optimizer.state_dict(),
+        "optimizer": optimizer,
         "lr_scheduler": parts.lr_scheduler.state_dict(),
         "tracker": parts.tracker.state_dict() if parts.tracker is not None else None,
         "ema": ema,
@@ -235,7 +251,10 @@ def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path}: {STATE} holds more than tensors and numbers, refused: {reason}")
-    parts.optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(parts.unet):
+        load_full_optimizer_state_dict(parts.unet, parts.optimizer, state["optimizer"])
+    else:
+        parts.optimizer.load_state_dict(state["optimizer"])
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if parts.tracker is not None and state["tracker"] is not None:
         parts.tracker.load_state_dict(state["tracker"])

@@ -11,7 +11,9 @@ base model. The average starts at the weights training starts from and covers th
 Training and its samples use the live weights; evaluations and the export swap the average in
 (:meth:`ParameterEMA.swapped_in`) and the live weights back afterwards. The average and its step count are
 saved in every checkpoint, so a resumed run continues it exactly. Every process updates its own copy from
-the same synchronised weights, so the copies agree across processes.
+the same synchronised weights, so the copies agree across processes. When FSDP shards the module, the average
+is sharded as its parameters are (each process averages its own shards), and :meth:`ParameterEMA.state_dict`
+gathers it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
+
+from loopdiff.training.sharding import full_tensors, is_dtensor, is_sharded, local, reshard, shard_like
 
 WARMUP = 10  # d_n <= (1 + n) / (WARMUP + n)
 
@@ -36,9 +40,9 @@ def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Paramete
 
 @torch.no_grad()
 def ema_update(average: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
-    """``average <- decay * average + (1 - decay) * params`` in place, name by name."""
+    """``average <- decay * average + (1 - decay) * params`` in place, name by name (shard by shard under FSDP)."""
     for name, value in params.items():
-        average[name].lerp_(value.detach(), 1.0 - decay)
+        local(average[name]).lerp_(local(value.detach()), 1.0 - decay)
 
 
 class ParameterEMA:
@@ -50,6 +54,8 @@ class ParameterEMA:
             raise ValueError(f"EMA needs 0 < decay < 1 and every >= 1, got decay={decay}, every={every}")
         self.module, self.decay, self.every = module, decay, every
         self.steps = 0  # optimiser steps taken so far
+        if is_sharded(module):
+            reshard(module)
         self.average = {name: p.detach().clone() for name, p in trainable_parameters(module).items()}
 
     def step(self) -> bool:
@@ -62,6 +68,8 @@ class ParameterEMA:
         return True
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
+        if is_sharded(self.module):
+            reshard(self.module)  # the registered parameters are the shards again
         params = trainable_parameters(self.module)
         if params.keys() != self.average.keys():
             raise RuntimeError("the trainable parameters changed since the EMA was created")
@@ -70,21 +78,27 @@ class ParameterEMA:
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Within the block the module holds the average; the live weights (kept on the CPU meanwhile) are
-        restored bit for bit afterwards."""
+        restored bit for bit afterwards. Under FSDP each process swaps its own shards, and the module is
+        resharded on the way out: a forward pass inside the block leaves gathered average weights behind."""
         params = self._parameters()
-        live = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        live = {name: local(p).detach().to("cpu", copy=True) for name, p in params.items()}
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(self.average[name])
+                local(p).copy_(local(self.average[name]))
         try:
             yield
         finally:
+            if is_sharded(self.module):
+                reshard(self.module)
             with torch.no_grad():
                 for name, p in params.items():
-                    p.copy_(live[name])
+                    local(p).copy_(live[name])
 
     def state_dict(self) -> dict[str, Any]:
-        """The step count and the average (CPU tensors): what a checkpoint stores."""
+        """The step count and the average (CPU tensors): what a checkpoint stores. A sharded average is
+        gathered (every process calls this) onto the first process; the others get an empty average."""
+        if any(is_dtensor(t) for t in self.average.values()):
+            return {"steps": self.steps, "average": full_tensors(self.average.items())}
         return {"steps": self.steps, "average": {name: t.detach().cpu().clone() for name, t in self.average.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -98,5 +112,9 @@ class ParameterEMA:
             raise ValueError(f"the EMA state's shapes differ from the parameters' (first: {shapes[0]})")
         with torch.no_grad():
             for name, tensor in saved.items():
-                self.average[name].copy_(tensor)
+                target = self.average[name]
+                if is_dtensor(target):  # every process holds the full average and keeps its shard
+                    local(target).copy_(shard_like(tensor, target))
+                else:
+                    target.copy_(tensor)
         self.steps = int(state["steps"])

@@ -25,7 +25,11 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
 
 def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
     """Raise NonFiniteError naming the first bad tensors before ``what`` (a checkpoint, an export) is written."""
-    bad = nonfinite_names(named)
+    refuse_nonfinite_weights(nonfinite_names(named), what)
+
+
+def refuse_nonfinite_weights(bad: list[str], what: str) -> None:
+    """Raise NonFiniteError naming the first of the non-finite tensors ``bad``, if any, before ``what`` is written."""
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteError(f"refusing to write {what}: non-finite weights in {shown}")

@@ -3,7 +3,7 @@
 A launcher that starts several processes without a distributed backend taking effect leaves each process
 training alone into the same run folder; :func:`check_launch` stops that at once with how to launch instead.
 A launch asking for FSDP or DeepSpeed that accelerate runs as plain data parallel (on the CPU it always does)
-is stopped by :func:`check_sharding`.
+is stopped by :func:`check_sharding`, and FSDP version 1 by :func:`check_fsdp_version`.
 """
 
 from __future__ import annotations
@@ -57,6 +57,16 @@ def check_sharding(distributed_type: str, env: Mapping[str, str] | None = None) 
                 f"(with model.device=cpu, or without GPUs, it never shards); launch without the {backend} config "
                 "file (the ddp one, or torchrun on the CPU), see docs/scaling.md"
             )
+
+
+def check_fsdp_version(version: int) -> None:
+    """Raise LaunchError for FSDP1: the trainer samples with the module it trains, which FSDP1 wraps into
+    flat parameters of a new module; FSDP2 (``fsdp_version: 2``, as in the shipped fsdp.yaml) shards it in place."""
+    if version != 2:
+        raise LaunchError(
+            f"the launch asked for FSDP version {version}; loopdiff trains under FSDP2 only: set fsdp_version: 2 "
+            "in the accelerate config (as the shipped fsdp.yaml does), see docs/scaling.md"
+        )
 
 
 def check_output_dir(path: Path) -> None:

@@ -5,6 +5,10 @@ overlapping the next sampling chunk) -> advantages -> inner epochs of shuffled m
 (sample, step) pairs, recomputing log pi with gradients -> clipped AdamW steps (each followed by the EMA
 update with ``training.ema_decay``). Evaluation before and after; evaluations and the export use the EMA
 weights when there is an EMA.
+
+The sampling and the training policy share one denoiser. Under DDP the training policy calls it through the
+DDP wrapper and sampling calls the module itself; under FSDP2 ``accelerator.prepare`` shards the module in
+place, and both call the sharded module (what changes then is in :mod:`loopdiff.training.sharding`).
 """
 
 from __future__ import annotations
@@ -35,11 +39,24 @@ from loopdiff.rewards.base import RewardFn, as_scores, build_reward
 from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.ema import ParameterEMA
-from loopdiff.training.guards import check_finite_weights, check_nonfinite_rewards, check_skipped_steps
+from loopdiff.training.guards import (
+    check_finite_weights,
+    check_nonfinite_rewards,
+    check_skipped_steps,
+    nonfinite_names,
+    refuse_nonfinite_weights,
+)
 from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, tensor_stats
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
-from loopdiff.training.preflight import check_reward_prompts, check_launch, check_output_dir, check_sharding
+from loopdiff.training.preflight import (
+    check_fsdp_version,
+    check_launch,
+    check_output_dir,
+    check_reward_prompts,
+    check_sharding,
+)
+from loopdiff.training.sharding import full_model_state_dict, is_sharded, local, reshard, unsharded_copy
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
@@ -50,6 +67,7 @@ from loopdiff.models import (
     is_sdxl,
     load_pipeline,
     text_encoders,
+    trainable_state_dict,
 )
 
 
@@ -117,6 +135,8 @@ class Trainer:
         """Fail fast, before the model loads: launch, process count, output folder, resume point."""
         check_launch(self.accelerator.num_processes)
         check_sharding(self.accelerator.distributed_type.value)
+        if self.accelerator.distributed_type.value == "FSDP":
+            check_fsdp_version(self.accelerator.state.fsdp_plugin.fsdp_version)
         check_processes(self.config, self.accelerator.num_processes)
         check_output_dir(self.run_dir)
         self._resume_path = self.resume_point() if self.config.output.resume else None
@@ -154,7 +174,14 @@ class Trainer:
         warmup = max(1, train_cfg.warmup_epochs)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / warmup))
         self.train_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
-        self.params = params
+        # FSDP2 shards the module in place (its parameters become DTensor shards): from here on it is the
+        # sharded module, which sampling must call too so that its forward passes gather the weights.
+        self.sharded = is_sharded(self.accelerator.unwrap_model(self.train_unet))
+        if self.sharded:
+            self.unet = self.accelerator.unwrap_model(self.train_unet)
+        # What the optimiser steps: the prepared module's parameters (FSDP2 replaced the ones above; under DDP
+        # they are the same objects).
+        self.params = [p for p in self.train_unet.parameters() if p.requires_grad]
         decay = train_cfg.ema_decay
         self.ema = ParameterEMA(self.unet, decay, train_cfg.ema_every) if decay else None
         # The same weights twice: sampled from without gradients, and trained through the accelerate wrapper.
@@ -325,15 +352,27 @@ class Trainer:
         """
         total = sum(len(m) for m in minibatch)
         sums = dict.fromkeys(LOSS_STATS, 0.0)
-        for k, micro in enumerate(minibatch):
-            last = k == len(minibatch) - 1
+        passes = self._passes(len(minibatch))
+        for k in range(passes):
+            # A pass beyond this process's micro-batches (FSDP only) repeats one pair with weight 0.
+            micro, weight = (minibatch[k], len(minibatch[k]) / total) if k < len(minibatch) else (minibatch[0][:1], 0.0)
+            last = k == passes - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_unet)
             with sync:
                 out = self.minibatch_loss(batch, micro)
-                self.accelerator.backward(out.loss * (len(micro) / total))
-            for key in sums:
-                sums[key] += float(getattr(out, key).detach()) * len(micro)
+                self.accelerator.backward(out.loss * weight)
+            if k < len(minibatch):
+                for key in sums:
+                    sums[key] += float(getattr(out, key).detach()) * len(micro)
         return sums
+
+    def _passes(self, micro_batches: int) -> int:
+        """How many forward and backward passes this optimiser step takes: its micro-batches, or under FSDP the
+        most any process has (each pass gathers the sharded weights from all processes, so all take the same
+        number; a process left with fewer pairs by dropped non-finite rewards pads with weight-0 passes)."""
+        if not self.sharded:
+            return micro_batches
+        return int(self.accelerator.gather(torch.tensor([micro_batches], device=self.device)).max())
 
     def step_if_finite(self, loss: float, grad_norm: float) -> bool:
         """Take the optimiser step unless the loss or the gradient norm is non-finite on any process.
@@ -417,9 +456,25 @@ class Trainer:
     def check_weights(self, what: str) -> None:
         """Raise NonFiniteError (on every process) if a trainable weight or its EMA is non-finite, before
         writing ``what``."""
+        if self.sharded:
+            self._check_sharded_weights(what)
+            return
         check_finite_weights(((name, p) for name, p in self.unet.named_parameters() if p.requires_grad), what)
         if self.ema is not None:
             check_finite_weights(((f"ema.{name}", t) for name, t in self.ema.average.items()), what)
+
+    def _check_sharded_weights(self, what: str) -> None:
+        """:meth:`check_weights` under FSDP: each process checks its shards, and one all-reduce tells every
+        process which tensors are non-finite anywhere."""
+        reshard(self.unet)
+        named = [(name, p) for name, p in self.unet.named_parameters() if p.requires_grad]
+        if self.ema is not None:
+            named += [(f"ema.{name}", t) for name, t in self.ema.average.items()]
+        bad_here = set(nonfinite_names((name, local(t)) for name, t in named))
+        flags = torch.tensor([float(name in bad_here) for name, _ in named], device=self.device)
+        bad = [name for (name, _), flag in zip(named, self.accelerator.reduce(flags, "sum").tolist()) if flag]
+        weights = [name for name in bad if not name.startswith("ema.")]
+        refuse_nonfinite_weights(weights or bad, what)
 
     def ema_weights(self) -> contextlib.AbstractContextManager:
         """Within the block the UNet holds the EMA of its trainable weights (``training.ema_decay``), its live
@@ -433,9 +488,10 @@ class Trainer:
         """
         self.check_weights(f"the checkpoint of epoch {self.epoch}")
         path = None
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.sharded:  # under FSDP every process gathers its shards
             extra = {"history": self.history, "config": self.config.to_dict()}
-            path = ckpt.save_checkpoint(self.run_dir, self.epoch, self._checkpoint_parts(), extra)
+            path = ckpt.save_checkpoint(self.run_dir, self.epoch, self._checkpoint_parts(), extra,
+                                        write=self.accelerator.is_main_process)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -560,10 +616,11 @@ class Trainer:
         path = self.run_dir / ("final_lora" if self.config.model.lora else "final_pipeline")
         with self.ema_weights():
             self.check_weights("the exported model")
+            gathered = self._gather_export() if self.sharded else None
             if self.accelerator.is_main_process:
                 tmp = path.with_name(path.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                self._write_export(tmp)
+                self._write_export(tmp, gathered)
                 kind = ("StableDiffusion3Pipeline" if is_flow_matching(self.pipeline)
                         else "StableDiffusionXLPipeline" if is_sdxl(self.pipeline) else "StableDiffusionPipeline")
                 card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path, kind)
@@ -573,14 +630,22 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _write_export(self, path: Path) -> None:
+    def _gather_export(self) -> dict[str, torch.Tensor]:
+        """Under FSDP, what the export writes, gathered in full onto the main process (every process calls
+        this): the LoRA adapter (peft format), or the whole denoiser's state dict."""
+        if self.config.model.lora:
+            return trainable_state_dict(self.unet, lora=True)
+        return full_model_state_dict(self.unet)
+
+    def _write_export(self, path: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the export into ``path``; ``gathered`` is :meth:`_gather_export`'s output under FSDP."""
         unet = self.accelerator.unwrap_model(self.train_unet)
         if self.config.model.lora:
             from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            layers = convert_state_dict_to_diffusers(gathered if gathered is not None else get_peft_model_state_dict(unet))
             metadata = unet.peft_config["default"].to_dict()  # keeps lora_alpha, so the scale survives loading
             if is_flow_matching(self.pipeline):
                 type(self.pipeline).save_lora_weights(
@@ -593,8 +658,16 @@ class Trainer:
                 path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
             )
             return
-        setattr(self.pipeline, "transformer" if is_flow_matching(self.pipeline) else "unet", unet)
-        self.pipeline.save_pretrained(path)
+        name = "transformer" if is_flow_matching(self.pipeline) else "unet"
+        if gathered is None:
+            setattr(self.pipeline, name, unet)
+            self.pipeline.save_pretrained(path)
+            return
+        setattr(self.pipeline, name, unsharded_copy(unet, gathered))  # diffusers saves a plain module
+        try:
+            self.pipeline.save_pretrained(path)
+        finally:
+            setattr(self.pipeline, name, unet)
 
     def train(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Run (or resume) training to ``training.epochs``; evaluates before and after when asked."""

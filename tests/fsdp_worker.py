@@ -1,0 +1,95 @@
+"""Run by tests/test_fsdp.py under ``accelerate launch --config_file <shipped fsdp.yaml or ddp.yaml>
+--num_processes 2``: the tiny pipeline trained by two CPU processes with gloo, then exported.
+
+``fsdp`` as the first argument forces accelerate's FSDP2 path, as a CPU stand-in for GPUs: accelerate enables
+FSDP only on GPUs (and other accelerators), and on the CPU it runs an FSDP launch as plain data parallel
+(DistributedType.MULTI_CPU). Setting the accelerator state's ``distributed_type`` to FSDP, with the FSDP
+plugin accelerate builds from the launch's environment (the shipped fsdp.yaml's settings), makes
+``accelerator.prepare`` shard the denoiser with torch's ``fully_shard`` exactly as on GPUs; torch's FSDP2
+itself runs on the CPU with gloo. ``ddp`` runs the same training under plain data parallel.
+
+Arguments: fsdp|ddp, the output folder, the number of epochs, then ``key=value`` settings: ``lora=1``,
+``nan_rank1=1`` (the reward is NaN for the first prompt group of rank 1's first scoring call), ``micro=N``
+(training.micro_batch_size). Each process writes ``rank<i>.json`` into the output folder.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from accelerate import Accelerator, FullyShardedDataParallelPlugin  # noqa: E402
+from accelerate.state import PartialState  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
+
+import loopdiff.training.trainer as trainer_module  # noqa: E402
+from trainer_helpers import make_trainer, red_minus_blue  # noqa: E402
+
+
+class CPUForcedFSDP(Accelerator):
+    """An Accelerator on the CPU that takes accelerate's FSDP2 path (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        assert os.environ.get("ACCELERATE_USE_FSDP") == "true", "launch with the shipped fsdp.yaml"
+        assert self.state.distributed_type == DistributedType.MULTI_CPU, self.state.distributed_type
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from FSDP_* set by accelerate launch
+        self.state.distributed_type = DistributedType.FSDP
+        # accelerate copies the type into the process state too (AcceleratorState.__init__ does it on GPUs),
+        # else the next AcceleratorState() (the prepared optimiser makes one) would reset it to MULTI_CPU.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+class NaNOnRank1:
+    """red_minus_blue, NaN for the first prompt group (K = 4 images) of rank 1's first scoring call."""
+
+    __name__ = "red_minus_blue"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        scores = red_minus_blue(images, prompts, metadata)
+        if self.calls == 0 and os.environ.get("RANK") == "1":
+            scores[:4] = float("nan")
+        self.calls += 1
+        return scores
+
+
+def main() -> None:
+    backend, out, epochs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    settings = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    torch.set_num_threads(1)
+    if backend == "fsdp":
+        trainer_module.Accelerator = CPUForcedFSDP
+    lora = settings.get("lora") == "1"
+    trainer = make_trainer(
+        out, "loop", reward=NaNOnRank1() if settings.get("nan_rank1") == "1" else red_minus_blue,
+        training={"epochs": epochs, "samples_per_epoch": 16, "ema_decay": 0.9,
+                  "micro_batch_size": int(settings.get("micro", 64))},
+        model={"lora": lora}, output={"checkpoint_every": 1},
+        eval={"max_prompts": 2, "every": 1, "before_training": False},  # after epoch 1 (EMA swapped in) and at the end
+    )
+    params = [p for p in trainer.unet.parameters() if p.requires_grad]
+    info = {
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "processes": trainer.accelerator.num_processes,
+        "sharded": trainer.sharded,
+        "parameter_types": sorted({type(p).__name__ for p in params}),
+        "local_numel": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params),
+        "numel": sum(p.numel() for p in params),
+        "fsdp_units": sum(type(m).__name__.startswith("FSDP") for m in trainer.unet.modules()),
+    }
+    trainer.train()
+    trainer.export()
+    info["epoch"] = trainer.epoch
+    info["distributed_type_at_end"] = trainer.accelerator.distributed_type.value
+    info["fsdp2_at_end"] = trainer.accelerator.is_fsdp2
+    (out / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

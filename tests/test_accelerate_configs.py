@@ -16,7 +16,7 @@ from accelerate.utils import DistributedType
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from loopdiff.config import field_default
-from loopdiff.training.preflight import LaunchError, check_sharding
+from loopdiff.training.preflight import LaunchError, check_fsdp_version, check_sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"ddp.yaml": DistributedType.MULTI_GPU, "fsdp.yaml": DistributedType.FSDP,
@@ -81,6 +81,20 @@ def test_a_sharded_launch_that_accelerate_runs_unsharded_is_refused(name: str, v
     for fallback in ("MULTI_CPU", "MULTI_GPU", "NO"):  # on the CPU accelerate runs MULTI_CPU (DDP) instead
         with pytest.raises(LaunchError, match=f"asked for {backend} \\({variable}=true\\) but accelerate runs {fallback}"):
             check_sharding(fallback, env)
+
+
+def test_the_shipped_fsdp_file_passes_the_version_check_and_fsdp1_is_refused(monkeypatch) -> None:
+    from accelerate import FullyShardedDataParallelPlugin
+
+    for key, value in launch_env(shipped("fsdp.yaml")).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()  # what accelerate builds from the launch's environment
+    assert plugin.fsdp_version == 2
+    check_fsdp_version(plugin.fsdp_version)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")  # FSDP1's default looks for a GPU
+    with pytest.raises(LaunchError, match="asked for FSDP version 1; loopdiff trains under FSDP2 only"):
+        check_fsdp_version(FullyShardedDataParallelPlugin().fsdp_version)
 
 
 def test_the_ddp_file_asks_for_no_sharding() -> None:

@@ -10,7 +10,8 @@ itself runs on the CPU with gloo. ``ddp`` runs the same training under plain dat
 
 Arguments: fsdp|ddp, the output folder, the number of epochs, then ``key=value`` settings: ``lora=1``,
 ``nan_rank1=1`` (the reward is NaN for the first prompt group of rank 1's first scoring call), ``micro=N``
-(training.micro_batch_size). Each process writes ``rank<i>.json`` into the output folder.
+(training.micro_batch_size), ``nan_check=1`` (after the export, a NaN in rank 1's shard of one weight, then
+a checkpoint, which both ranks must refuse). Each process writes ``rank<i>.json`` into the output folder.
 """
 
 import json
@@ -26,6 +27,8 @@ from accelerate.state import PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
 import loopdiff.training.trainer as trainer_module  # noqa: E402
+from loopdiff.training.guards import NonFiniteError  # noqa: E402
+from loopdiff.training.sharding import local  # noqa: E402
 from trainer_helpers import make_trainer, red_minus_blue  # noqa: E402
 
 
@@ -79,13 +82,24 @@ def main() -> None:
         "processes": trainer.accelerator.num_processes,
         "sharded": trainer.sharded,
         "parameter_types": sorted({type(p).__name__ for p in params}),
-        "local_numel": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params),
+        "local_numel": sum(local(p).numel() for p in params),
         "numel": sum(p.numel() for p in params),
         "fsdp_units": sum(type(m).__name__.startswith("FSDP") for m in trainer.unet.modules()),
     }
     trainer.train()
     trainer.export()
     info["epoch"] = trainer.epoch
+    if settings.get("nan_check") == "1":  # a NaN in rank 1's shard of one weight: both ranks refuse to save
+        name, param = next((n, p) for n, p in trainer.unet.named_parameters() if p.requires_grad and p.shape[0] > 1)
+        if trainer.accelerator.process_index == 1:
+            with torch.no_grad():
+                local(param).view(-1)[0] = float("nan")
+        try:
+            trainer.save()
+            info["nan_check"] = "saved"
+        except NonFiniteError as error:
+            info["nan_check"] = str(error)
+        info["nan_parameter"] = name
     info["distributed_type_at_end"] = trainer.accelerator.distributed_type.value
     info["fsdp2_at_end"] = trainer.accelerator.is_fsdp2
     (out / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(info))

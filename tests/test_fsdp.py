@@ -188,10 +188,11 @@ def test_the_fsdp_export_is_a_diffusers_pipeline_holding_the_ema(full) -> None:
 
 def test_lora_under_fsdp_with_uneven_micro_batches_trains_as_ddp_and_exports(tmp_path) -> None:
     """Rank 1 loses one prompt group (NaN rewards) in epoch 1, so per optimiser step it holds 3 pairs (2
-    micro-batches of 2) to rank 0's 6 (3): under FSDP it pads with a weight-0 pass, else both would hang."""
+    micro-batches of 2) to rank 0's 6 (3): under FSDP it pads with a weight-0 pass, else both would hang.
+    Then a NaN in one process's shard of a weight must stop the next checkpoint on both processes."""
     sharded, plain = tmp_path / "fsdp", tmp_path / "ddp"
     settings = ("lora=1", "nan_rank1=1", "micro=2")
-    logs = [_launch("fsdp", sharded, 2, *settings).stderr, _launch("ddp", plain, 2, *settings).stderr]
+    logs = [_launch("fsdp", sharded, 2, *settings, "nan_check=1").stderr, _launch("ddp", plain, 2, *settings).stderr]
     _assert_sharded(sharded)
     assert all("non-finite for 4 of 16 images in epoch 1" in log for log in logs)
     assert _metrics(sharded)[0]["dropped_groups"] == 1
@@ -209,3 +210,8 @@ def test_lora_under_fsdp_with_uneven_micro_batches_trains_as_ddp_and_exports(tmp
     pipe.load_lora_weights(_run(sharded) / "final_lora")
     loaded = {k.replace(".default_0.", ".default."): v for k, v in pipe.unet.state_dict().items() if ".lora_" in k}
     _assert_equal(loaded, ema, "loaded LoRA vs the EMA")
+    # a NaN in one process's shard is found by both, which refuse the checkpoint; the last one stays intact
+    ranks = _ranks(sharded)
+    refusal = f"refusing to write the checkpoint of epoch 2: non-finite weights in {ranks[0]['nan_parameter']}"
+    assert ranks[0]["nan_check"] == ranks[1]["nan_check"] == refusal
+    ckpt.verify(ckpt.checkpoint_dir(_run(sharded), 2))  # its files still match their manifest

@@ -9,7 +9,7 @@ plugin accelerate builds from the launch's environment (the shipped fsdp.yaml's 
 itself runs on the CPU with gloo. ``ddp`` runs the same training under plain data parallel.
 
 Arguments: fsdp|ddp, the output folder, the number of epochs, then ``key=value`` settings: ``lora=1``,
-``nan_rank1=1`` (the reward is NaN for the first prompt group of rank 1's first scoring call), ``micro=N``
+``nan_rank1=1`` (the reward is NaN for rank 1's first prompt group in epoch 1), ``micro=N``
 (training.micro_batch_size), ``nan_check=1`` (after the export, a NaN in rank 1's shard of one weight, then
 a checkpoint, which both ranks must refuse). Each process writes ``rank<i>.json`` into the output folder.
 """
@@ -47,18 +47,15 @@ class CPUForcedFSDP(Accelerator):
 
 
 class NaNOnRank1:
-    """red_minus_blue, NaN for the first prompt group (K = 4 images) of rank 1's first scoring call."""
+    """red_minus_blue, NaN for rank 1's first prompt group (K = 4 images) in the first epoch's samples."""
 
     __name__ = "red_minus_blue"
-
-    def __init__(self):
-        self.calls = 0
+    trainer = None  # set once the trainer exists: its finished epochs say which epoch is sampled
 
     def __call__(self, images, prompts, metadata):
         scores = red_minus_blue(images, prompts, metadata)
-        if self.calls == 0 and os.environ.get("RANK") == "1":
+        if self.trainer.epoch == 0 and os.environ.get("RANK") == "1":
             scores[:4] = float("nan")
-        self.calls += 1
         return scores
 
 
@@ -69,13 +66,15 @@ def main() -> None:
     if backend == "fsdp":
         trainer_module.Accelerator = CPUForcedFSDP
     lora = settings.get("lora") == "1"
+    reward = NaNOnRank1() if settings.get("nan_rank1") == "1" else red_minus_blue
     trainer = make_trainer(
-        out, "loop", reward=NaNOnRank1() if settings.get("nan_rank1") == "1" else red_minus_blue,
+        out, "loop", reward=reward,
         training={"epochs": epochs, "samples_per_epoch": 16, "ema_decay": 0.9,
                   "micro_batch_size": int(settings.get("micro", 64))},
         model={"lora": lora}, output={"checkpoint_every": 1},
         eval={"max_prompts": 2, "every": 1, "before_training": False},  # after epoch 1 (EMA swapped in) and at the end
     )
+    reward.trainer = trainer
     params = [p for p in trainer.unet.parameters() if p.requires_grad]
     info = {
         "distributed_type": trainer.accelerator.distributed_type.value,

@@ -10,8 +10,8 @@ each process holding its half of the weights, FSDP units per block).
 
 Runs (each ``accelerate launch --num_processes 2``, LOOP on the tiny pipeline, an EMA, an evaluation after
 epoch 1 with the EMA swapped in): FSDP for 2 epochs; DDP for 2 epochs; FSDP for 1 epoch, then resumed to 2
-by FSDP and, from a copy, by DDP; and LoRA under FSDP and DDP with one prompt group's rewards NaN on one
-process, so that the processes hold different numbers of micro-batches.
+by FSDP and, from a copy, by DDP; and the same under LoRA (without the DDP resume) with one prompt group's
+rewards NaN on one process in epoch 1, so that the processes hold different numbers of micro-batches.
 """
 
 from __future__ import annotations
@@ -186,23 +186,35 @@ def test_the_fsdp_export_is_a_diffusers_pipeline_holding_the_ema(full) -> None:
     torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-3)
 
 
-def test_lora_under_fsdp_with_uneven_micro_batches_trains_as_ddp_and_exports(tmp_path) -> None:
-    """Rank 1 loses one prompt group (NaN rewards) in epoch 1, so per optimiser step it holds 3 pairs (2
-    micro-batches of 2) to rank 0's 6 (3): under FSDP it pads with a weight-0 pass, else both would hang.
-    Then a NaN in one process's shard of a weight must stop the next checkpoint on both processes."""
-    sharded, plain = tmp_path / "fsdp", tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory) -> dict[str, Path]:
+    """LoRA, rank 1 losing a prompt group to NaN rewards in epoch 1: FSDP and DDP for 2 epochs (FSDP then
+    finding a NaN in one shard at a last checkpoint); FSDP for 1 epoch, resumed to 2."""
+    root = tmp_path_factory.mktemp("lora")
+    runs = {name: root / name for name in ("fsdp", "ddp", "resumed")}
     settings = ("lora=1", "nan_rank1=1", "micro=2")
-    logs = [_launch("fsdp", sharded, 2, *settings, "nan_check=1").stderr, _launch("ddp", plain, 2, *settings).stderr]
+    runs["fsdp_log"], runs["ddp_log"] = root / "fsdp.log", root / "ddp.log"
+    runs["fsdp_log"].write_text(_launch("fsdp", runs["fsdp"], 2, *settings, "nan_check=1").stderr)
+    runs["ddp_log"].write_text(_launch("ddp", runs["ddp"], 2, *settings).stderr)
+    _launch("fsdp", runs["resumed"], 1, *settings)
+    _launch("fsdp", runs["resumed"], 2, *settings)
+    return runs
+
+
+def test_lora_under_fsdp_with_uneven_micro_batches_trains_as_ddp_and_exports(lora) -> None:
+    """Rank 1 loses one prompt group (NaN rewards) in epoch 1, so per optimiser step it holds 3 pairs (2
+    micro-batches of 2) to rank 0's 6 (3): under FSDP it pads with a weight-0 pass, else both would hang."""
+    sharded, plain = lora["fsdp"], lora["ddp"]
     _assert_sharded(sharded)
-    assert all("non-finite for 4 of 16 images in epoch 1" in log for log in logs)
-    assert _metrics(sharded)[0]["dropped_groups"] == 1
+    assert all("non-finite for 4 of 16 images in epoch 1" in lora[log].read_text() for log in ("fsdp_log", "ddp_log"))
+    assert [m["dropped_groups"] for m in _metrics(sharded)] == [1, 0]
     for epoch in EPOCHS:
         ours, theirs = _weights(sharded, epoch), _weights(plain, epoch)
         assert ours and all(".lora_" in name for name in ours)  # peft keys, as an unsharded run writes them
         _assert_close(ours, theirs, ATOL, f"LoRA weights {epoch}")
         _assert_close(_state(sharded, epoch)["ema"]["average"], _state(plain, epoch)["ema"]["average"], ATOL,
                       f"LoRA EMA {epoch}")
-    assert _metrics(sharded)[1]["grad_norm"] > 0
+    assert all(m["grad_norm"] > 0 for m in _metrics(sharded))
     moved = {k: v for k, v in _weights(sharded, EPOCHS[1]).items() if ".lora_B." in k}
     assert all(float(v.abs().max()) > 1e-4 for v in moved.values())  # lora_B starts at zero
     ema = _state(sharded, EPOCHS[1])["ema"]["average"]
@@ -210,8 +222,20 @@ def test_lora_under_fsdp_with_uneven_micro_batches_trains_as_ddp_and_exports(tmp
     pipe.load_lora_weights(_run(sharded) / "final_lora")
     loaded = {k.replace(".default_0.", ".default."): v for k, v in pipe.unet.state_dict().items() if ".lora_" in k}
     _assert_equal(loaded, ema, "loaded LoRA vs the EMA")
-    # a NaN in one process's shard is found by both, which refuse the checkpoint; the last one stays intact
-    ranks = _ranks(sharded)
+
+
+def test_an_fsdp_lora_checkpoint_resumes_exactly(lora) -> None:
+    _assert_sharded(lora["resumed"])
+    for epoch in EPOCHS:
+        _assert_equal(_weights(lora["resumed"], epoch), _weights(lora["fsdp"], epoch), f"LoRA weights {epoch}")
+        ours, theirs = _state(lora["resumed"], epoch), _state(lora["fsdp"], epoch)
+        _assert_equal(ours["ema"]["average"], theirs["ema"]["average"], f"LoRA EMA {epoch}")
+        _assert_equal(_optimizer_moments(ours), _optimizer_moments(theirs), f"LoRA AdamW state {epoch}")
+    assert [_untimed(m) for m in _metrics(lora["resumed"])] == [_untimed(m) for m in _metrics(lora["fsdp"])]
+
+
+def test_a_nan_in_one_shard_stops_the_checkpoint_on_both_processes(lora) -> None:
+    ranks = _ranks(lora["fsdp"])
     refusal = f"refusing to write the checkpoint of epoch 2: non-finite weights in {ranks[0]['nan_parameter']}"
     assert ranks[0]["nan_check"] == ranks[1]["nan_check"] == refusal
-    ckpt.verify(ckpt.checkpoint_dir(_run(sharded), 2))  # its files still match their manifest
+    ckpt.verify(ckpt.checkpoint_dir(_run(lora["fsdp"]), 2))  # the last checkpoint still matches its manifest

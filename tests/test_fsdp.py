@@ -147,7 +147,7 @@ def test_fsdp_trains_the_weights_ema_and_optimiser_state_of_ddp(full) -> None:
         for key in ("reward/mean", "loss", "grad_norm", "approx_kl"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
     for tag in ("epoch_00001", "final"):  # evaluations with the EMA swapped in, the first one between epochs
-        ours, theirs = (json.loads((_run(out) / "eval" / f"{tag}.json").read_text()) for out in (full["fsdp"], full["ddp"]))
+        ours, theirs = (json.loads((_run(full[kind]) / "eval" / f"{tag}.json").read_text()) for kind in ("fsdp", "ddp"))
         assert ours["means"] == pytest.approx(theirs["means"], rel=1e-4)
 
 

@@ -136,7 +136,9 @@ def full_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Op
     }
 
 
-def load_full_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_full_optimizer_state_dict(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     """Load :func:`full_optimizer_state_dict`'s output (held by every process) into a sharded module's
     optimiser."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

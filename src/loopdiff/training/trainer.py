@@ -645,7 +645,8 @@ class Trainer:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(gathered if gathered is not None else get_peft_model_state_dict(unet))
+            peft_layers = gathered if gathered is not None else get_peft_model_state_dict(unet)
+            layers = convert_state_dict_to_diffusers(peft_layers)
             metadata = unet.peft_config["default"].to_dict()  # keeps lora_alpha, so the scale survives loading
             if is_flow_matching(self.pipeline):
                 type(self.pipeline).save_lora_weights(

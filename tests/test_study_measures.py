@@ -220,3 +220,21 @@ def test_study_threads_must_be_positive(tmp_path) -> None:
     with pytest.raises(StudyError, match="--threads 0 must be >= 1"):
         run_study(spec, tmp_path, threads=0, progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_peak_memory_is_reset_per_run() -> None:
+    """The peak a study run reports is its own, not that of an earlier job in the same worker process."""
+    import sys
+
+    from loopdiff.training.metrics import peak_memory_mb, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the resident-set high-water mark is reset through /proc on Linux")
+    reset_peak_memory("cpu")
+    before = peak_memory_mb("cpu")
+    block = torch.ones(512 * 2**20 // 4)  # 512 MiB, touched
+    grown = peak_memory_mb("cpu")
+    del block
+    reset_peak_memory("cpu")
+    after = peak_memory_mb("cpu")
+    assert grown - before > 400 and after < grown - 400

@@ -24,11 +24,33 @@ def tensor_stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
     }
 
 
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak for :func:`peak_memory_mb` (a run in a process that ran others before: a study
+    worker). CUDA: the allocator's peak; Linux: the resident-set high-water mark (``/proc/self/clear_refs``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # not Linux: the peak stays the process's lifetime peak
+
+
 def peak_memory_mb(device: torch.device | str) -> float:
-    """The process's peak memory so far in MiB: allocated CUDA memory on a GPU, resident set size on a CPU."""
+    """Peak memory in MiB since the last :func:`reset_peak_memory`: allocated CUDA memory on a GPU, the
+    resident set's high-water mark on a CPU (the process's lifetime peak where it cannot be reset)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

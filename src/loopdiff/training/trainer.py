@@ -46,7 +46,7 @@ from loopdiff.training.guards import (
     nonfinite_names,
     refuse_nonfinite_weights,
 )
-from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, tensor_stats
+from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, reset_peak_memory, tensor_stats
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
 from loopdiff.training.preflight import (
@@ -681,6 +681,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         if self.accelerator.is_main_process and c.prompts.val is None:
             print("note: prompts.val is unset, so the model is not evaluated before or after training", file=sys.stderr)
+        reset_peak_memory(self.device)  # memory/peak_mb is this run's, not the process's earlier work's
         logger = MetricsLogger(
             self.run_dir, c.output.tensorboard, c.output.wandb, c.output.wandb_project, c.to_dict(),
             enabled=self.accelerator.is_main_process,

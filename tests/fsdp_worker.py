@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 
 import loopdiff.training.trainer as trainer_module  # noqa: E402
 from loopdiff.training.guards import NonFiniteError  # noqa: E402
-from loopdiff.training.sharding import local  # noqa: E402
+from loopdiff.sharding import local  # noqa: E402
 from trainer_helpers import make_trainer, red_minus_blue  # noqa: E402
 
 

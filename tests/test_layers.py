@@ -18,7 +18,7 @@ ENTRY_POINTS = ("loopdiff", "loopdiff.api", "loopdiff.cli")  # compose everythin
 CORE_LAYERS = (
     ("loopdiff.plugins",),
     ("loopdiff.prompts", "loopdiff.rewards", "loopdiff.sampling", "loopdiff.grids", "loopdiff.advantages",
-     "loopdiff.objectives", "loopdiff.minibatches"),
+     "loopdiff.objectives", "loopdiff.minibatches", "loopdiff.sharding"),
     ("loopdiff.estimators",),
     ("loopdiff.config",),
     ("loopdiff.models", "loopdiff.evaluation"),

@@ -282,7 +282,7 @@ def trainable_state_dict(unet: torch.nn.Module, lora: bool) -> dict[str, torch.T
     A UNet sharded by FSDP has its shards gathered: every process calls this, and the first one gets the
     weights (the others an empty dict).
     """
-    from loopdiff.training.sharding import full_model_state_dict, full_tensors, is_sharded, reshard
+    from loopdiff.sharding import full_model_state_dict, full_tensors, is_sharded, reshard
 
     if is_sharded(unet):
         if not lora:
@@ -313,7 +313,7 @@ def _peft_to_module_keys(unet: torch.nn.Module) -> dict[str, str]:
 def load_trainable_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
     """Load :func:`trainable_state_dict`'s output; under FSDP every process holds all of ``state`` and keeps
     its shards."""
-    from loopdiff.training.sharding import is_sharded, load_full_model_state_dict
+    from loopdiff.sharding import is_sharded, load_full_model_state_dict
 
     if is_sharded(unet):
         if not lora:

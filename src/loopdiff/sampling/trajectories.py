@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from loopdiff.sampling.embeds import Conditioning
 from loopdiff.sampling.policy import DiffusionPolicy
-from loopdiff.training.sharding import no_autograd
+from loopdiff.sharding import no_autograd
 
 
 @dataclass
@@ -113,7 +113,7 @@ def sample_trajectories(
 
     Returns ``latents`` (N, T + 1, C, H, W) in float32 and ``log_probs`` (N, T); a deterministic step
     (eta = 0) has no density, and its log-probabilities are NaN. Runs in inference mode, or under
-    ``torch.no_grad`` when the denoiser is sharded by FSDP (see :func:`loopdiff.training.sharding.no_autograd`).
+    ``torch.no_grad`` when the denoiser is sharded by FSDP (see :func:`loopdiff.sharding.no_autograd`).
     """
     with no_autograd(policy.unet):
         return _sample(policy, prompt_embeds, uncond_embeds, generator, batch_size, progress)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import check_finite_weights
-from loopdiff.training.sharding import full_optimizer_state_dict, is_sharded, load_full_optimizer_state_dict
+from loopdiff.sharding import full_optimizer_state_dict, is_sharded, load_full_optimizer_state_dict
 from loopdiff.models import load_trainable_state_dict, trainable_state_dict
 
 WEIGHTS = "trainable.safetensors"

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from loopdiff.training.sharding import full_tensors, is_dtensor, is_sharded, local, reshard, shard_like
+from loopdiff.sharding import full_tensors, is_dtensor, is_sharded, local, reshard, shard_like
 
 WARMUP = 10  # d_n <= (1 + n) / (WARMUP + n)
 

@@ -8,7 +8,7 @@ weights when there is an EMA.
 
 The sampling and the training policy share one denoiser. Under DDP the training policy calls it through the
 DDP wrapper and sampling calls the module itself; under FSDP2 ``accelerator.prepare`` shards the module in
-place, and both call the sharded module (what changes then is in :mod:`loopdiff.training.sharding`).
+place, and both call the sharded module (what changes then is in :mod:`loopdiff.sharding`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from loopdiff.training.preflight import (
     check_reward_prompts,
     check_sharding,
 )
-from loopdiff.training.sharding import full_model_state_dict, is_sharded, local, reshard, unsharded_copy
+from loopdiff.sharding import full_model_state_dict, is_sharded, local, reshard, unsharded_copy
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,

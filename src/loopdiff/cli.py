@@ -269,11 +269,9 @@ def cmd_branch(args: argparse.Namespace) -> int:
 
 
 def cmd_gradient_noise(args: argparse.Namespace) -> int:
-    import torch
-
-    from loopdiff.prompts import PromptSet, load_prompt_set
+    from loopdiff.prompts import load_prompt_set
     from loopdiff.rewards.base import build_reward
-    from loopdiff.diagnostics.gradient_noise import measure_gradient_noise
+    from loopdiff.diagnostics.gradient_noise import drawn_prompts, measure_gradient_noise
 
     missing = _model_defaults(args, "prompts.train")
     if missing:
@@ -287,10 +285,8 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     denoiser(pipe).requires_grad_(True)  # the UNet, or an SD3 pipeline's transformer
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts)
-    shuffled = torch.randperm(len(prompt_set), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    order = [shuffled[i % len(shuffled)] for i in range(args.groups)]  # cycles when prompts < groups
     options = _reward_options(args)
-    chosen = PromptSet(tuple(prompt_set.prompts[i] for i in order), tuple(prompt_set.metadata[i] for i in order))
+    chosen = drawn_prompts(prompt_set, args.groups, args.seed)  # cycles when prompts < groups
     result = measure_gradient_noise(
         policy, encoder, pipe.vae, chosen, build_reward(args.reward, options), args.samples_per_prompt,
         args.train_denoising_steps, args.seed,

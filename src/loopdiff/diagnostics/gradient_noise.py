@@ -44,6 +44,13 @@ class GradientNoise:
         return self.noise * self.groups / self.signal_sq if self.signal_sq > 0 else math.inf
 
 
+def drawn_prompts(prompts: PromptSet, groups: int, seed: int) -> PromptSet:
+    """``groups`` prompts in a seeded random order, without repetition (cycling when there are fewer)."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = [order[i % len(order)] for i in range(groups)]
+    return PromptSet(tuple(prompts.prompts[i] for i in rows), tuple(prompts.metadata[i] for i in rows))
+
+
 def module_kind(name: str) -> str:
     """Coarse kind of a UNet or SD3 transformer parameter, from its name: where in the network the gradient
     lands. An SD3 transformer's joint blocks (``transformer_blocks.N``) have one attention over image and text

@@ -9,20 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
+from loopdiff.diagnostics.gradient_noise import drawn_prompts
 from loopdiff.diagnostics.estimator_variance import loo_noise_prediction, noise_table, score_gradients
 from loopdiff.estimators import estimator_from_preset
-from loopdiff.prompts import PromptSet
 from loopdiff.study.spec import VarianceSpec
-
-
-def chosen_prompts(prompts: PromptSet, groups: int, seed: int) -> PromptSet:
-    """``groups`` training prompts drawn without repetition (cycling when there are fewer prompts)."""
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows = [order[i % len(order)] for i in range(groups)]
-    return PromptSet(tuple(prompts.prompts[i] for i in rows), tuple(prompts.metadata[i] for i in rows))
 
 
 def loo_check(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -42,7 +34,7 @@ def measure_variance(trainer: Any, spec: VarianceSpec, path: Path) -> dict[str, 
     noise and signal on them; writes ``path`` (JSON) and returns the record."""
     estimators = {name: estimator_from_preset(**dict(entry.overrides)) for name, entry in spec.estimators.items()}
     k_max = max(e.samples_per_prompt for e in estimators.values())
-    prompts = chosen_prompts(trainer.train_prompts, spec.groups, spec.seed)
+    prompts = drawn_prompts(trainer.train_prompts, spec.groups, spec.seed)
     t0 = time.perf_counter()
     with tqdm(total=spec.groups * k_max, desc="score gradients", leave=False) as bar:
         samples = score_gradients(

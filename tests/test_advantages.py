@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loopdiff.advantages import PerPromptStatTracker, clip_advantages, group_zscore, leave_one_out, raw
-from loopdiff.estimators import estimator_from_preset
+from loopdiff.estimators import PRESETS, estimator_from_preset
 
 
 def _groups(k: int, n_prompts: int) -> torch.Tensor:
@@ -77,3 +77,12 @@ def test_advantage_clip_and_unknown_kind() -> None:
     torch.testing.assert_close(clipped, torch.tensor([-5.0, 0.5, 5.0]))
     with pytest.raises(ValueError, match="estimator.advantage='median'"):
         estimator_from_preset("loop", advantage="median")
+
+
+def test_ppo_advantage_clip_is_switched_off_with_inf() -> None:
+    from loopdiff.config import build_estimator, load_config
+
+    estimator = build_estimator(load_config(None, ["estimator.preset=ppo", "estimator.advantage_clip=inf"]))
+    assert PRESETS["ppo"].advantage_clip == 5.0 and estimator.advantage_clip == float("inf")
+    values = torch.tensor([-40.0, 0.5, 40.0])
+    torch.testing.assert_close(clip_advantages(values, estimator.advantage_clip), values)

@@ -53,7 +53,7 @@ class Estimator:
     minibatches: int = field(default=1, metadata={"help": "optimiser steps per pass over a batch"})
     clip_range: float = field(default=1e-4, metadata={"help": "ppo_clip: the ratio is clipped to 1 +- this"})
     advantage_clip: float | None = field(
-        default=None, metadata={"help": "advantages are clipped to +- this, if set"}
+        default=None, metadata={"help": "advantages are clipped to +- this, if set (inf: not clipped)"}
     )
     kl_coef: float = field(default=0.0, metadata={"help": "weight of the KL penalty to the reference (base) policy"})
     tracker_buffer_size: int = field(

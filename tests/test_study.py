@@ -346,6 +346,26 @@ def test_the_deterministic_sampler_and_the_extra_sections(mini_study) -> None:
     assert (out / "report" / "efficiency_plain.png").is_file()
 
 
+def test_markdown_sections_carry_the_records_numbers(mini_study) -> None:
+    """sections.md (the results README's tables) shows each claim's and estimator's recorded numbers, as the
+    HTML report does, and the HTML variance table has the column in reward units."""
+    spec, out, _ = mini_study
+    markdown = (out / "report" / "sections.md").read_text()
+    index = (out / "report" / "index.html").read_text()
+    for record in json.loads((out / "report" / "claims.json").read_text()):
+        cell = f"{record['difference']:+.4f} \u00b1 {record['se']:.4f}"
+        assert cell in index
+        assert any(cell in line and f"**{record['verdict']}**" in line and record["measure"] in line
+                   for line in markdown.splitlines())
+    variance = json.loads((out / "variance" / "plain" / "variance.json").read_text())
+    for r in variance["estimators"]:  # these estimators' advantages are raw rewards: reward units are theirs
+        cells = [r["label"], str(r["k"]), f"{r['noise_per_sample']:.3e}", f"{r['noise_in_reward_units']:.3e}",
+                 f"{r['signal_sq']:.3e}", f"{r['snr']:+.3f}"]
+        assert "| " + " | ".join(cells) + " |" in markdown, cells
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) in index, cells
+    assert "in reward units" in index and "seconds per epoch" in markdown and "eta = 0 (deterministic)" in markdown
+
+
 def test_report_links_are_relative_and_present(mini_study) -> None:
     import re
 

@@ -20,7 +20,7 @@ from loopdiff.study.results import (
     BASE_TAG, FINAL_TAG, StudyResults, base_dir, collect_results, read_eval, report_dir, run_dir,
 )
 from loopdiff.reports.study_sections import (
-    claims_table_html, efficiency_section, sampler_json, sampler_section, variance_section,
+    claims_table, efficiency_section, sampler_json, sampler_section, sections_markdown, variance_section,
 )
 from loopdiff.study.spec import BASE, StudySpec
 from loopdiff.study.tables import Table, format_cell, write_tables
@@ -39,12 +39,13 @@ def build_report(spec: StudySpec, out: Path) -> Path:
     (folder / "claims.md").write_text(claims_markdown(spec, verdicts) if verdicts else "No claims configured.\n")
     (folder / "claims.json").write_text(claims_json(spec, verdicts))
     (folder / "sampler.json").write_text(sampler_json(spec, results))
+    (folder / "sections.md").write_text(sections_markdown(spec, out, results, verdicts))
     curves = write_curves(spec, results, folder)
     grids = write_grids(spec, out, folder)
     page = Template((resources.files("loopdiff") / "reports" / "study_report.html").read_text()).substitute(
         title=html.escape(f"loopdiff study: {spec.name}"),
         meta=meta_html(spec, out),
-        claims=claims_table_html(spec, verdicts) + "\n" + claims_html(spec, verdicts),
+        claims=claims_table(spec, verdicts).html() + "\n" + claims_html(spec, verdicts),
         variance=variance_section(spec, out, folder),
         efficiency=efficiency_section(spec, out, results, folder),
         sampler=sampler_section(spec, results),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,38 +19,78 @@ from loopdiff.study.spec import BASE, StudySpec
 from loopdiff.study.stats import prediction_interval, summarize
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "", table_id: str = "") -> str:
-    ident = f' id="{html.escape(table_id)}"' if table_id else ""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f"<table{ident}>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass(frozen=True)
+class TextTable:
+    """A table of plain-text cells, rendered as HTML for the report and as Markdown for the results README.
+
+    ``verdict_column``: the column whose text is also its style (holds / fails / undecided)."""
+
+    header: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    caption: str = ""
+    table_id: str = ""
+    verdict_column: int | None = None
+
+    def html(self) -> str:
+        ident = f' id="{html.escape(self.table_id)}"' if self.table_id else ""
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{self._html_cell(i, c)}</td>" for i, c in enumerate(row)) + "</tr>"
+                       for row in self.rows)
+        cap = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        return f"<table{ident}>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def _html_cell(self, column: int, value: Any) -> str:
+        text = html.escape(str(value))
+        return f'<span class="{text}">{text}</span>' if column == self.verdict_column else text
+
+    def markdown(self) -> str:
+        lines = [f"**{self.caption}**\n"] if self.caption else []
+        lines += ["| " + " | ".join(map(str, self.header)) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(f"**{c}**" if i == self.verdict_column else str(c) for i, c in enumerate(row))
+                  + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
 
 
 def _num(value: float | None, digits: int = 4, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "&ndash;"
+        return "\u2013"
     if isinstance(value, float) and math.isinf(value):
-        return "never" if value > 0 else "&minus;&infin;"
+        return "never" if value > 0 else "\u2212\u221e"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def claims_table_html(spec: StudySpec, verdicts: list[ClaimVerdict]) -> str:
+def claims_table(spec: StudySpec, verdicts: list[ClaimVerdict]) -> TextTable:
     """Every claim and task: the deciding difference +- SE, in SE, the paper's gap, power and the verdict."""
-    rows = []
-    for r in claims_records(spec, verdicts):
-        powered = {True: "yes", False: "no", None: "&ndash;"}[r["powered"]]
-        rows.append([
-            html.escape(r["claim"]), html.escape(spec.tasks[r["task"]].label), r["measure"],
-            f"{_num(r['difference'], signed=True)} &plusmn; {_num(r['se'])}",
-            _num(r["z"], 1, signed=True) if r["z"] is not None else "&ndash;",
-            r["seeds"], _num(r["paper_difference"]), powered, f'<span class="{r["verdict"]}">{r["verdict"]}</span>',
-        ])
-    header = ["claim", "task", "measure", "difference ± SE", "in SE", "seeds", "paper's gap", "power", "verdict"]
-    return html_table(header, rows, table_id="claims")
+    rows = [[r["claim"], spec.tasks[r["task"]].label, r["measure"],
+             f"{_num(r['difference'], signed=True)} \u00b1 {_num(r['se'])}", _num(r["z"], 1, signed=True),
+             r["seeds"], _num(r["paper_difference"]), {True: "yes", False: "no", None: "\u2013"}[r["powered"]],
+             r["verdict"]] for r in claims_records(spec, verdicts)]
+    header = ["claim", "task", "measure", "difference \u00b1 SE", "in SE", "seeds", "paper's gap", "power", "verdict"]
+    return TextTable(header, rows, table_id="claims", verdict_column=8)
 
 
 # ---------------------------------------------------------------- variance
+
+
+def variance_tables(spec: StudySpec, task: str, record: dict[str, Any]) -> list[TextTable]:
+    """One task's gradient noise per estimator, and the leave-one-out baseline's noise against K/(K-1)."""
+    label = spec.tasks[task].label
+    rows = [[r["label"], r["k"], f"{r['noise_per_sample']:.3e}", f"{r['noise_in_reward_units']:.3e}",
+             f"{r['signal_sq']:.3e}", _num(r["snr"], 3, signed=True),
+             "unresolved" if r["samples_for_snr_one"] is None else f"{r['samples_for_snr_one']:.0f}"]
+            for r in record["estimators"]]
+    tables = [TextTable(
+        ["estimator", "K", "tr(Cov) per sample", "in reward units", "|signal|\u00b2",
+         f"SNR at {record['batch']} samples", "samples for SNR 1"], rows,
+        f"{label}: reward {record['reward']}, {record['groups']} prompts x {record['samples_per_prompt']} samples, "
+        f"{record['parameters']:,} parameters")]
+    if record["loo_check"]:
+        reference = record["loo_check"][0]["reference_k"]
+        tables.append(TextTable(
+            ["K", f"measured noise / noise at K={reference}", "K/(K-1) prediction"],
+            [[c["k"], f"{c['measured_ratio']:.3f}", f"{c['predicted_ratio']:.3f}"] for c in record["loo_check"]],
+            f"{label}: the leave-one-out baseline against K/(K-1)"))
+    return tables
 
 
 def variance_section(spec: StudySpec, out: Path, folder: Path) -> str:
@@ -62,20 +103,7 @@ def variance_section(spec: StudySpec, out: Path, folder: Path) -> str:
             parts.append(f"<p>{html.escape(spec.tasks[task].label)}: not measured yet.</p>")
             continue
         records[task] = record
-        rows = [[html.escape(r["label"]), r["k"], f"{r['noise_per_sample']:.3e}", f"{r['signal_sq']:.3e}",
-                 _num(r["snr"], 3, signed=True),
-                 "unresolved" if r["samples_for_snr_one"] is None else f"{r['samples_for_snr_one']:.0f}"]
-                for r in record["estimators"]]
-        parts.append(html_table(
-            ["estimator", "K", "tr(Cov) per sample", "|signal|²", f"SNR at {record['batch']} samples",
-             "samples for SNR 1"], rows,
-            f"{spec.tasks[task].label}: reward {record['reward']}, {record['groups']} prompts x "
-            f"{record['samples_per_prompt']} samples, {record['parameters']:,} parameters"))
-        if record["loo_check"]:
-            check = [[c["k"], f"{c['measured_ratio']:.3f}", f"{c['predicted_ratio']:.3f}"] for c in record["loo_check"]]
-            parts.append(html_table(["K", "measured noise / noise at K=%d" % record["loo_check"][0]["reference_k"],
-                                     "K/(K-1) prediction"], check,
-                                    f"{spec.tasks[task].label}: the leave-one-out baseline against K/(K-1)"))
+        parts += [table.html() for table in variance_tables(spec, task, record)]
     if records:
         png = plot_variance(spec, records, folder / "variance.png")
         parts.append(f'<figure><img src="{png.name}" alt="gradient signal-to-noise per estimator">'
@@ -107,38 +135,49 @@ def plot_variance(spec: StudySpec, records: dict[str, dict[str, Any]], path: Pat
 # ---------------------------------------------------------------- efficiency
 
 
+def cost_table(spec: StudySpec, out: Path, results: StudyResults, task: str) -> TextTable:
+    """Per trained method: seconds per epoch, peak memory, denoisers held, reward queries, optimiser steps."""
+    rows = []
+    for method in (m for m in spec.methods if (task, m) in results.curves):
+        cost = method_cost(spec, out, task, method)
+        if cost is not None:
+            rows.append([spec.label(method), f"{cost.seconds_per_epoch:.2f}", f"{cost.peak_memory_mb:.0f}",
+                         cost.denoisers_held, cost.reward_queries, cost.optimiser_steps])
+    return TextTable(["method", "seconds per epoch", "peak memory (MiB)", "denoisers held",
+                      "reward queries per epoch", "optimiser steps per epoch"], rows,
+                     f"{spec.tasks[task].label}: cost per epoch (median over epochs and seeds; peak resident memory)")
+
+
+def reach_table(spec: StudySpec, out: Path, results: StudyResults, task: str) -> TextTable:
+    """Per method: samples and seconds until it reaches the reference method's final scores."""
+    eff = spec.efficiency
+    assert eff is not None
+    train_target, held_target = targets(spec, results, task, eff.reference)
+    rows = []
+    for method in eff.methods:
+        s1, t1 = samples_to_reach(spec, out, results, task, method, train_target, held_out=False)
+        s2, t2 = samples_to_reach(spec, out, results, task, method, held_target, held_out=True)
+        rows.append([spec.label(method), _num(s1, 0), _num(t1, 0), _num(s2, 0), _num(t2, 0)])
+    reference = spec.label(eff.reference)
+    return TextTable(
+        ["method", f"samples to {reference}'s training reward", "seconds", f"samples to {reference}'s held-out score",
+         "seconds"], rows,
+        f"{spec.tasks[task].label}: to reach {reference}'s final training reward ({_num(train_target)}) and "
+        f"held-out score ({_num(held_target)})")
+
+
 def efficiency_section(spec: StudySpec, out: Path, results: StudyResults, folder: Path) -> str:
     if spec.efficiency is None:
         return "<p>The study sets no efficiency comparison.</p>"
-    eff, parts = spec.efficiency, []
-    for task in eff.tasks:
-        label = spec.tasks[task].label
-        cost_rows = []
-        trained = [m for m in spec.methods if (task, m) in results.curves]
-        for method in trained:
-            cost = method_cost(spec, out, task, method)
-            if cost is not None:
-                cost_rows.append([html.escape(spec.label(method)), f"{cost.seconds_per_epoch:.2f}",
-                                  f"{cost.peak_memory_mb:.0f}", cost.denoisers_held, cost.reward_queries,
-                                  cost.optimiser_steps])
-        parts.append(html_table(["method", "seconds per epoch", "peak memory (MiB)", "denoisers held",
-                                 "reward queries per epoch", "optimiser steps per epoch"], cost_rows,
-                                f"{label}: cost per epoch (median over epochs and seeds; peak resident memory)"))
-        train_target, held_target = targets(spec, results, task, eff.reference)
-        rows = []
-        for method in eff.methods:
-            s1, t1 = samples_to_reach(spec, out, results, task, method, train_target, held_out=False)
-            s2, t2 = samples_to_reach(spec, out, results, task, method, held_target, held_out=True)
-            rows.append([html.escape(spec.label(method)), _num(s1, 0), _num(t1, 0), _num(s2, 0), _num(t2, 0)])
-        parts.append(html_table(
-            ["method", "samples to PPO's training reward", "seconds", "samples to PPO's held-out score", "seconds"],
-            rows, f"{label}: to reach {spec.label(eff.reference)}'s final training reward "
-                  f"({_num(train_target)}) and held-out score ({_num(held_target)})"))
+    parts = []
+    for task in spec.efficiency.tasks:
+        parts += [cost_table(spec, out, results, task).html(), reach_table(spec, out, results, task).html()]
         png = plot_efficiency(spec, out, results, task, folder / f"efficiency_{task}.png")
         if png is not None:
             parts.append(f'<figure><img src="{png.name}" alt="curves over samples and wall time"><figcaption>'
-                         f"{label}: training reward over samples and over training seconds, and the held-out score "
-                         "over samples (mean over seeds, 80% prediction intervals).</figcaption></figure>")
+                         f"{html.escape(spec.tasks[task].label)}: training reward over samples and over training "
+                         "seconds, and the held-out score over samples (mean over seeds, 80% prediction intervals)."
+                         "</figcaption></figure>")
     return "\n".join(parts)
 
 
@@ -211,22 +250,37 @@ def sampler_rows(spec: StudySpec, results: StudyResults, task: str) -> list[dict
     return rows
 
 
+def sampler_table(spec: StudySpec, results: StudyResults, task: str) -> TextTable | None:
+    """Held-out scores under the trained stochastic sampler and the deterministic one (None: none measured)."""
+    rows = sampler_rows(spec, results, task)
+    if not rows:
+        return None
+
+    def cell(s: Any) -> str:
+        return _num(s.mean) if math.isnan(s.se) else f"{s.mean:.4f} \u00b1 {s.se:.4f}"
+
+    return TextTable(
+        ["method", "eta = 1 (as trained)", "eta = 0 (deterministic)", "eta 0 \u2212 eta 1", "seeds"],
+        [[spec.label(r["method"]), cell(r["stochastic"]), cell(r["deterministic"]), cell(r["difference"]),
+          r["difference"].n] for r in rows],
+        f"{spec.tasks[task].label}: held-out {spec.metric_key(task, 'evaluator')}, the same prompts and seeds")
+
+
 def sampler_section(spec: StudySpec, results: StudyResults) -> str:
-    parts = []
-    for task in spec.tasks:
-        rows = sampler_rows(spec, results, task)
-        if not rows:
-            continue
+    tables = [t for t in (sampler_table(spec, results, task) for task in spec.tasks) if t is not None]
+    return "\n".join(t.html() for t in tables) or "<p>No deterministic evaluations (eval.deterministic) yet.</p>"
 
-        def cell(s: Any) -> str:
-            return _num(s.mean) if math.isnan(s.se) else f"{s.mean:.4f} &plusmn; {s.se:.4f}"
 
-        parts.append(html_table(
-            ["method", "eta = 1 (as trained)", "eta = 0 (deterministic)", "eta 0 − eta 1", "seeds"],
-            [[html.escape(spec.label(r["method"])), cell(r["stochastic"]), cell(r["deterministic"]),
-              cell(r["difference"]), r["difference"].n] for r in rows],
-            f"{spec.tasks[task].label}: held-out {spec.metric_key(task, 'evaluator')}, the same prompts and seeds"))
-    return "\n".join(parts) or "<p>No deterministic evaluations (eval.deterministic) yet.</p>"
+def sections_markdown(spec: StudySpec, out: Path, results: StudyResults, verdicts: list[ClaimVerdict]) -> str:
+    """The claims, variance, cost, sample-efficiency and sampler tables in Markdown (the results README's)."""
+    tables = [claims_table(spec, verdicts)] if verdicts else []
+    for task in spec.variance.tasks if spec.variance else ():
+        record = read_variance(out, task)
+        tables += variance_tables(spec, task, record) if record is not None else []
+    for task in spec.efficiency.tasks if spec.efficiency else ():
+        tables += [cost_table(spec, out, results, task), reach_table(spec, out, results, task)]
+    tables += [t for t in (sampler_table(spec, results, task) for task in spec.tasks) if t is not None]
+    return "\n".join(t.markdown() for t in tables)
 
 
 def sampler_json(spec: StudySpec, results: StudyResults) -> str:

@@ -126,3 +126,35 @@ def test_shipped_scorer_agrees_with_the_evaluator_on_renders():
     predicted = build_reward("embedded_aesthetic")(images, [""] * 120, [{}] * 120)
     assert T.pairwise_agreement(predicted, target) >= 0.9
     assert (predicted - target).abs().mean() < 0.1  # calibrated onto the evaluator's scale
+
+
+def test_scorer_training_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
+    """A run that stops after its step-2 checkpoint and is started again ends with the uninterrupted run's
+    weights (the checkpoint loads with weights_only=True; the initial weights are seeded by the config, each
+    step's data by the step)."""
+    config = {"kind": "aesthetic", "arguments": {"width": 16, "hidden": 8}, "training": {"seed": 0}}
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def step_loss(model, rng):
+        picked = torch.from_numpy(rng.integers(len(images), size=4))
+        return model(images[picked]).pow(2).mean()
+
+    def crashing(model, rng):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return step_loss(model, rng)
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    torch.manual_seed(1)  # the global generator's state must not matter: the config's seed sets the weights
+    whole = T._train("s", dict(config), 4, 1e-2, tmp_path / "a", step_loss, checkpoint_every=2)
+    calls: list[int] = []
+    torch.manual_seed(2)
+    with pytest.raises(KeyboardInterrupt):
+        T._train("s", dict(config), 4, 1e-2, tmp_path / "b", crashing, checkpoint_every=2)
+    resumed = T._train("s", dict(config), 4, 1e-2, tmp_path / "b", step_loss, checkpoint_every=2)
+    assert (tmp_path / "b" / "s.ckpt.pt").is_file()
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
+    fresh = T.build_scorer(config).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in whole.state_dict().items())

@@ -313,7 +313,9 @@ def evaluate_aligner(model: ContrastiveAligner, vocab: list[str], n_images: int 
 
 def _train(name: str, config: dict, steps: int, lr: float, out: Path, step_loss: Callable, log_every: int = 50,
            checkpoint_every: int = 200) -> torch.nn.Module:
-    """AdamW with cosine decay; resumes from ``{out}/{name}.ckpt.pt``."""
+    """AdamW with cosine decay, from initial weights seeded by the config's seed; resumes from
+    ``{out}/{name}.ckpt.pt``."""
+    torch.manual_seed(config["training"]["seed"])
     model = build_scorer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -322,7 +324,7 @@ def _train(name: str, config: dict, steps: int, lr: float, out: Path, step_loss:
     checkpoint = out / f"{name}.ckpt.pt"
     start = 0
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

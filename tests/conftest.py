@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny Stable-Diffusion-format (and SDXL- and SD3-format) pipelines built from configs with the real
-classes."""
+"""Shared fixtures: tiny Stable-Diffusion-format (and SDXL-, SD3- and Flux-format) pipelines built from configs with the
+real classes."""
 
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ def tiny_clip_tokenizer(words: list[str] = WORDS, max_length: int = 12):
     add("<|startoftext|>")
     add("<|endoftext|>")
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_t5_tokenizer(words: list[str] = WORDS):
+    """A T5Tokenizer (a Unigram model, as T5's) whose vocabulary has one token per word (``<unk>`` for anything else),
+    built offline; it saves and loads back with save_pretrained / from_pretrained."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
@@ -131,6 +140,16 @@ def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny-sd3")
     build_tiny_sd3_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FluxPipeline saved with save_pretrained (flux_helpers.build_tiny_flux_pipeline)."""
+    from flux_helpers import build_tiny_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux")
+    build_tiny_flux_pipeline().save_pretrained(path)
     return path
 
 

@@ -149,7 +149,8 @@ def _policy_parts(pipe, args: argparse.Namespace):
     from loopdiff.models import build_policies, denoiser
 
     sampling = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
-                              sde_type=args.sde_type, resolution=args.resolution)
+                              sde_type=args.sde_type, resolution=args.resolution,
+                              max_sequence_length=args.max_sequence_length)
     policy, _, encoder = build_policies(pipe, denoiser(pipe), denoiser(pipe), sampling, pipe.device)
     return policy, encoder
 
@@ -282,7 +283,7 @@ def cmd_gradient_noise(args: argparse.Namespace) -> int:
     from loopdiff.models import denoiser
 
     pipe = _load_for_inference(args.model, args.lora, args.device)
-    denoiser(pipe).requires_grad_(True)  # the UNet, or an SD3 pipeline's transformer
+    denoiser(pipe).requires_grad_(True)  # the UNet, or an SD3 or Flux pipeline's transformer
     policy, encoder = _policy_parts(pipe, args)
     prompt_set = load_prompt_set(args.prompts)
     options = _reward_options(args)
@@ -351,13 +352,17 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_hel
                         help="'embedded', a pipeline folder or a Hub id (default embedded)")
     parser.add_argument("--lora", default=None, help="LoRA weights folder saved by training (final_lora)")
     parser.add_argument("--steps", type=int, default=field_default("sampling.num_steps"),
-                        help=_as("sampling.num_steps", "denoising steps (DDIM, or the SD3 flow sampler)"))
+                        help=_as("sampling.num_steps", "denoising steps (DDIM, or the SD3 / Flux flow sampler)"))
     parser.add_argument("--guidance-scale", type=float, default=field_default("sampling.guidance_scale"),
-                        help=_as("sampling.guidance_scale", "classifier-free guidance"))
+                        help=_as("sampling.guidance_scale", "classifier-free guidance (Flux: the embedded guidance)"))
     parser.add_argument("--eta", type=float, default=field_default("sampling.eta"),
-                        help=_as("sampling.eta", "DDIM eta, or an SD3 pipeline's SDE noise level (0: its Euler ODE)"))
+                        help=_as("sampling.eta", "DDIM eta, or an SD3 / Flux pipeline's SDE noise level (0: its "
+                                 "Euler ODE)"))
     parser.add_argument("--sde-type", choices=("sde", "cps"), default=field_default("sampling.sde_type"),
-                        help=_as("sampling.sde_type", "SD3 pipelines only: the SDE form"))
+                        help=_as("sampling.sde_type", "SD3 and Flux pipelines only: the SDE form"))
+    parser.add_argument("--max-sequence-length", type=int, default=field_default("sampling.max_sequence_length"),
+                        help="T5 tokens per prompt of SD3 and Flux pipelines (as sampling.max_sequence_length; "
+                        "default: the pipeline's)")
     parser.add_argument("--resolution", type=int, default=field_default("sampling.resolution"),
                         help="image height and width in pixels (as sampling.resolution; default: the model's "
                         "native size)")

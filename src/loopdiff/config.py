@@ -56,17 +56,26 @@ class ModelConfig:
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = setting(20, "denoising steps per sample (DDIM, or the SD3 flow sampler)")
-    guidance_scale: float = setting(5.0, "classifier-free guidance scale")
+    num_steps: int = setting(20, "denoising steps per sample (DDIM, or the SD3 / Flux flow sampler)")
+    guidance_scale: float = setting(
+        5.0, "classifier-free guidance scale; for a guidance-distilled Flux transformer (FLUX.1-dev) the guidance "
+        "it embeds, in one conditional call (FluxPipeline's default 3.5); ignored by Flux without guidance embeds"
+    )
     eta: float = setting(1.0, "DDIM eta, the sampler's noise level (> 0: a deterministic step has no log-probability)")
     logprob_reduction: Literal["mean", "sum"] = setting(
         "mean", "a step's log-probability over latent elements: mean (DDPO) or sum"
     )
     batch_size: int = setting(32, "trajectories per sampling call")
-    sde_type: Literal["sde", "cps"] = setting("sde", "SD3 pipelines only: the SDE form; eta is then its noise level a")
+    sde_type: Literal["sde", "cps"] = setting(
+        "sde", "SD3 and Flux pipelines only: the SDE form; eta is then its noise level a"
+    )
     resolution: int | None = setting(
         None, "image height and width in pixels; None: the denoiser's native size (its sample_size x the VAE's "
-        "downscale, e.g. 512 for SD 2 base, 1024 for SDXL base and SD3 medium)"
+        "downscale, e.g. 512 for SD 2 base, 1024 for SDXL base and SD3 medium; FluxPipeline's 1024 for Flux)"
+    )
+    max_sequence_length: int | None = setting(
+        None, "T5 tokens per prompt (SD3 and Flux pipelines); None: the pipeline's default, 256 for SD3, 512 for "
+        "Flux"
     )
 
 
@@ -522,6 +531,8 @@ def validate(config: RunConfig) -> None:
     _check(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
     _check(s.resolution is None or s.resolution >= 1, "sampling.resolution", s.resolution,
            "an integer >= 1 (pixels), or none for the denoiser's native size")
+    _check(s.max_sequence_length is None or 1 <= s.max_sequence_length <= 512, "sampling.max_sequence_length",
+           s.max_sequence_length, "an integer in [1, 512] (T5 tokens), or none for the pipeline's default")
     _check(t.epochs >= 0, "training.epochs", t.epochs, "an integer >= 0")
     _check(t.samples_per_epoch >= 1, "training.samples_per_epoch", t.samples_per_epoch, "an integer >= 1")
     _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "a number > 0")

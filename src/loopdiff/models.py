@@ -1,11 +1,13 @@
 """Loading the pipeline to fine-tune, choosing what trains (full UNet or LoRA), and the reference policy.
 
-Three kinds of pipeline: Stable-Diffusion format (UNet + DDIM, :class:`DiffusionPolicy`), SDXL format
+Four kinds of pipeline: Stable-Diffusion format (UNet + DDIM, :class:`DiffusionPolicy`), SDXL format
 (``StableDiffusionXLPipeline``: the same UNet policy, conditioned also on pooled text embeddings and size time
-ids through :class:`SDXLPromptEncoder`) and SD3 format (``StableDiffusion3Pipeline``: SD3 transformer +
-flow-matching Euler scheduler, :class:`FlowMatchPolicy`). ``load_pipeline`` reads the kind from the folder's
-``model_index.json``; :func:`denoiser` and :func:`build_policies` route the rest by the loaded pipeline's kind.
-The trained module is called ``unet`` throughout the training code whichever kind it is.
+ids through :class:`SDXLPromptEncoder`), SD3 format (``StableDiffusion3Pipeline``: SD3 transformer +
+flow-matching Euler scheduler, :class:`FlowMatchPolicy`) and Flux format (``FluxPipeline``: Flux transformer,
+packed latents and embedded guidance, :class:`FluxPolicy`). The last two are the flow-matching kinds
+(:func:`is_flow_matching`). ``load_pipeline`` reads the kind from the folder's ``model_index.json``;
+:func:`denoiser` and :func:`build_policies` route the rest by the loaded pipeline's kind. The trained module is
+called ``unet`` throughout the training code whichever kind it is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from loopdiff.config import ConfigError, ModelConfig, SamplingConfig
 from loopdiff.plugins import registered_models
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # the model_index.json class names loaded as such
 
 
 def resolve_pretrained(name: str) -> str:
@@ -44,10 +47,24 @@ def _model_index(source: str, looks_local: bool, revision: str | None) -> dict[s
 
 
 def is_flow_matching(pipe: Any) -> bool:
-    """Whether ``pipe`` is an SD3-format pipeline (a transformer with a flow-matching Euler scheduler)."""
+    """Whether ``pipe`` is an SD3- or Flux-format pipeline (a transformer with a flow-matching Euler scheduler)."""
     return getattr(pipe, "transformer", None) is not None and isinstance(
         pipe.scheduler, FlowMatchEulerDiscreteScheduler
     )
+
+
+def is_flux(pipe: Any) -> bool:
+    """Whether ``pipe`` is a Flux-format pipeline (``FluxPipeline``: packed latents, embedded guidance)."""
+    from diffusers import FluxPipeline
+
+    return isinstance(pipe, FluxPipeline)
+
+
+def pipeline_class_name(pipe: Any) -> str:
+    """The diffusers class that loads ``pipe``'s kind (what an export's model card tells users to call)."""
+    if is_flow_matching(pipe):
+        return "FluxPipeline" if is_flux(pipe) else "StableDiffusion3Pipeline"
+    return "StableDiffusionXLPipeline" if is_sdxl(pipe) else "StableDiffusionPipeline"
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -58,25 +75,30 @@ def is_sdxl(pipe: Any) -> bool:
 
 
 def denoiser(pipe: Any) -> torch.nn.Module:
-    """The module that trains: the SD3 transformer or the UNet."""
+    """The module that trains: the SD3 or Flux transformer, or the UNet."""
     return pipe.transformer if is_flow_matching(pipe) else pipe.unet
 
 
 def text_encoders(pipe: Any) -> list[torch.nn.Module]:
-    """The pipeline's text encoders (one for Stable Diffusion, two for SDXL, two or three for SD3)."""
+    """The pipeline's text encoders (one for Stable Diffusion, two for SDXL and Flux, two or three for SD3)."""
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
 
 
-def _load_sd3_pipeline(source: str, config: ModelConfig, index: dict[str, Any]) -> Any:
-    from diffusers import StableDiffusion3Pipeline
+def _load_flow_pipeline(source: str, config: ModelConfig, index: dict[str, Any]) -> Any:
+    """A StableDiffusion3Pipeline or FluxPipeline (``index["_class_name"]``), with its flow-matching scheduler."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    # a pipeline saved without T5 has no text_encoder_3 entry; diffusers needs the absence said explicitly
-    absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if (index.get(name) or [None])[0] is None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(source, revision=config.revision, **absent)
+    kind = index["_class_name"]
+    if kind == "FluxPipeline":
+        pipe = FluxPipeline.from_pretrained(source, revision=config.revision)
+    else:
+        # a pipeline saved without T5 has no text_encoder_3 entry; diffusers needs the absence said explicitly
+        absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if (index.get(name) or [None])[0] is None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, revision=config.revision, **absent)
     if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
         raise ConfigError(
-            f"model.pretrained='{config.pretrained}': an SD3 pipeline needs a FlowMatchEulerDiscreteScheduler, "
+            f"model.pretrained='{config.pretrained}': a {kind} needs a FlowMatchEulerDiscreteScheduler, "
             f"not {type(pipe.scheduler).__name__}"
         )
     return pipe
@@ -84,16 +106,16 @@ def _load_sd3_pipeline(source: str, config: ModelConfig, index: dict[str, Any]) 
 
 def load_pipeline(config: ModelConfig) -> StableDiffusionPipeline:
     """Load a Stable-Diffusion-format pipeline, or an SDXL-format one (``_class_name``
-    StableDiffusionXLPipeline), with a DDIM scheduler, or an SD3-format one (StableDiffusion3Pipeline) with
-    its flow-matching scheduler; the VAE and the text encoders frozen."""
+    StableDiffusionXLPipeline), with a DDIM scheduler, or an SD3- or Flux-format one (StableDiffusion3Pipeline,
+    FluxPipeline) with its flow-matching scheduler; the VAE and the text encoders frozen."""
     source = resolve_pretrained(config.pretrained)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local:
         check_pipeline_folder(config.pretrained, Path(source).expanduser())
     index = _model_index(str(Path(source).expanduser()) if looks_local else source, looks_local, config.revision)
-    if index.get("_class_name") == "StableDiffusion3Pipeline":
+    if index.get("_class_name") in FLOW_PIPELINES:
         try:
-            pipe = _load_sd3_pipeline(str(Path(source).expanduser()) if looks_local else source, config, index)
+            pipe = _load_flow_pipeline(str(Path(source).expanduser()) if looks_local else source, config, index)
         except (OSError, ValueError) as error:
             message = " ".join(str(error).split())
             raise ConfigError(f"model.pretrained='{config.pretrained}' could not be loaded: {message}") from None
@@ -151,7 +173,7 @@ def configure_attention(unet: torch.nn.Module, choice: str, device: torch.device
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if not isinstance(unet, UNet2DConditionModel):
-        return  # an SD3 transformer keeps its own joint-attention processors
+        return  # an SD3 or Flux transformer keeps its own joint-attention processors
     if choice == "classic" or (choice == "auto" and device.type == "cpu"):
         unet.set_attn_processor(AttnProcessor())
     elif choice == "sdpa":
@@ -162,14 +184,17 @@ def latent_size(pipe: Any, resolution: int | None) -> int | None:
     """The latents' height and width for images of ``resolution`` pixels (None: the denoiser's native size).
 
     Raises ConfigError when the pipeline cannot sample at that size: ``resolution`` must be a multiple of the
-    VAE's downscale times what the denoiser divides the latents by (2 per UNet level after the first, or an SD3
-    transformer's patch size), and an SD3 transformer has position embeddings for ``pos_embed_max_size``
-    patches per side at most.
+    VAE's downscale times what the denoiser divides the latents by (2 per UNet level after the first, an SD3
+    transformer's patch size, or 2 for the 2x2 patches a Flux pipeline packs into tokens), and an SD3
+    transformer has position embeddings for ``pos_embed_max_size`` patches per side at most (Flux's rotary
+    position embeddings have no such bound).
     """
     if resolution is None:
         return None
     model, vae_factor = denoiser(pipe), pipe.vae_scale_factor
-    if is_flow_matching(pipe):
+    if is_flux(pipe):
+        step, why = 2, "x 2 for the 2x2 latent patches Flux packs into tokens"
+    elif is_flow_matching(pipe):
         step, why = model.config.patch_size, f"x the transformer's patch size {model.config.patch_size}"
     else:
         levels = len(model.config.block_out_channels)
@@ -178,7 +203,7 @@ def latent_size(pipe: Any, resolution: int | None) -> int | None:
         raise ConfigError(f"sampling.resolution={resolution} is invalid; allowed: a multiple of {vae_factor * step} "
                           f"(the VAE's downscale {vae_factor} {why}), or none for the native size")
     size = resolution // vae_factor
-    most = getattr(model.config, "pos_embed_max_size", None) if is_flow_matching(pipe) else None
+    most = getattr(model.config, "pos_embed_max_size", None) if is_flow_matching(pipe) else None  # none for Flux
     if most is not None and size // step > most:
         raise ConfigError(f"sampling.resolution={resolution} is invalid; allowed: at most {most * step * vae_factor} "
                           f"px ({most} patches per side, the transformer's pos_embed_max_size)")
@@ -193,8 +218,11 @@ def build_policies(
 
     UNet pipelines: :class:`DiffusionPolicy` with DDIM eta = ``sampling.eta`` (conditioned on
     :class:`SDXLPromptEncoder`'s embeddings for SDXL). SD3 pipelines: :class:`FlowMatchPolicy` with the SDE
-    noise level a = ``sampling.eta`` and form ``sampling.sde_type``. Both sample images of
-    ``sampling.resolution`` pixels (:func:`latent_size`; the denoiser's native size when unset).
+    noise level a = ``sampling.eta`` and form ``sampling.sde_type``; Flux pipelines: :class:`FluxPolicy`, the
+    same SDE with ``sampling.guidance_scale`` embedded (one conditional call), prompts encoded with
+    ``sampling.max_sequence_length`` T5 tokens (both flow kinds; the pipeline's default when unset). All sample
+    images of ``sampling.resolution`` pixels (:func:`latent_size`; the denoiser's native size when unset, for
+    Flux FluxPipeline's ``default_sample_size``).
     """
     from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
     from loopdiff.sampling.trajectories import PromptEncoder
@@ -203,19 +231,23 @@ def build_policies(
 
     if is_flow_matching(pipe):
         from loopdiff.sampling.flow_policy import FlowMatchPolicy, FlowPolicyConfig, SD3PromptEncoder
+        from loopdiff.sampling.flux import FluxPolicy, FluxPromptEncoder
 
+        flux = is_flux(pipe)
         flow_config = FlowPolicyConfig(
             guidance_scale=sampling.guidance_scale,
             noise_level=sampling.eta,
             num_steps=sampling.num_steps,
             reduction=sampling.logprob_reduction,  # type: ignore[arg-type]
             sde_type=getattr(sampling, "sde_type", "sde"),  # type: ignore[arg-type]
-            sample_size=sample_size,
+            sample_size=sample_size or (pipe.default_sample_size if flux else None),
         )
+        policy_class, encoder_class = (FluxPolicy, FluxPromptEncoder) if flux else (FlowMatchPolicy, SD3PromptEncoder)
+        tokens = getattr(sampling, "max_sequence_length", None)
         return (
-            FlowMatchPolicy(rollout_model, pipe.scheduler, flow_config),
-            FlowMatchPolicy(train_model, pipe.scheduler, flow_config),
-            SD3PromptEncoder(pipe, device),
+            policy_class(rollout_model, pipe.scheduler, flow_config),
+            policy_class(train_model, pipe.scheduler, flow_config),
+            encoder_class(pipe, device, **({} if tokens is None else {"max_sequence_length": tokens})),
         )
     policy_config = PolicyConfig(
         guidance_scale=sampling.guidance_scale,

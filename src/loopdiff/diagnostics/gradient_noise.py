@@ -52,9 +52,15 @@ def drawn_prompts(prompts: PromptSet, groups: int, seed: int) -> PromptSet:
 
 
 def module_kind(name: str) -> str:
-    """Coarse kind of a UNet or SD3 transformer parameter, from its name: where in the network the gradient
-    lands. An SD3 transformer's joint blocks (``transformer_blocks.N``) have one attention over image and text
-    tokens, whose text-side projections are ``add_*_proj`` and ``to_add_out``."""
+    """Coarse kind of a UNet, SD3 or Flux transformer parameter, from its name: where in the network the
+    gradient lands. An SD3 or Flux transformer's joint blocks (``transformer_blocks.N``) have one attention over
+    image and text tokens, whose text-side projections are ``add_*_proj`` and ``to_add_out``; Flux's
+    single-stream blocks (``single_transformer_blocks.N``) run one attention and an MLP over the concatenated
+    tokens, side by side (``proj_mlp``; ``proj_out`` reads both)."""
+    if name.startswith("single_transformer_blocks."):
+        if ".attn." in name:
+            return "single-stream attention"
+        return "single-stream MLP" if ".proj_mlp." in name or ".proj_out." in name else "other"
     if name.startswith("transformer_blocks."):
         if ".attn.add_" in name or ".attn.to_add_out" in name:
             return "joint attention, text"

@@ -14,6 +14,9 @@ of ``max_sequence_length`` tokens).
 Classifier-free guidance runs the unconditional and the conditional branch in one batched transformer call
 ``v_hat = v_uncond + w * (v_cond - v_uncond)``, in the pipeline's order (unconditional first). The same
 function serves sampling and the training-time recomputation, so guidance is applied identically in both.
+
+Flux pipelines use :class:`~loopdiff.sampling.flux.FluxPolicy`, a subclass with its own transformer call
+(packed latents, embedded guidance, no unconditional branch) and schedule.
 """
 
 from __future__ import annotations
@@ -31,27 +34,25 @@ from loopdiff.sampling.flow_sde import SDEType, flow_step_with_logprob
 from loopdiff.sampling.policy import GaussianStepPolicy, apply_guidance
 
 
-class SD3PromptEncoder:
-    """Prompt embeddings from a ``StableDiffusion3Pipeline``'s text encoders, cached per distinct prompt."""
+class CachedPromptEncoder:
+    """:class:`PromptEmbeds` of a pipeline's text encoders, computed once per distinct prompt and cached;
+    subclasses say how a list of prompts is encoded (:meth:`encode`)."""
 
-    def __init__(self, pipeline: Any, device: torch.device | str, max_sequence_length: int = 256):
+    def __init__(self, pipeline: Any, device: torch.device | str, max_sequence_length: int):
         self.pipeline = pipeline
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence (N, L, D), pooled (N, P)) of ``prompts`` from the pipeline's own ``encode_prompt``."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> PromptEmbeds:
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            sequence, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=missing,
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
+            sequence, pooled = self.encode(missing)
             for prompt, seq, pool in zip(missing, sequence, pooled):
                 self._cache[prompt] = (seq, pool)
         return PromptEmbeds(
@@ -61,6 +62,24 @@ class SD3PromptEncoder:
     def unconditional(self) -> PromptEmbeds:
         """The empty-prompt embeddings classifier-free guidance uses (as the pipeline's default negative)."""
         return self([""])
+
+
+class SD3PromptEncoder(CachedPromptEncoder):
+    """Prompt embeddings from a ``StableDiffusion3Pipeline``'s text encoders (T5 tokens: 256, its default)."""
+
+    def __init__(self, pipeline: Any, device: torch.device | str, max_sequence_length: int = 256):
+        super().__init__(pipeline, device, max_sequence_length)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        sequence, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return sequence, pooled
 
 
 @dataclass
@@ -102,11 +121,17 @@ def set_flow_timesteps(
 class FlowMatchPolicy(GaussianStepPolicy):
     """An SD3 transformer + flow-matching Euler scheduler seen as a Gaussian policy over x' given (x, t, c)."""
 
-    def __init__(self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, config: FlowPolicyConfig):
+    def __init__(
+        self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, config: FlowPolicyConfig
+    ):
         self.transformer = transformer
         self.scheduler = scheduler
         self.config = config
-        set_flow_timesteps(scheduler, config.num_steps, transformer, config.sample_size)
+        self.set_timesteps()
+
+    def set_timesteps(self) -> None:
+        """Set the scheduler's sampling schedule as the pipeline does (:func:`set_flow_timesteps`)."""
+        set_flow_timesteps(self.scheduler, self.config.num_steps, self.transformer, self.config.sample_size)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -120,7 +145,7 @@ class FlowMatchPolicy(GaussianStepPolicy):
 
     def deterministic(self) -> "FlowMatchPolicy":
         """The Euler ODE (noise level 0), sharing this policy's transformer and scheduler."""
-        return FlowMatchPolicy(self.transformer, self.scheduler, dataclasses.replace(self.config, noise_level=0.0))
+        return type(self)(self.transformer, self.scheduler, dataclasses.replace(self.config, noise_level=0.0))
 
     def guided_velocity(
         self,

@@ -57,15 +57,17 @@ def evaluation_table(evaluations: dict[str, dict[str, Any]], images_per_prompt: 
     return "\n".join(lines)
 
 
-FLOW_PIPELINES = ("StableDiffusion3Pipeline",)  # flow-matching pipelines: their own Euler scheduler, no eta
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # their own Euler scheduler, no eta
 
 
 def usage_snippet(config: RunConfig, path: Path, pipeline_class: str = "StableDiffusionPipeline") -> str:
     """Python that loads the exported model with diffusers' ``pipeline_class`` and samples as it was trained:
     with DDIM at the trained eta for a UNet pipeline; with the pipeline's own flow-matching Euler scheduler (the
-    ODE the trained SDE shares its marginals with) for an SD3 pipeline."""
+    ODE the trained SDE shares its marginals with) for an SD3 or Flux pipeline, with the trained number of T5
+    tokens when it is not the pipeline's default."""
     s = config.sampling
     size = "" if s.resolution is None else f"height={s.resolution}, width={s.resolution}, "
+    tokens = "" if s.max_sequence_length is None else f", max_sequence_length={s.max_sequence_length}"
     load = (f'pipe = {pipeline_class}.from_pretrained("{config.model.pretrained}")\n'
             f'pipe.load_lora_weights("{path}")' if config.model.lora
             else f'pipe = {pipeline_class}.from_pretrained("{path}")')
@@ -73,7 +75,7 @@ def usage_snippet(config: RunConfig, path: Path, pipeline_class: str = "StableDi
         return (
             f"```python\nfrom diffusers import {pipeline_class}\n\n{load}\n"
             f'image = pipe("a prompt", {size}num_inference_steps={s.num_steps}, '
-            f"guidance_scale={s.guidance_scale}).images[0]\n```"
+            f"guidance_scale={s.guidance_scale}{tokens}).images[0]\n```"
         )
     return (
         f"```python\nfrom diffusers import DDIMScheduler, {pipeline_class}\n\n"
@@ -84,12 +86,14 @@ def usage_snippet(config: RunConfig, path: Path, pipeline_class: str = "StableDi
 
 
 def sampler_phrase(config: RunConfig, pipeline_class: str) -> str:
-    """How the training samples were drawn: DDIM steps and eta, or the SD3 flow sampler's SDE and noise level."""
+    """How the training samples were drawn: DDIM steps and eta, or the flow sampler's SDE and noise level (and,
+    for Flux, that the guidance is the embedded one)."""
     s = config.sampling
     if pipeline_class in FLOW_PIPELINES:
         form = "Flow-GRPO's SDE" if s.sde_type == "sde" else "the coefficients-preserving SDE"
+        guidance = "embedded guidance" if pipeline_class == "FluxPipeline" else "guidance"
         return (f"{s.num_steps} flow-matching steps of {form} (`sde_type: {s.sde_type}`), noise level {s.eta}, "
-                f"guidance {s.guidance_scale}")
+                f"{guidance} {s.guidance_scale}")
     return f"{s.num_steps} DDIM steps, eta {s.eta}, guidance {s.guidance_scale}"
 
 

@@ -66,6 +66,7 @@ from loopdiff.models import (
     is_flow_matching,
     is_sdxl,
     load_pipeline,
+    pipeline_class_name,
     text_encoders,
     trainable_state_dict,
 )
@@ -102,8 +103,8 @@ def training_reward_name(config: RunConfig, reward_fn: RewardFn | None) -> str:
 
 
 class Trainer:
-    """Fine-tunes a pipeline's denoiser (the UNet of Stable Diffusion 1/2 or SDXL, or the SD3 transformer)
-    with the configured estimator."""
+    """Fine-tunes a pipeline's denoiser (the UNet of Stable Diffusion 1/2 or SDXL, or the SD3 or Flux
+    transformer) with the configured estimator."""
 
     def __init__(self, config: RunConfig, reward_fn: RewardFn | None = None, pipeline: Any = None):
         """``reward_fn`` (a reward callable) replaces ``reward.name``; ``pipeline`` replaces ``model.pretrained``."""
@@ -155,7 +156,7 @@ class Trainer:
         pipe.vae.to(self.device)
         for encoder in text_encoders(pipe):
             encoder.to(self.device)
-        self.unet = denoiser(pipe).to(self.device)  # the UNet, or an SD3 pipeline's transformer
+        self.unet = denoiser(pipe).to(self.device)  # the UNet, or an SD3 or Flux pipeline's transformer
         configure_attention(self.unet, config.model.attention, self.device)
         params = configure_trainable(self.unet, config.model)
         if config.training.gradient_checkpointing:
@@ -185,8 +186,8 @@ class Trainer:
         decay = train_cfg.ema_decay
         self.ema = ParameterEMA(self.unet, decay, train_cfg.ema_every) if decay else None
         # The same weights twice: sampled from without gradients, and trained through the accelerate wrapper.
-        # DiffusionPolicy + PromptEncoder (SDXLPromptEncoder for SDXL), or FlowMatchPolicy + SD3PromptEncoder
-        # for an SD3 pipeline.
+        # DiffusionPolicy + PromptEncoder (SDXLPromptEncoder for SDXL), FlowMatchPolicy + SD3PromptEncoder
+        # for an SD3 pipeline, FluxPolicy + FluxPromptEncoder for a Flux one.
         self.rollout_policy, self.train_policy, self.encoder = build_policies(
             pipe, self.unet, self.train_unet, config.sampling, self.device
         )
@@ -621,9 +622,8 @@ class Trainer:
                 tmp = path.with_name(path.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._write_export(tmp, gathered)
-                kind = ("StableDiffusion3Pipeline" if is_flow_matching(self.pipeline)
-                        else "StableDiffusionXLPipeline" if is_sdxl(self.pipeline) else "StableDiffusionPipeline")
-                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path, kind)
+                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path,
+                                  pipeline_class_name(self.pipeline))
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)
                 tmp.rename(path)

@@ -109,6 +109,8 @@ def test_prompt_encoder_gives_the_pipelines_embeddings(flux) -> None:
     assert (embeds.sequence[0] - embeds.sequence[1]).abs().max() > 1e-3  # the T5 states tell prompts apart
     with pytest.raises(ValueError, match="1 to 512 T5 tokens"):
         FluxPromptEncoder(flux, "cpu", 513)
+    with pytest.raises(ConfigError, match=r"max_sequence_length=513 is invalid; allowed: an integer in \[1, 512\]"):
+        config_from_dict({"sampling": {"max_sequence_length": 513}})
 
 
 def test_schedule_is_the_flux_pipelines_at_each_resolution(flux) -> None:

@@ -19,6 +19,7 @@ SD_CONFIGS = ["sd15-ddpo-aesthetic", "sd15-ddpo-compressibility", "sd2-compbench
               "sd2-compbench-numeracy", "sd2-compbench-spatial"]
 SDXL_CONFIGS = ["sdxl-compbench-attributes"]
 SD3_CONFIGS = ["sd3-compbench-attributes"]
+FLUX_CONFIGS = ["flux-compbench-attributes"]
 PROMPTS = ["a red circle", "a blue square", "a green star", "a big cat"]
 
 
@@ -107,8 +108,8 @@ def test_a_run_without_validation_prompts_skips_evaluation(tmp_path: Path, tiny_
 
 
 def test_packaged_stable_diffusion_configs_need_the_users_prompts() -> None:
-    assert set(SD_CONFIGS + SDXL_CONFIGS + SD3_CONFIGS) <= set(packaged_config_names())
-    for name in SD_CONFIGS + SDXL_CONFIGS + SD3_CONFIGS:
+    assert set(SD_CONFIGS + SDXL_CONFIGS + SD3_CONFIGS + FLUX_CONFIGS) <= set(packaged_config_names())
+    for name in SD_CONFIGS + SDXL_CONFIGS + SD3_CONFIGS + FLUX_CONFIGS:
         with pytest.raises(ConfigError, match="prompts.train is required for a model other than 'embedded'"):
             load_config(resolve_config(name))
         assert resolve_config(name).read_text().startswith("# ")  # the header says what it is and its source
@@ -168,6 +169,21 @@ def test_sd3_config_holds_flow_grpos_sampling_and_lora_with_the_loop_estimator(p
     assert c.reward.name == "blip_vqa" and c.eval.images_per_prompt == 10 and c.eval.deterministic
 
 
+def test_flux_config_holds_flow_grpos_flux_sampling_and_lora_with_the_loop_estimator(prompt_file: Path) -> None:
+    c = load_config(resolve_config("flux-compbench-attributes"), [f"prompts.train={prompt_file}"])
+    assert c.model.pretrained == "black-forest-labs/FLUX.1-dev"
+    m = c.model
+    assert (m.lora, m.lora_rank, m.lora_alpha, m.mixed_precision) == (True, 64, 128.0, "bf16")
+    s = c.sampling
+    assert (s.num_steps, s.guidance_scale, s.eta, s.sde_type, s.resolution, s.logprob_reduction) == (
+        6, 3.5, 0.9, "sde", 512, "mean")
+    assert (s.max_sequence_length, s.batch_size, c.training.micro_batch_size) == (128, 3, 3)
+    assert (c.training.learning_rate, c.training.weight_decay, c.training.max_grad_norm) == (3e-4, 1e-4, 1.0)
+    assert (c.training.ema_decay, c.training.ema_every, c.training.gradient_checkpointing) == (0.9, 8, True)
+    assert (c.estimator.preset, c.estimator.samples_per_prompt, c.estimator.clip_range) == ("loop", 4, 1e-4)
+    assert c.reward.name == "blip_vqa" and c.eval.images_per_prompt == 10 and c.eval.deterministic
+
+
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_packaged_config_runs_one_epoch_on_a_tiny_pipeline(name: str, tmp_path: Path, tiny_pipeline_dir: Path,
                                                           prompt_file: Path) -> None:
@@ -190,6 +206,18 @@ def test_packaged_sd3_config_runs_one_epoch_on_a_tiny_sd3_pipeline(name: str, tm
     assert export.name == "final_lora"
     card = (export / "README.md").read_text()
     assert "StableDiffusion3Pipeline.from_pretrained" in card and "DDIM" not in card
+    assert (tmp_path / "run" / "eval" / "final_deterministic.json").is_file()
+
+
+@pytest.mark.parametrize("name", FLUX_CONFIGS)
+def test_packaged_flux_config_runs_one_epoch_on_a_tiny_flux_pipeline(name: str, tmp_path: Path, tiny_flux_dir: Path,
+                                                                    prompt_file: Path) -> None:
+    # 32 px and 8 T5 tokens on the tiny pipeline; the config's LoRA, EMA and gradient checkpointing as they are
+    export = _one_epoch(name, tmp_path, tiny_flux_dir, prompt_file,
+                        ["sampling.resolution=32", "sampling.max_sequence_length=8"])
+    assert export.name == "final_lora"
+    card = (export / "README.md").read_text()
+    assert "FluxPipeline.from_pretrained" in card and "embedded guidance 3.5" in card and "DDIM" not in card
     assert (tmp_path / "run" / "eval" / "final_deterministic.json").is_file()
 
 

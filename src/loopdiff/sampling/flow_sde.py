@@ -1,6 +1,6 @@
 """One flow-matching Euler step as a Gaussian policy step, with its log-probability.
 
-diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3, SD3.5) integrates the probability-flow ODE
+diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3, SD3.5, Flux) integrates the probability-flow ODE
 ``x' = x + (sigma' - sigma) v`` where ``x = (1 - sigma) x0 + sigma x1`` (x1 the noise), ``v`` the model's
 velocity, sigma the current and sigma' the next noise level. A policy needs a stochastic step; two
 reverse-time SDE discretisations with the same marginals are offered, both with a noise level ``a``
@@ -38,8 +38,8 @@ density a near-delta whose log-ratio explodes for any change of the mean): its `
 (kept in the autograd graph with a zero gradient, so a minibatch made only of last steps still backpropagates),
 its reported ``std`` is 0, so its importance ratio is 1 and it adds nothing to the gradient; it only counts in
 the averages over (sample, step) pairs. To leave it out of the sampled pairs altogether, train on the first
-``T - 1`` steps (``training.train_denoising_steps = num_steps - 1``). A KL penalty divided by that zero std is undefined:
-use ``"sde"`` for a KL-regularised run, or exclude the last step as just said.
+``T - 1`` steps (``training.train_denoising_steps = num_steps - 1``). A KL penalty divided by that zero std is
+undefined: use ``"sde"`` for a KL-regularised run, or exclude the last step as just said.
 
 What the ``"cps"`` density means for the clip range. The true Gaussian density is used for both forms (the
 DDIM path's convention), so ``log ratio = (|x' - mean_old|^2 - |x' - mean_new|^2) / (2 std_t^2)`` (per

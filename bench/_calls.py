@@ -1,18 +1,20 @@
 """The network calls one training epoch needs: counted analytically, observed with hooks, and timed bare.
 
-An epoch of N trajectories of T steps with guidance makes
+An epoch of N trajectories of T steps with classifier-free guidance makes (Flux's embedded guidance: one
+branch, as without guidance)
 - sampling: T denoiser calls per sampling chunk, at 2 x chunk rows (both guidance branches in one call);
 - decoding: one VAE decode per chunk (at most ``decode_batch`` latents per call);
 - training: per inner epoch, N x round(T x timestep_fraction) (sample, step) pairs split into ``minibatches``
   optimiser steps of micro-batches of at most ``micro_batch_size`` pairs; one forward+backward denoiser call
   at 2 x micro rows each.
 
-The denoiser is the UNet of Stable Diffusion 1/2 or SDXL, or an SD3 transformer; :class:`CallShape` holds
-what one call takes besides its rows (latents, text states, and SDXL's pooled embeddings and size time ids
-or SD3's pooled projections). ``bare_epoch_seconds`` times exactly these calls on random inputs of the same
-shapes and nothing else: the floor an epoch cannot go below. An epoch's time divided by it is the trainer's
-overhead factor. Both wall time and process CPU time are kept: on a machine shared with other jobs, CPU time
-is the steadier of the two. On a GPU every timed call is bracketed by ``torch.cuda.synchronize``.
+The denoiser is the UNet of Stable Diffusion 1/2 or SDXL, or an SD3 or Flux transformer; :class:`CallShape`
+holds what one call takes besides its rows (latents, text states, and SDXL's pooled embeddings and size time
+ids, SD3's pooled projections, or Flux's pooled projections, position ids and guidance).
+``bare_epoch_seconds`` times exactly these calls on random inputs of the same shapes and nothing else: the
+floor an epoch cannot go below. An epoch's time divided by it is the trainer's overhead factor. Both wall
+time and process CPU time are kept: on a machine shared with other jobs, CPU time is the steadier of the two.
+On a GPU every timed call is bracketed by ``torch.cuda.synchronize``.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ class EpochShape:
 
     @classmethod
     def from_trainer(cls, trainer) -> "EpochShape":
+        from loopdiff.models import is_flux
+
         c, est = trainer.config, trainer.estimator
         return cls(
             samples=c.training.samples_per_epoch // trainer.accelerator.num_processes,
             num_steps=c.sampling.num_steps,
             sampling_chunk=c.sampling.batch_size,
-            guided=c.sampling.guidance_scale != 1.0,
+            guided=c.sampling.guidance_scale != 1.0 and not is_flux(trainer.pipeline),  # Flux: guidance embedded
             timestep_fraction=c.training.timestep_fraction,
             inner_epochs=est.inner_epochs,
             minibatches=est.minibatches,
@@ -220,25 +224,32 @@ class BareTimes:
 @dataclass(frozen=True)
 class CallShape:
     """What one denoiser call takes besides its number of rows: latents (C, H, W), text states (L, D), the
-    pooled text embedding's width (SDXL, SD3) and the call's signature (``kind``): ``"sd"`` (UNet with text
-    states), ``"sdxl"`` (UNet with ``added_cond_kwargs`` text_embeds and time_ids) or ``"sd3"`` (transformer
-    with ``hidden_states``, ``encoder_hidden_states`` and ``pooled_projections``)."""
+    pooled text embedding's width (SDXL, SD3, Flux) and the call's signature (``kind``): ``"sd"`` (UNet with
+    text states), ``"sdxl"`` (UNet with ``added_cond_kwargs`` text_embeds and time_ids), ``"sd3"`` (transformer
+    with ``hidden_states``, ``encoder_hidden_states`` and ``pooled_projections``) or ``"flux"`` (the same with
+    the latents packed into 2x2 patch tokens, ``img_ids``, ``txt_ids`` and, for a guidance-distilled
+    transformer, ``guidance``)."""
 
     latent: tuple[int, int, int]
     text: tuple[int, int]
     pooled: int | None = None
     kind: str = "sd"
+    guidance: float | None = None  # Flux's embedded guidance (None: a transformer without guidance embeds)
 
     @classmethod
     def from_trainer(cls, trainer) -> "CallShape":
         """The shapes of the trainer's own denoiser calls (its sampled latent shape, its prompt embeddings)."""
         from loopdiff.sampling.embeds import PromptEmbeds
+        from loopdiff.sampling.flux import FluxPolicy
 
-        uncond, latent = trainer.uncond, tuple(trainer.rollout_policy.latent_shape)
+        policy = trainer.rollout_policy
+        uncond, latent = trainer.uncond, tuple(policy.latent_shape)
         if not isinstance(uncond, PromptEmbeds):
             return cls(latent, tuple(uncond.shape[1:]))
-        kind = "sdxl" if uncond.time_ids is not None else "sd3"
-        return cls(latent, tuple(uncond.sequence.shape[1:]), int(uncond.pooled.shape[1]), kind)
+        text, pooled = tuple(uncond.sequence.shape[1:]), int(uncond.pooled.shape[1])
+        if isinstance(policy, FluxPolicy):
+            return cls(latent, text, pooled, "flux", policy.config.guidance_scale if policy.guidance_embedded else None)
+        return cls(latent, text, pooled, "sdxl" if uncond.time_ids is not None else "sd3")
 
     def inputs(self, rows: int, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
         """Random keyword inputs of one call of ``rows`` rows, drawn on the CPU, then moved to ``device``."""
@@ -247,6 +258,14 @@ class CallShape:
 
         latents, states = randn(*self.latent), randn(*self.text)
         timesteps = torch.randint(0, 1000, (rows,), generator=generator).to(device)
+        if self.kind == "flux":
+            from loopdiff.sampling.flux import latent_image_ids, pack_latents
+
+            guidance = None if self.guidance is None else torch.full((rows,), self.guidance, device=device)
+            return {"hidden_states": pack_latents(latents), "timestep": timesteps.float() / 1000, "guidance": guidance,
+                    "encoder_hidden_states": states, "pooled_projections": randn(self.pooled),
+                    "txt_ids": torch.zeros(self.text[0], 3, device=device),
+                    "img_ids": latent_image_ids(self.latent[1], self.latent[2], device, torch.float32)}
         if self.kind == "sd3":
             return {"hidden_states": latents, "timestep": timesteps.float(), "encoder_hidden_states": states,
                     "pooled_projections": randn(self.pooled)}

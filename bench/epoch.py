@@ -117,7 +117,7 @@ def measure_setup(
 
 
 def measure_trainer(trainer, warmup: int, epochs: int) -> dict[str, Any]:
-    """``measure_setup``'s measurement on a built trainer (any family: UNet or SD3 transformer): the first
+    """``measure_setup``'s measurement on a built trainer (any family: UNet, SD3 or Flux transformer): the first
     warm-up epoch's calls checked against the plan, then per measured epoch its phases, the time inside its
     own calls and a bare replay of them."""
     trainer.reward_fn = timed = TimedReward(trainer.reward_fn)

@@ -1,16 +1,17 @@
-"""Seconds per LOOP epoch for each family the trainer fine-tunes (SD 2, SDXL, SD3), and the trainer's overhead
-over the bare denoiser and VAE calls of the same shapes.
+"""Seconds per LOOP epoch for each family the trainer fine-tunes (SD 2, SDXL, SD3, Flux), and the trainer's
+overhead over the bare denoiser and VAE calls of the same shapes.
 
-    python bench/families.py                          # the three families at 1/32 width, 64 px, 10 steps (CPU)
+    python bench/families.py                          # the four families at 1/32 width, 64 px, 10 steps (CPU)
     python bench/families.py --scale 8 --resolution 128 --family sd3
     python bench/families.py --scale 1 --device cuda  # the published architectures at their published settings
 
 Each family's pipeline is its published architecture (bench/_families.py: SD 2 base, SDXL base 1.0, SD3
-medium without T5) with random weights, widths divided by ``--scale``, saved with ``save_pretrained`` and
-loaded through the trainer's own loading path. At ``--scale 1`` an epoch runs at the family's published
-setting (``_families.SETTINGS``: SD 2 at 512 px with 50 DDIM steps and 8 trajectories in one sampling call,
-SDXL at 1024 px with LoRA, SD3 at 512 px with 10 SDE steps and LoRA 32 / 64); at any other scale at 64 px
-and 10 steps unless ``--resolution`` / ``--steps`` say otherwise, with the LoRA rank divided like the widths.
+medium without T5, FLUX.1-dev) with random weights, widths divided by ``--scale``, saved with
+``save_pretrained`` and loaded through the trainer's own loading path. At ``--scale 1`` an epoch runs at the
+family's published setting (``_families.SETTINGS``: SD 2 at 512 px with 50 DDIM steps and 8 trajectories in
+one sampling call, SDXL at 1024 px with LoRA, SD3 at 512 px with 10 SDE steps and LoRA 32 / 64, Flux at 512 px
+with 6 SDE steps, embedded guidance 3.5 and LoRA 64 / 128); at any other scale at 64 px and 10 steps unless
+``--resolution`` / ``--steps`` say otherwise, with the LoRA rank divided like the widths.
 Every epoch is LOOP with K = 4 and the JPEG-compressibility reward.
 
 Figures, as bench/epoch.py measures them in the same process: seconds per epoch (wall and process CPU), the

@@ -51,14 +51,11 @@ def tiny_t5_tokenizer(words: list[str] = WORDS):
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
-    """A StableDiffusionPipeline with a ~100k-parameter UNet on 8x8x4 latents (32x32 pixels)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def tiny_clip_text_model(tokenizer):
+    """A one-layer CLIPTextModel, 16 wide with 2 heads, for ``tokenizer`` (a tiny_clip_tokenizer)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer()
-    text_encoder = CLIPTextModel(
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=16,
@@ -71,6 +68,34 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def tiny_vae(**config):
+    """An AutoencoderKL of three 8-channel levels (32x32 pixels <-> 8x8 latents, 4 channels unless ``config`` says
+    otherwise, with any other of its settings)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**{
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "block_out_channels": (8, 8, 8),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "sample_size": 32,
+        **config,
+    })
+
+
+def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A StableDiffusionPipeline with a ~100k-parameter UNet on 8x8x4 latents (32x32 pixels)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = tiny_clip_text_model(tokenizer)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -83,17 +108,7 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

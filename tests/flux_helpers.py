@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from conftest import tiny_clip_tokenizer, tiny_t5_tokenizer
+from conftest import tiny_clip_text_model, tiny_clip_tokenizer, tiny_t5_tokenizer, tiny_vae
 
 MAX_SEQUENCE_LENGTH = 8  # T5 tokens per prompt in the tests (FluxPipeline's default is 512)
 RESOLUTION = 32  # pixels: 8x8 latents of 16 channels (the VAE downscales 4x), 16 packed tokens of 64 features
@@ -24,24 +24,12 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     """A FluxPipeline with a Flux transformer of 1 double-stream and 1 single-stream block (2 heads of 8), a tiny
     CLIP (pooled, 16 wide) and a tiny T5 encoder (16 wide), and a VAE with Flux's 16 latent channels, scaling and
     shift; guidance-distilled (``guidance_embeds``) like FLUX.1-dev unless told otherwise."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=clip_tokenizer.model_max_length,
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
-    )
+    clip = tiny_clip_text_model(clip_tokenizer)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -55,21 +43,8 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(2, 2, 4),  # sums to the head width
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=RESOLUTION,
-        scaling_factor=0.3611,  # FLUX.1-dev's VAE
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                   use_post_quant_conv=False)  # FLUX.1-dev's VAE settings
     return FluxPipeline(
         scheduler=tiny_flux_scheduler(),
         vae=vae,

@@ -125,36 +125,40 @@ def test_peak_memory_of_a_subprocess_is_its_own():
 
 # ---------------------------------------------------------------- the families' published architectures
 
-# Parameter counts of the published checkpoints (SD 2 base, SDXL base 1.0, SD3 medium): denoiser, VAE, and each
-# CLIP text encoder with CLIP's 49408-token vocabulary.
+# Parameter counts of the published checkpoints (SD 2 base, SDXL base 1.0, SD3 medium, FLUX.1-dev): denoiser, VAE,
+# and each text encoder: CLIP's with its 49408-token vocabulary, Flux's T5-XXL encoder with T5's 32128 tokens.
 PUBLISHED_PARAMETERS = {
     "sd2": (865_910_724, 83_653_863, [340_387_840]),
     "sdxl": (2_567_463_684, 83_653_863, [123_060_480, 694_659_840]),
     "sd3": (2_028_328_000, 83_819_683, [123_650_304, 694_659_840]),
+    "flux": (11_901_408_320, 83_819_683, [123_060_480, 4_762_310_656]),
 }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_written_out_architectures_have_the_published_parameter_counts(family: str) -> None:
     """Built on the meta device (no memory, no weights) from the configs the benchmark writes out."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     configs = family_configs(family, scale=1)
-    encoders = [CLIPTextModel] if family == "sd2" else (
-        [CLIPTextModel, CLIPTextModelWithProjection] if family == "sdxl" else [CLIPTextModelWithProjection] * 2)
+    encoders = {"sd2": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
+                "sd3": [CLIPTextModelWithProjection] * 2, "flux": [CLIPTextModel]}[family]
+    denoisers = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
     with torch.device("meta"):
-        denoiser = (SD3Transformer2DModel(**configs["transformer"]) if family == "sd3"
+        denoiser = (denoisers[family](**configs["transformer"]) if family in denoisers
                     else UNet2DConditionModel(**configs["unet"]))
         vae = AutoencoderKL(**configs["vae"])
         texts = [cls(CLIPTextConfig(vocab_size=49408, **c)) for cls, c in zip(encoders, configs["text_encoders"])]
+        if family == "flux":
+            texts.append(T5EncoderModel(T5Config(vocab_size=32128, **configs["t5"])))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert (count(denoiser), count(vae), [count(t) for t in texts]) == PUBLISHED_PARAMETERS[family]
 
 
 @pytest.mark.parametrize("scale", [1, 8, 64])
 def test_scaled_configs_keep_the_widths_the_components_exchange_consistent(scale: int) -> None:
-    sd2, sdxl, sd3 = (family_configs(f, scale) for f in FAMILIES)
+    sd2, sdxl, sd3, flux = (family_configs(f, scale) for f in FAMILIES)
     assert sd2["unet"]["cross_attention_dim"] == sd2["text_encoders"][0]["hidden_size"]
     first, second = sdxl["text_encoders"]
     unet = sdxl["unet"]
@@ -167,13 +171,20 @@ def test_scaled_configs_keep_the_widths_the_components_exchange_consistent(scale
     assert transformer["joint_attention_dim"] >= first["hidden_size"] + second["hidden_size"]  # CLIP states padded
     heads, head_width = transformer["num_attention_heads"], transformer["attention_head_dim"]
     assert transformer["caption_projection_dim"] == heads * head_width
-    for configs in (sd2, sdxl, sd3):
-        assert all(t["num_hidden_layers"] >= (1 if configs is sd2 else 2) for t in configs["text_encoders"])
+    transformer, (clip,), t5 = flux["transformer"], flux["text_encoders"], flux["t5"]
+    assert transformer["joint_attention_dim"] == t5["d_model"]  # T5's token states
+    assert transformer["pooled_projection_dim"] == clip["hidden_size"]  # CLIPTextModel's pooled output
+    axes = transformer["axes_dims_rope"]  # rotary pairs over (id, row, column), filling the head
+    assert sum(axes) == transformer["attention_head_dim"] and all(a % 2 == 0 for a in axes)
+    assert t5["d_kv"] * t5["num_heads"] == t5["d_model"]
+    assert transformer["in_channels"] == 4 * flux["vae"]["latent_channels"]  # 2x2 patches of the latents
+    for configs in (sd2, sdxl, sd3, flux):
+        assert all(t["num_hidden_layers"] >= (2 if configs in (sdxl, sd3) else 1) for t in configs["text_encoders"])
         widths = configs["vae"]["block_out_channels"] + configs.get("unet", {}).get("block_out_channels", [])
         assert all(w % configs["vae"]["norm_num_groups"] == 0 for w in widths)
-    for family, configs in zip(FAMILIES, (sd2, sdxl, sd3)):
-        key = "transformer" if family == "sd3" else "unet"
-        widths = "attention_head_dim" if family == "sd3" else "block_out_channels"
+    for family, configs in zip(FAMILIES, (sd2, sdxl, sd3, flux)):
+        key = "unet" if family in ("sd2", "sdxl") else "transformer"
+        widths = "block_out_channels" if key == "unet" else "attention_head_dim"
         published = ARCHITECTURES[family][key][widths]
         assert configs[key][widths] == ([w // scale for w in published] if isinstance(published, list)
                                         else published // scale)
@@ -190,13 +201,16 @@ def test_scaled_down_real_architecture_takes_training_steps_on_the_cpu(family: s
     setting = family_setting(family, 64, steps=2, prompts=1, k=2)
     trainer = build_family_trainer(family, 64, setting, tmp_path)
     shape = CallShape.from_trainer(trainer)
-    assert shape.latent == ((16 if family == "sd3" else 4), 8, 8) and shape.kind == {"sd2": "sd"}.get(family, family)
-    # CLIP's 77 tokens (SD3: and T5's 256, zeros without T5) at the cross-attention width / 64
-    assert shape.text == {"sd2": (77, 1024 // 64), "sdxl": (77, 2048 // 64), "sd3": (77 + 256, 4096 // 64)}[family]
+    latent_channels = 16 if family in ("sd3", "flux") else 4
+    assert shape.latent == (latent_channels, 8, 8) and shape.kind == {"sd2": "sd"}.get(family, family)
+    # CLIP's 77 tokens (SD3: and T5's 256, zeros without T5; Flux: T5's 128 alone) at the cross-attention width / 64
+    texts = {"sd2": (77, 1024 // 64), "sdxl": (77, 2048 // 64), "sd3": (77 + 256, 4096 // 64),
+             "flux": (128, 4096 // 64)}
+    assert shape.text == texts[family] and shape.guidance == (3.5 if family == "flux" else None)
     inputs = shape.inputs(3, torch.Generator().manual_seed(0), torch.device("cpu"))
     trainer.unet.train()
     out = trainer.unet(**inputs).sample
-    latents = inputs["hidden_states" if family == "sd3" else "sample"]
+    latents = inputs["sample" if family in ("sd2", "sdxl") else "hidden_states"]  # Flux's packed: (3, 16, 64)
     assert out.shape == latents.shape and bool(torch.isfinite(out).all())
     out.square().mean().backward()
     grads = [p.grad for p in trainer.params]

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from loopdiff.cli import main
-from loopdiff.config import ModelConfig, config_from_dict
+from loopdiff.config import ModelConfig
 from loopdiff.estimators import PRESETS
 from loopdiff.rewards.control import RandomControl
 from loopdiff.sampling.flow_policy import FlowMatchPolicy, PromptEmbeds, SD3PromptEncoder
 from loopdiff.models import is_flow_matching, load_pipeline
 from loopdiff.training.trainer import Trainer
-from trainer_helpers import PROMPTS, red_minus_blue
+from trainer_helpers import check_one_epoch_of_preset, folder_trainer, red_minus_blue
 
 
 def blue_minus_red(images: torch.Tensor, prompts, metadata) -> torch.Tensor:
@@ -31,22 +31,7 @@ def sd3_dir(tiny_sd3_dir: Path) -> Path:
 
 
 def _trainer(tmp_path: Path, sd3_dir: Path, reward=blue_minus_red, **sections: Any) -> Trainer:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    prompt_file = tmp_path / "prompts.txt"
-    prompt_file.write_text("\n".join(PROMPTS) + "\n")
-    values: dict[str, Any] = {
-        "model": {"device": "cpu", "pretrained": str(sd3_dir)},
-        "sampling": {"num_steps": 4, "batch_size": 16, "eta": 0.7},
-        "estimator": {"preset": "loop", "clip_range": 1e-2},
-        "training": {"epochs": 2, "samples_per_epoch": 32, "learning_rate": 1e-2, "micro_batch_size": 64, "seed": 0},
-        "prompts": {"train": str(prompt_file), "val": str(prompt_file)},
-        "eval": {"images_per_prompt": 2, "max_prompts": 0},
-        "reward": {"name": "jpeg_compressibility", "asynchronous": False},
-        "output": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
-    }
-    for section, changes in sections.items():
-        values.setdefault(section, {}).update(changes)
-    return Trainer(config_from_dict(values), reward_fn=reward)  # loads the folder through load_pipeline
+    return folder_trainer(tmp_path, sd3_dir, reward, {"sampling": {"eta": 0.7}}, **sections)
 
 
 def test_load_pipeline_routes_an_sd3_folder(sd3_dir: Path) -> None:
@@ -128,15 +113,7 @@ def test_lora_on_sd3_exports_adapters_that_load(tmp_path: Path, sd3_dir: Path) -
 def test_every_estimator_preset_trains_an_epoch_on_sd3(preset: str, tmp_path: Path, sd3_dir: Path) -> None:
     trainer = _trainer(tmp_path, sd3_dir, estimator={"preset": preset}, sampling={"num_steps": 2},
                        training={"epochs": 1, "samples_per_epoch": 8})
-    estimator = PRESETS[preset]
-    assert (trainer.reference is not None) == (estimator.kl_coef > 0)
-    before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
-    record = trainer.train()[0]
-    assert record["optimizer_steps"] == estimator.inner_epochs * estimator.minibatches
-    assert record["skipped_steps"] == 0 and np.isfinite(record["loss"]) and record["grad_norm"] > 0
-    assert any(not torch.equal(v, before[k]) for k, v in trainer.unet.state_dict().items())
-    if estimator.kl_coef > 0:
-        assert record["kl_penalty"] > 0  # the reference (a frozen copy) is a different policy after the steps
+    check_one_epoch_of_preset(trainer, preset)
 
 
 def test_model_cards_of_sd3_exports_name_the_sd3_pipeline_and_its_sampler(tmp_path: Path, sd3_dir: Path) -> None:

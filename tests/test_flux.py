@@ -25,7 +25,7 @@ from loopdiff.sampling.flux import FluxPolicy, FluxPromptEncoder
 from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
 from loopdiff.training.trainer import Trainer
 from test_flow_sde import _hand_log_density
-from trainer_helpers import PROMPTS, red_minus_blue
+from trainer_helpers import check_one_epoch_of_preset, folder_trainer, red_minus_blue
 
 LATENT = RESOLUTION // 4  # the tiny VAE downscales 4x
 
@@ -269,23 +269,9 @@ def blue_minus_red(images: torch.Tensor, prompts, metadata) -> torch.Tensor:
 
 
 def _trainer(tmp_path: Path, flux_dir: Path, reward=red_minus_blue, **sections: Any) -> Trainer:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    prompt_file = tmp_path / "prompts.txt"
-    prompt_file.write_text("\n".join(PROMPTS) + "\n")
-    values: dict[str, Any] = {
-        "model": {"device": "cpu", "pretrained": str(flux_dir)},
-        "sampling": {"num_steps": 4, "batch_size": 16, "eta": 0.7, "guidance_scale": 3.5, "resolution": RESOLUTION,
-                     "max_sequence_length": MAX_SEQUENCE_LENGTH},
-        "estimator": {"preset": "loop", "clip_range": 1e-2},
-        "training": {"epochs": 2, "samples_per_epoch": 32, "learning_rate": 1e-2, "micro_batch_size": 64, "seed": 0},
-        "prompts": {"train": str(prompt_file), "val": str(prompt_file)},
-        "eval": {"images_per_prompt": 2, "max_prompts": 0},
-        "reward": {"name": "jpeg_compressibility", "asynchronous": False},
-        "output": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
-    }
-    for section, changes in sections.items():
-        values.setdefault(section, {}).update(changes)
-    return Trainer(config_from_dict(values), reward_fn=reward)  # loads the folder through load_pipeline
+    flux_sampling = {"eta": 0.7, "guidance_scale": 3.5, "resolution": RESOLUTION,
+                     "max_sequence_length": MAX_SEQUENCE_LENGTH}
+    return folder_trainer(tmp_path, flux_dir, reward, {"sampling": flux_sampling}, **sections)
 
 
 def test_sampling_log_probs_are_recovered_by_the_trainer(tmp_path: Path, flux_dir: Path) -> None:
@@ -348,15 +334,7 @@ def test_lora_export_loads_with_load_lora_weights_and_reproduces_the_trainer(tmp
 def test_every_estimator_preset_trains_an_epoch_on_flux(preset: str, tmp_path: Path, flux_dir: Path) -> None:
     trainer = _trainer(tmp_path, flux_dir, reward=blue_minus_red, estimator={"preset": preset},
                        sampling={"num_steps": 2}, training={"epochs": 1, "samples_per_epoch": 8})
-    estimator = PRESETS[preset]
-    assert (trainer.reference is not None) == (estimator.kl_coef > 0)
-    before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
-    record = trainer.train()[0]
-    assert record["optimizer_steps"] == estimator.inner_epochs * estimator.minibatches
-    assert record["skipped_steps"] == 0 and np.isfinite(record["loss"]) and record["grad_norm"] > 0
-    assert any(not torch.equal(v, before[k]) for k, v in trainer.unet.state_dict().items())
-    if estimator.kl_coef > 0:
-        assert record["kl_penalty"] > 0  # the reference (a frozen copy) is a different policy after the steps
+    check_one_epoch_of_preset(trainer, preset)
 
 
 # ------------------------------------------------------------------ the commands

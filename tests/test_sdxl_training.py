@@ -12,31 +12,16 @@ import pytest
 import torch
 
 from loopdiff.cli import main
-from loopdiff.config import config_from_dict
 from loopdiff.estimators import PRESETS
 from loopdiff.sampling.embeds import PromptEmbeds
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sampling.sdxl import SDXLPromptEncoder
 from loopdiff.training.trainer import Batch, Trainer
-from trainer_helpers import PROMPTS, red_minus_blue
+from trainer_helpers import check_one_epoch_of_preset, folder_trainer, red_minus_blue
 
 
 def _trainer(tmp_path: Path, sdxl_dir: Path, **sections: Any) -> Trainer:
-    prompt_file = tmp_path / "prompts.txt"
-    prompt_file.write_text("\n".join(PROMPTS) + "\n")
-    values: dict[str, Any] = {
-        "model": {"device": "cpu", "pretrained": str(sdxl_dir)},
-        "sampling": {"num_steps": 4, "batch_size": 16},
-        "estimator": {"preset": "loop", "clip_range": 1e-2},
-        "training": {"epochs": 2, "samples_per_epoch": 32, "learning_rate": 1e-3, "micro_batch_size": 64, "seed": 0},
-        "prompts": {"train": str(prompt_file), "val": str(prompt_file)},
-        "eval": {"images_per_prompt": 2, "max_prompts": 0},
-        "reward": {"name": "jpeg_compressibility", "asynchronous": False},
-        "output": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
-    }
-    for section, changes in sections.items():
-        values.setdefault(section, {}).update(changes)
-    return Trainer(config_from_dict(values), reward_fn=red_minus_blue)  # loads the folder through load_pipeline
+    return folder_trainer(tmp_path, sdxl_dir, red_minus_blue, {"training": {"learning_rate": 1e-3}}, **sections)
 
 
 def _all_pairs_log_probs(trainer: Trainer, traj) -> torch.Tensor:
@@ -89,13 +74,7 @@ def test_loop_raises_a_simple_reward_on_sdxl(tmp_path: Path, tiny_sdxl_dir: Path
 def test_every_estimator_preset_trains_an_epoch_on_sdxl(preset: str, tmp_path: Path, tiny_sdxl_dir: Path) -> None:
     trainer = _trainer(tmp_path, tiny_sdxl_dir, estimator={"preset": preset}, sampling={"num_steps": 2},
                        training={"epochs": 1, "samples_per_epoch": 8})
-    estimator = PRESETS[preset]
-    assert (trainer.reference is not None) == (estimator.kl_coef > 0)
-    before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
-    record = trainer.train()[0]
-    assert record["optimizer_steps"] == estimator.inner_epochs * estimator.minibatches
-    assert record["skipped_steps"] == 0 and np.isfinite(record["loss"]) and record["grad_norm"] > 0
-    assert any(not torch.equal(v, before[k]) for k, v in trainer.unet.state_dict().items())
+    check_one_epoch_of_preset(trainer, preset)
 
 
 def test_full_export_loads_as_a_diffusers_sdxl_pipeline_and_samples(tmp_path: Path, tiny_sdxl_dir: Path) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -121,6 +121,10 @@ def set_flow_timesteps(
 class FlowMatchPolicy(GaussianStepPolicy):
     """An SD3 transformer + flow-matching Euler scheduler seen as a Gaussian policy over x' given (x, t, c)."""
 
+    #: Whether ``guidance_scale`` weighs an unconditional and a conditional branch (classifier-free guidance);
+    #: a subclass whose transformer takes the guidance as an input (Flux) makes one conditional call instead.
+    classifier_free: ClassVar[bool] = True
+
     def __init__(
         self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, config: FlowPolicyConfig
     ):
@@ -154,10 +158,11 @@ class FlowMatchPolicy(GaussianStepPolicy):
         cond_embeds: PromptEmbeds,
         uncond_embeds: PromptEmbeds,
     ) -> torch.Tensor:
-        """v_hat for a batch; per-sample timesteps; one transformer call holding both guidance branches."""
+        """v_hat for a batch; per-sample timesteps; one transformer call holding both guidance branches (only the
+        conditional one at w = 1, or when the guidance is not classifier-free)."""
         w = self.config.guidance_scale
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        if w == 1.0:
+        if w == 1.0 or not self.classifier_free:
             return self._velocity(latents, t, cond_embeds)
         uncond = uncond_embeds.expand(latents.shape[0]).to(cond_embeds.dtype)
         both = self._velocity(torch.cat([latents, latents]), torch.cat([t, t]), PromptEmbeds.cat([uncond, cond_embeds]))

@@ -99,8 +99,11 @@ class FluxPolicy(FlowMatchPolicy):
 
     ``config.sample_size`` (the latents' height and width) must be set: a Flux transformer has no native size
     (the pipeline's is ``default_sample_size``, 128, i.e. 1024 px). ``config.guidance_scale`` is the embedded
-    guidance of a guidance-distilled transformer (see the module docstring).
+    guidance of a guidance-distilled transformer (see the module docstring): each step is one conditional call,
+    and the unconditional embeddings the sampler and the trainer pass are not used.
     """
+
+    classifier_free = False
 
     def __init__(
         self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, config: FlowPolicyConfig
@@ -128,17 +131,6 @@ class FluxPolicy(FlowMatchPolicy):
     def guidance_embedded(self) -> bool:
         """Whether the transformer takes the guidance scale as an input (guidance-distilled, FLUX.1-dev)."""
         return bool(self.denoiser_config.guidance_embeds)
-
-    def guided_velocity(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        cond_embeds: PromptEmbeds,
-        uncond_embeds: PromptEmbeds,
-    ) -> torch.Tensor:
-        """The velocity of one conditional transformer call (guidance embedded; ``uncond_embeds`` unused)."""
-        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        return self._velocity(latents, t, cond_embeds)
 
     def _velocity(self, latents: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         batch, _, height, width = latents.shape

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -81,3 +81,28 @@ def check_one_epoch_of_preset(trainer: Trainer, preset: str) -> None:
     assert any(not torch.equal(v, before[k]) for k, v in trainer.unet.state_dict().items())
     if estimator.kl_coef > 0:
         assert record["kl_penalty"] > 0  # the reference (a frozen copy) is a different policy after the steps
+
+
+def gains_over_noise_control(build: Callable[[str, Any], Trainer], reward, epochs: int,
+                             window: int = 3) -> tuple[float, float, list[float], list[float]]:
+    """(LOOP's gain in ``reward``, the drift of the same reward in a run from the same seed trained on noise, and
+    the two per-epoch series): ``build(name, reward_fn)`` makes each run's trainer for ``epochs`` epochs; a gain is
+    the mean of the last ``window`` epochs minus that of the first. The control trains on ``random_control``'s
+    hashed uniform reward and ``reward`` is read from its sampled images (one reward call per sampling batch,
+    the same number in every epoch)."""
+    from loopdiff.rewards.control import RandomControl
+
+    loop = [h["reward/mean"] for h in build("loop", reward).train()]
+    control, drift = RandomControl(), []
+
+    def noise(images: torch.Tensor, prompts, metadata) -> torch.Tensor:
+        drift.append(float(reward(images, prompts, metadata).mean()))
+        return control(images, prompts, metadata)
+
+    build("control", noise).train()
+    per_epoch = np.array(drift).reshape(epochs, -1).mean(axis=1).tolist()
+
+    def gain(series: list[float]) -> float:
+        return float(np.mean(series[-window:]) - np.mean(series[:window]))
+
+    return gain(loop), gain(per_epoch), loop, per_epoch

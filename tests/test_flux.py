@@ -246,19 +246,21 @@ def test_transformer_gets_the_pipelines_inputs_in_sampling_and_the_same_in_train
             assert torch.equal(trained[0][name], sampled[step][name]), name
 
 
-def test_a_transformer_without_guidance_embeds_ignores_the_guidance_scale_as_the_pipeline_does(tmp_path) -> None:
+def test_a_transformer_without_guidance_embeds_ignores_the_guidance_scale_as_the_pipeline_does() -> None:
     pipe = build_tiny_flux_pipeline(guidance_embeds=False)  # FLUX.1-schnell style
     embeds, uncond = _embeds(pipe, ["a red circle"])
     x = torch.randn(1, 16, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
+    policies = [_policy(pipe, guidance_scale=w) for w in (1.0, 3.5)]
+    t = policies[0].timesteps[1]
     calls: list[dict[str, Any]] = []
     handle = _capture(pipe.transformer, calls)
     try:
         with torch.no_grad():
-            means = [_policy(pipe, guidance_scale=w).step(x, _policy(pipe).timesteps[1], embeds, uncond).mean
-                     for w in (1.0, 3.5)]
+            means = [policy.step(x, t, embeds, uncond).mean for policy in policies]
     finally:
         handle.remove()
-    assert torch.equal(means[0], means[1]) and all(call["guidance"] is None for call in calls)
+    assert len(calls) == 2 and all(call["guidance"] is None and len(call["hidden_states"]) == 1 for call in calls)
+    assert torch.equal(means[0], means[1])
 
 
 # ------------------------------------------------------------------ training

@@ -15,8 +15,8 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-from loopdiff.config import field_default
-from loopdiff.training.preflight import LaunchError, check_fsdp_version, check_sharding
+from loopdiff.config import config_from_dict
+from loopdiff.training.preflight import LaunchError, check_deepspeed_config, check_fsdp_version, check_sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"ddp.yaml": DistributedType.MULTI_GPU, "fsdp.yaml": DistributedType.FSDP,
@@ -65,7 +65,8 @@ def test_the_sharded_files_set_what_docs_scaling_says() -> None:
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     zero = load_config_from_file(str(shipped("deepspeed-zero2.yaml"))).deepspeed_config
     assert zero["zero_stage"] == 2 and zero["gradient_accumulation_steps"] == 1
-    assert zero["gradient_clipping"] == field_default("training.max_grad_norm")
+    assert zero["gradient_clipping"] == "auto"  # training.max_grad_norm (check_deepspeed_config fills it)
+    assert zero["offload_optimizer_device"] == zero["offload_param_device"] == "none"
 
 
 @pytest.mark.parametrize("name, variable, backend", [("fsdp.yaml", "ACCELERATE_USE_FSDP", "FSDP"),
@@ -102,3 +103,39 @@ def test_the_ddp_file_asks_for_no_sharding() -> None:
     assert "ACCELERATE_USE_FSDP" not in env and "ACCELERATE_USE_DEEPSPEED" not in env
     for distributed_type in ("MULTI_GPU", "MULTI_CPU"):
         check_sharding(distributed_type, env)
+
+
+def _deepspeed_config(monkeypatch, mixed_precision: str = "no", **changes: str) -> dict:
+    """The DeepSpeed config accelerate builds (DeepSpeedPlugin, then AcceleratorState's mixed precision) from
+    the environment ``accelerate launch`` derives from the shipped file, with ``changes`` to it."""
+    from accelerate import DeepSpeedPlugin
+
+    for key, value in {**launch_env(shipped("deepspeed-zero2.yaml")), **changes}.items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(mixed_precision)
+    return plugin.deepspeed_config
+
+
+def test_the_deepspeed_config_takes_loopdiffs_clipping_accumulation_and_micro_batch(monkeypatch) -> None:
+    ds_config = _deepspeed_config(monkeypatch)
+    assert ds_config["gradient_clipping"] == "auto" and ds_config["train_micro_batch_size_per_gpu"] == "auto"
+    check_deepspeed_config(ds_config, config_from_dict({"training": {"max_grad_norm": 0.25, "micro_batch_size": 6}}))
+    assert (ds_config["gradient_clipping"], ds_config["gradient_accumulation_steps"]) == (0.25, 1)
+    assert ds_config["train_micro_batch_size_per_gpu"] == 6 and ds_config["zero_optimization"]["stage"] == 2
+    same = _deepspeed_config(monkeypatch, ACCELERATE_GRADIENT_CLIPPING="0.25")
+    check_deepspeed_config(same, config_from_dict({"training": {"max_grad_norm": 0.25}}))  # a number that agrees
+
+
+@pytest.mark.parametrize("changes, mixed_precision, message", [
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "no", "DeepSpeed ZeRO stage 3; loopdiff trains under ZeRO stage 2"),
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "no", "offload_optimizer_device: cpu; loopdiff has not"),
+    ({}, "bf16", "DeepSpeed would train in bf16 \\(model.mixed_precision=bf16"),
+    ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "no", "sets gradient_accumulation_steps: 4; loopdiff accumulate"),
+    ({"ACCELERATE_GRADIENT_CLIPPING": "1.0"}, "no", "sets gradient_clipping: 1.0 but training.max_grad_norm=0.5"),
+])
+def test_deepspeed_settings_loopdiff_has_not_run_are_refused(monkeypatch, changes, mixed_precision, message) -> None:
+    ds_config = _deepspeed_config(monkeypatch, mixed_precision, **changes)
+    config = config_from_dict({"training": {"max_grad_norm": 0.5}, "model": {"mixed_precision": mixed_precision}})
+    with pytest.raises(LaunchError, match=message):
+        check_deepspeed_config(ds_config, config)

@@ -109,6 +109,7 @@ def test_a_launch_without_a_distributed_backend_fails_at_once(tmp_path) -> None:
     [
         ({"WORLD_SIZE": "2"}, 1, "WORLD_SIZE=2 processes were launched but accelerate runs 1"),
         ({"WORLD_SIZE": "4"}, 2, "WORLD_SIZE=4"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, 1, "runs 1 \\(accelerate runs DeepSpeed only on"),
         ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, 1, "without --multi_gpu"),
     ],
 )

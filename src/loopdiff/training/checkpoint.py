@@ -13,7 +13,9 @@ state loads with ``torch.load(weights_only=True)``: it holds only tensors, numbe
 When FSDP shards the UNet, every process takes part in a save (the weights, the EMA and the optimiser state
 are gathered in full onto the main process, which alone writes) and every process loads the whole
 checkpoint and keeps its shards. The files are the same as an unsharded run's, so either kind of run
-resumes from the other's checkpoints.
+resumes from the other's checkpoints. Under DeepSpeed ZeRO-2 the weights are whole on every process but
+the AdamW state is partitioned: every process takes part in gathering it into the same format
+(:mod:`loopdiff.training.zero`), and on resume every process keeps its partition.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import check_finite_weights
 from loopdiff.sharding import full_optimizer_state_dict, is_sharded, load_full_optimizer_state_dict
 from loopdiff.models import load_trainable_state_dict, trainable_state_dict
+from loopdiff.training import zero
 
 WEIGHTS = "trainable.safetensors"
 STATE = "training_state.pt"
@@ -190,16 +193,19 @@ def save_checkpoint(
 ) -> Path | None:
     """Write the checkpoint for ``epoch`` (the number of finished epochs) and prune older ones.
 
-    With the UNet sharded by FSDP every process calls this: all gather the state, only the one with
-    ``write`` (the main process) writes; the others return None.
+    With the UNet sharded by FSDP, or the optimiser by DeepSpeed ZeRO, every process calls this: all gather
+    the state, only the one with ``write`` (the main process) writes; the others return None.
     Raises NonFiniteError, writing nothing, when a weight is non-finite: the older checkpoints stay as they are.
     """
-    sharded = is_sharded(parts.unet)
+    sharded, zero_optimizer = is_sharded(parts.unet), zero.zero_optimizer(parts.optimizer)
+    if zero_optimizer is not None:  # partitioned AdamW state, whole weights: only the state is gathered
+        optimizer = zero.full_optimizer_state_dict(zero_optimizer)
     if not write and not sharded:
         return None
     weights = trainable_state_dict(parts.unet, parts.lora)
     ema = parts.ema.state_dict() if parts.ema is not None else None
-    optimizer = full_optimizer_state_dict(parts.unet, parts.optimizer) if sharded else parts.optimizer.state_dict()
+    if zero_optimizer is None:
+        optimizer = full_optimizer_state_dict(parts.unet, parts.optimizer) if sharded else parts.optimizer.state_dict()
     if not write:
         return None
     check_finite_weights(weights.items(), f"the checkpoint of epoch {epoch}")
@@ -251,8 +257,11 @@ def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path}: {STATE} holds more than tensors and numbers, refused: {reason}")
+    zero_optimizer = zero.zero_optimizer(parts.optimizer)
     if is_sharded(parts.unet):
         load_full_optimizer_state_dict(parts.unet, parts.optimizer, state["optimizer"])
+    elif zero_optimizer is not None:  # the weights into the fp32 master copies, the AdamW state into the partitions
+        zero.load_full_state(zero_optimizer, state["optimizer"])
     else:
         parts.optimizer.load_state_dict(state["optimizer"])
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])

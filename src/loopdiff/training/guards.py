@@ -3,12 +3,14 @@
 - A sample whose reward is NaN or infinite is dropped with its whole prompt group before advantages;
   the run stops when more than ``training.max_nonfinite_fraction`` of an epoch's rewards are non-finite.
 - An optimiser step whose loss or gradient norm is non-finite is skipped; the run stops when more than
-  ``training.max_skipped_fraction`` of an epoch's steps are skipped.
+  ``training.max_skipped_fraction`` of an epoch's steps are skipped. Under DeepSpeed the engine skips it (its
+  overflow check), and the run stops if it did not.
 - Weights with a non-finite value are never written (checkpoint or export).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -42,6 +44,15 @@ def check_skipped_steps(skipped: int, steps: int, max_fraction: float, epoch: in
             f"{skipped} of {steps} optimiser steps in epoch {epoch} had a non-finite loss or gradient norm "
             f"(more than training.max_skipped_fraction={max_fraction:g}); stopping"
         )
+
+
+def check_engine_step(applied: bool, grad_norm: float) -> None:
+    """Raise NonFiniteError when DeepSpeed applied an optimiser step whose gradient norm was not finite (or its
+    -1 for one): the DeepSpeed loopdiff was tested with (0.19.8) skips such a step."""
+    if applied and not (math.isfinite(grad_norm) and grad_norm >= 0):
+        raise NonFiniteError(f"DeepSpeed took an optimiser step with the gradient norm {grad_norm:g} instead of "
+                             "skipping it, so the weights may no longer be finite; stopping (loopdiff was tested "
+                             "with deepspeed 0.19.8, which skips such steps)")
 
 
 def check_nonfinite_rewards(

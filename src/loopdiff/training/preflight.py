@@ -3,7 +3,8 @@
 A launcher that starts several processes without a distributed backend taking effect leaves each process
 training alone into the same run folder; :func:`check_launch` stops that at once with how to launch instead.
 A launch asking for FSDP or DeepSpeed that accelerate runs as plain data parallel (on the CPU it always does)
-is stopped by :func:`check_sharding`, and FSDP version 1 by :func:`check_fsdp_version`.
+is stopped by :func:`check_sharding`, FSDP version 1 by :func:`check_fsdp_version`, and DeepSpeed settings
+loopdiff has not run by :func:`check_deepspeed_config` (which also fills the ones loopdiff decides).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from loopdiff.config import ConfigError, RunConfig
 from loopdiff.prompts import PromptSet
@@ -32,9 +33,12 @@ def check_launch(num_processes: int, env: Mapping[str, str] | None = None) -> No
     env = os.environ if env is None else env
     world = env.get("WORLD_SIZE")
     if world is not None and world.isdigit() and int(world) != num_processes:
+        why = ("accelerate runs DeepSpeed only on GPUs and other accelerators: on the CPU it counts one process "
+               "on each" if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else
+               "no distributed backend took effect")
         raise LaunchError(
             f"WORLD_SIZE={world} processes were launched but accelerate runs {num_processes} "
-            f"(no distributed backend took effect, so each would train alone into the same folder); {LAUNCH_HELP}"
+            f"({why}, so each would train alone into the same folder); {LAUNCH_HELP}"
         )
     if world is None and num_processes == 1 and "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
         raise LaunchError(
@@ -67,6 +71,48 @@ def check_fsdp_version(version: int) -> None:
             f"the launch asked for FSDP version {version}; loopdiff trains under FSDP2 only: set fsdp_version: 2 "
             "in the accelerate config (as the shipped fsdp.yaml does), see docs/scaling.md"
         )
+
+
+def check_deepspeed_config(ds_config: dict[str, Any], config: RunConfig) -> None:
+    """Raise LaunchError for DeepSpeed settings loopdiff has not run: a ZeRO stage other than 2, ZeRO-Offload,
+    fp16 or bf16, DeepSpeed's own gradient accumulation, or clipping to another norm than
+    ``training.max_grad_norm``. Fills in place what loopdiff decides when it is ``auto`` or unset:
+    ``gradient_clipping`` (``training.max_grad_norm``), ``gradient_accumulation_steps`` (1: each loopdiff
+    optimiser step, all its micro-batches, is one DeepSpeed step) and ``train_micro_batch_size_per_gpu``
+    (``training.micro_batch_size``; DeepSpeed only checks and logs it)."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 2:
+        raise LaunchError(f"the launch asked for DeepSpeed ZeRO stage {zero.get('stage')}; loopdiff trains under ZeRO "
+                          "stage 2 only (zero_stage: 2, as in the shipped deepspeed-zero2.yaml; FSDP shards the "
+                          "weights too), see docs/scaling.md")
+    for part in ("offload_optimizer", "offload_param"):
+        device = (zero.get(part) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise LaunchError(f"the launch asked for DeepSpeed {part}_device: {device}; loopdiff has not run "
+                              f"ZeRO-Offload: set {part}_device: none (as the shipped deepspeed-zero2.yaml does)")
+    half = [kind for kind in ("fp16", "bf16")
+            if str((ds_config.get(kind) or {}).get("enabled", False)).lower() != "false"]
+    if half:
+        raise LaunchError(f"DeepSpeed would train in {half[0]} (model.mixed_precision={config.model.mixed_precision}, "
+                          "or the DeepSpeed config): it then keeps the module's weights in that type, which "
+                          "loopdiff has not run; use model.mixed_precision=no under DeepSpeed, or DDP or FSDP, see "
+                          "docs/scaling.md")
+    steps = ds_config.get("gradient_accumulation_steps", "auto")
+    if steps == "auto":
+        ds_config["gradient_accumulation_steps"] = 1
+    elif steps != 1:
+        raise LaunchError(f"the DeepSpeed config sets gradient_accumulation_steps: {steps}; loopdiff accumulates the "
+                          "micro-batches of each optimiser step itself (estimator.minibatches, training."
+                          "micro_batch_size) and takes one DeepSpeed step per optimiser step: set it to 1 or auto")
+    clip = ds_config.get("gradient_clipping", "auto")
+    if clip == "auto":
+        ds_config["gradient_clipping"] = config.training.max_grad_norm
+    elif float(clip) != config.training.max_grad_norm:
+        raise LaunchError(f"the DeepSpeed config sets gradient_clipping: {clip} but training.max_grad_norm="
+                          f"{config.training.max_grad_norm:g}; DeepSpeed clips inside its step: set gradient_clipping: "
+                          "auto (as the shipped deepspeed-zero2.yaml does) or the same norm")
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds_config["train_micro_batch_size_per_gpu"] = config.training.micro_batch_size
 
 
 def check_output_dir(path: Path) -> None:

@@ -8,7 +8,8 @@ weights when there is an EMA.
 
 The sampling and the training policy share one denoiser. Under DDP the training policy calls it through the
 DDP wrapper and sampling calls the module itself; under FSDP2 ``accelerator.prepare`` shards the module in
-place, and both call the sharded module (what changes then is in :mod:`loopdiff.sharding`).
+place, and both call the sharded module (what changes then is in :mod:`loopdiff.sharding`). Under DeepSpeed ZeRO-2
+the training policy calls the DeepSpeed engine, which also takes the optimiser step (:mod:`loopdiff.training.zero`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import (
+    check_engine_step,
     check_finite_weights,
     check_nonfinite_rewards,
     check_skipped_steps,
@@ -50,6 +52,7 @@ from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, reset_peak_
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
 from loopdiff.training.preflight import (
+    check_deepspeed_config,
     check_fsdp_version,
     check_launch,
     check_output_dir,
@@ -57,6 +60,7 @@ from loopdiff.training.preflight import (
     check_sharding,
 )
 from loopdiff.sharding import full_model_state_dict, is_sharded, local, reshard, unsharded_copy
+from loopdiff.training.zero import zero_optimizer
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
@@ -138,6 +142,8 @@ class Trainer:
         check_sharding(self.accelerator.distributed_type.value)
         if self.accelerator.distributed_type.value == "FSDP":
             check_fsdp_version(self.accelerator.state.fsdp_plugin.fsdp_version)
+        if self.accelerator.distributed_type.value == "DEEPSPEED":
+            check_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, self.config)
         check_processes(self.config, self.accelerator.num_processes)
         check_output_dir(self.run_dir)
         self._resume_path = self.resume_point() if self.config.output.resume else None
@@ -180,8 +186,11 @@ class Trainer:
         self.sharded = is_sharded(self.accelerator.unwrap_model(self.train_unet))
         if self.sharded:
             self.unet = self.accelerator.unwrap_model(self.train_unet)
+        # Under DeepSpeed the prepared module is a ZeRO-2 engine and the optimiser a ZeRO optimiser: the engine
+        # takes the optimiser steps (see accumulate_gradients and step_if_finite).
+        self.deepspeed = zero_optimizer(self.optimizer) is not None
         # What the optimiser steps: the prepared module's parameters (FSDP2 replaced the ones above; under DDP
-        # they are the same objects).
+        # and DeepSpeed they are the same objects).
         self.params = [p for p in self.train_unet.parameters() if p.requires_grad]
         decay = train_cfg.ema_decay
         self.ema = ParameterEMA(self.unet, decay, train_cfg.ema_every) if decay else None
@@ -330,9 +339,9 @@ class Trainer:
                                    train_cfg.train_denoising_steps)
             for minibatch in split_minibatches(pairs, est.minibatches, train_cfg.micro_batch_size):
                 step_sums = self.accumulate_gradients(batch, minibatch)
-                grad_norm = float(self.accelerator.clip_grad_norm_(self.params, train_cfg.max_grad_norm))
                 steps += 1
-                if self.step_if_finite(step_sums["loss"], grad_norm):
+                stepped, grad_norm = self.step_if_finite(step_sums["loss"])
+                if stepped:
                     if self.ema is not None:
                         self.ema.step()
                     for key in sums:
@@ -355,39 +364,69 @@ class Trainer:
         sums = dict.fromkeys(LOSS_STATS, 0.0)
         passes = self._passes(len(minibatch))
         for k in range(passes):
-            # A pass beyond this process's micro-batches (FSDP only) repeats one pair with weight 0.
+            # A pass beyond this process's micro-batches (FSDP and DeepSpeed only) repeats one pair with weight 0.
             micro, weight = (minibatch[k], len(minibatch[k]) / total) if k < len(minibatch) else (minibatch[0][:1], 0.0)
             last = k == passes - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_unet)
+            sync = contextlib.nullcontext() if last or self.deepspeed else self.accelerator.no_sync(self.train_unet)
             with sync:
                 out = self.minibatch_loss(batch, micro)
-                self.accelerator.backward(out.loss * weight)
-            if k < len(minibatch):
-                for key in sums:
-                    sums[key] += float(getattr(out, key).detach()) * len(micro)
+                if k < len(minibatch):
+                    for key in sums:
+                        sums[key] += float(getattr(out, key).detach()) * len(micro)
+                if self.deepspeed:
+                    self._engine_backward(out.loss * weight, last, sums["loss"])
+                else:
+                    self.accelerator.backward(out.loss * weight)
         return sums
 
+    def _engine_backward(self, loss: torch.Tensor, last: bool, loss_sum: float) -> None:
+        """A backward pass under DeepSpeed: through the engine, the last of the step marked as its accumulation
+        boundary, and not divided by DeepSpeed's accumulation steps (the micro-batch weights already average).
+
+        On the last pass, when the step's loss (``loss_sum`` so far) is not finite on some process, the pass is
+        scaled by NaN: DeepSpeed then finds a non-finite gradient norm and skips the step, as it skips one whose
+        gradients are not finite (see :meth:`step_if_finite`)."""
+        if last and not self._finite_everywhere(loss_sum):
+            loss = loss * math.nan
+        self.train_unet.set_gradient_accumulation_boundary(last)
+        self.train_unet.backward(loss, scale_wrt_gas=False)
+
     def _passes(self, micro_batches: int) -> int:
-        """How many forward and backward passes this optimiser step takes: its micro-batches, or under FSDP the
-        most any process has (each pass gathers the sharded weights from all processes, so all take the same
-        number; a process left with fewer pairs by dropped non-finite rewards pads with weight-0 passes)."""
-        if not self.sharded:
+        """How many forward and backward passes this optimiser step takes: its micro-batches, or under FSDP and
+        DeepSpeed the most any process has (each FSDP pass gathers the sharded weights from all processes, each
+        ZeRO-2 backward pass reduces the gradients, so all take the same number; a process left with fewer
+        pairs by dropped non-finite rewards pads with weight-0 passes)."""
+        if not (self.sharded or self.deepspeed):
             return micro_batches
         return int(self.accelerator.gather(torch.tensor([micro_batches], device=self.device)).max())
 
-    def step_if_finite(self, loss: float, grad_norm: float) -> bool:
-        """Take the optimiser step unless the loss or the gradient norm is non-finite on any process.
+    def _finite_everywhere(self, *values: float) -> bool:
+        """Whether ``values`` are finite on every process (every process calls this)."""
+        bad = torch.tensor([float(not all(math.isfinite(v) for v in values))], device=self.device)
+        return not bool(self.accelerator.gather(bad).any())
 
-        A skipped step drops its gradients (and, under fp16, lowers the loss scale). Returns whether it stepped.
+    def step_if_finite(self, loss: float) -> tuple[bool, float]:
+        """Clip the gradients to ``training.max_grad_norm`` and take the optimiser step, unless the loss or the
+        gradient norm is non-finite on any process. Returns whether it stepped, and the norm before clipping.
+
+        A skipped step drops its gradients (and, under fp16, lowers the loss scale). Under DeepSpeed the engine
+        clips (to the config's ``gradient_clipping``, which the launch check made ``training.max_grad_norm``),
+        steps, and skips a step whose gradient norm is not finite; a non-finite loss was made one by
+        :meth:`_engine_backward`.
         """
-        bad = torch.tensor([float(not (math.isfinite(loss) and math.isfinite(grad_norm)))], device=self.device)
-        finite = not bool(self.accelerator.gather(bad).any())
+        if self.deepspeed:
+            self.train_unet.step()
+            applied, grad_norm = self.train_unet.was_step_applied(), float(self.train_unet.get_global_grad_norm())
+            check_engine_step(applied, grad_norm)
+            return applied, grad_norm
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.config.training.max_grad_norm))
+        finite = self._finite_everywhere(loss, grad_norm)
         if finite:
             self.optimizer.step()
         elif self.accelerator.scaler is not None:
             self.accelerator.scaler.update()  # clip_grad_norm_ unscaled and found the overflow
         self.optimizer.zero_grad(set_to_none=True)
-        return finite
+        return finite, grad_norm
 
     def minibatch_loss(self, batch: Batch, micro: torch.Tensor) -> LossOutput:
         """The estimator's loss on the (sample index, step index) pairs ``micro`` (one UNet call)."""
@@ -489,7 +528,8 @@ class Trainer:
         """
         self.check_weights(f"the checkpoint of epoch {self.epoch}")
         path = None
-        if self.accelerator.is_main_process or self.sharded:  # under FSDP every process gathers its shards
+        # under FSDP every process gathers its shards, under DeepSpeed its partition of the AdamW state
+        if self.accelerator.is_main_process or self.sharded or self.deepspeed:
             extra = {"history": self.history, "config": self.config.to_dict()}
             path = ckpt.save_checkpoint(self.run_dir, self.epoch, self._checkpoint_parts(), extra,
                                         write=self.accelerator.is_main_process)

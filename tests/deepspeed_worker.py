@@ -32,6 +32,7 @@ from accelerate.state import PartialState  # noqa: E402
 
 import loopdiff.training.trainer as trainer_module  # noqa: E402
 from loopdiff.training import zero  # noqa: E402
+from multiprocess_helpers import NaNOnRank1  # noqa: E402
 from trainer_helpers import make_trainer, red_minus_blue  # noqa: E402
 
 
@@ -50,19 +51,6 @@ class CPUCountedDeepSpeed(Accelerator):
         )
         super().__init__(*args, **{**kwargs, "cpu": False})
         assert self.distributed_type.value == "DEEPSPEED" and self.num_processes == 2
-
-
-class NaNOnRank1:
-    """red_minus_blue, NaN for rank 1's first prompt group (K = 4 images) in the first epoch's samples."""
-
-    __name__ = "red_minus_blue"
-    trainer = None  # set once the trainer exists: its finished epochs say which epoch is sampled
-
-    def __call__(self, images, prompts, metadata):
-        scores = red_minus_blue(images, prompts, metadata)
-        if self.trainer.epoch == 0 and os.environ.get("RANK") == "1":
-            scores[:4] = float("nan")
-        return scores
 
 
 def inject(trainer, kind: str) -> None:

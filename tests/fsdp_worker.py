@@ -29,6 +29,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 import loopdiff.training.trainer as trainer_module  # noqa: E402
 from loopdiff.training.guards import NonFiniteError  # noqa: E402
 from loopdiff.sharding import local  # noqa: E402
+from multiprocess_helpers import NaNOnRank1  # noqa: E402
 from trainer_helpers import make_trainer, red_minus_blue  # noqa: E402
 
 
@@ -44,19 +45,6 @@ class CPUForcedFSDP(Accelerator):
         # accelerate copies the type into the process state too (AcceleratorState.__init__ does it on GPUs),
         # else the next AcceleratorState() (the prepared optimiser makes one) would reset it to MULTI_CPU.
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-
-class NaNOnRank1:
-    """red_minus_blue, NaN for rank 1's first prompt group (K = 4 images) in the first epoch's samples."""
-
-    __name__ = "red_minus_blue"
-    trainer = None  # set once the trainer exists: its finished epochs say which epoch is sampled
-
-    def __call__(self, images, prompts, metadata):
-        scores = red_minus_blue(images, prompts, metadata)
-        if self.trainer.epoch == 0 and os.environ.get("RANK") == "1":
-            scores[:4] = float("nan")
-        return scores
 
 
 def main() -> None:

@@ -19,20 +19,29 @@ the first step, under DeepSpeed and DDP.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import shutil
-import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import build_tiny_pipeline
 from loopdiff.training import checkpoint as ckpt
+from multiprocess_helpers import (
+    EPOCHS,
+    assert_checkpoints_close,
+    assert_checkpoints_equal,
+    assert_metrics_close,
+    assert_weights_moved,
+    check_full_export,
+    check_lora_export,
+    launch,
+    read_metrics,
+    read_ranks,
+    read_state,
+    read_weights,
+    run_dir,
+    untimed,
+)
 
 pytestmark = [
     pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(),
@@ -41,7 +50,6 @@ pytestmark = [
                        reason="deepspeed is not installed (pip install deepspeed, or the test extra)"),
 ]
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
-EPOCHS = ("epoch_00001", "epoch_00002")
 CONFIGS = {"deepspeed": "deepspeed-zero2.yaml", "ddp": "ddp.yaml"}
 # ZeRO-2 reduce-scatters the gradients into partitions (after each micro-batch) where DDP all-reduces them once
 # per step, and AdamW steps one flat fp32 partition instead of each tensor: the sums differ in the last bits,
@@ -53,61 +61,15 @@ MOMENTS_ATOL = 1e-5  # observed up to 5.1e-7
 
 
 def _launch(backend: str, out: Path, epochs: int, *settings: str) -> str:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
-    config = str(resources.files("loopdiff") / "accelerate_configs" / CONFIGS[backend])
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", config,
-               "--num_processes", "2", str(WORKER), backend, str(out), str(epochs), *settings]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch(CONFIGS[backend], str(WORKER), backend, str(out), str(epochs), *settings)
     return result.stdout + result.stderr
-
-
-def _ranks(out: Path) -> list[dict]:
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-
-
-def _run(out: Path) -> Path:
-    return out / "run-loop"
-
-
-def _weights(out: Path, epoch: str) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt.checkpoint_dir(_run(out), int(epoch[-5:])) / ckpt.WEIGHTS))
-
-
-def _state(out: Path, epoch: str) -> dict:
-    return torch.load(ckpt.checkpoint_dir(_run(out), int(epoch[-5:])) / ckpt.STATE, weights_only=True)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (_run(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _untimed(metrics: dict) -> dict:
-    return {key: value for key, value in metrics.items() if not key.startswith(("time/", "memory/"))}
-
-
-def _assert_close(ours: dict, theirs: dict, atol: float, what: str) -> None:
-    assert ours.keys() == theirs.keys(), what
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=atol, msg=f"{what}: {name}")
-
-
-def _assert_equal(ours: dict, theirs: dict, what: str) -> None:
-    assert ours.keys() == theirs.keys(), what
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), f"{what}: {name}"
-
-
-def _optimizer_moments(state: dict) -> dict[str, torch.Tensor]:
-    return {f"{i}.{key}": value for i, entry in state["optimizer"]["state"].items() for key, value in entry.items()}
 
 
 def _assert_zero2(out: Path, steps: int = 8, skipped: int = 1) -> None:
     """The launch ran under DeepSpeed ZeRO-2 as the shipped file and the worker set it up, each process held
     half of the master weights and of the AdamW moments, and DeepSpeed took ``steps`` steps (one per loopdiff
     optimiser step), ``skipped`` of them skipped."""
-    ranks = _ranks(out)
+    ranks = read_ranks(out)
     for rank in ranks:
         assert (rank["distributed_type"], rank["processes"], rank["epoch"]) == ("DEEPSPEED", 2, 2)
         assert (rank["engine"], rank["optimizer"]) == ("DeepSpeedEngine", "DeepSpeedZeroOptimizer")
@@ -126,7 +88,7 @@ def _resume(root: Path, source: Path, backend: str, *settings: str) -> tuple[Pat
     the run was trained in (``root/work``: the prompt files' paths are part of the run's settings)."""
     work = root / "work"
     shutil.copytree(source, work)
-    ckpt.remove_checkpoint(ckpt.checkpoint_dir(_run(work), 2))
+    ckpt.remove_checkpoint(ckpt.checkpoint_dir(run_dir(work), 2))
     log = _launch(backend, work, 2, *settings)
     resumed = root / f"{source.name}_resumed_by_{backend}"
     work.rename(resumed)
@@ -160,70 +122,37 @@ def full(tmp_path_factory) -> dict[str, Path]:
 
 def test_the_deepspeed_run_is_zero2_and_trains(full) -> None:
     _assert_zero2(full["deepspeed"])
-    assert _ranks(full["ddp"])[0]["engine"] == "DistributedDataParallel"
-    metrics = _metrics(full["deepspeed"])
+    assert read_ranks(full["ddp"])[0]["engine"] == "DistributedDataParallel"
+    metrics = read_metrics(full["deepspeed"])
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert [(m["optimizer_steps"], m["skipped_steps"]) for m in metrics] == [(4, 1), (4, 0)]  # the injected step
     assert all(m["grad_norm"] > 0.5 for m in metrics)  # above training.max_grad_norm: the steps were clipped
-    initial = build_tiny_pipeline(seed=0).unet.state_dict()
-    final = _weights(full["deepspeed"], EPOCHS[1])
-    assert final.keys() == initial.keys()
-    moved = sum(float((final[k] - initial[k]).abs().max() > 1e-3) for k in final)
-    assert moved > 0.9 * len(final)  # AdamW moves (nearly) every tensor by ~lr per step
+    assert_weights_moved(full["deepspeed"])
 
 
 def test_deepspeed_trains_the_weights_ema_and_optimiser_state_of_ddp(full) -> None:
-    for epoch in EPOCHS:
-        zero, plain = _state(full["deepspeed"], epoch), _state(full["ddp"], epoch)
-        _assert_close(_weights(full["deepspeed"], epoch), _weights(full["ddp"], epoch), ATOL, f"weights {epoch}")
-        assert zero["ema"]["steps"] == plain["ema"]["steps"] == 4 * int(epoch[-1]) - 1  # one step skipped
-        _assert_close(zero["ema"]["average"], plain["ema"]["average"], ATOL, f"EMA {epoch}")
-        # the partitions are gathered into torch.optim's format: same numbering, groups and step counts
-        assert zero["optimizer"]["param_groups"] == plain["optimizer"]["param_groups"]
-        _assert_close(_optimizer_moments(zero), _optimizer_moments(plain), MOMENTS_ATOL, f"AdamW state {epoch}")
-    for ours, theirs in zip(_metrics(full["deepspeed"]), _metrics(full["ddp"]), strict=True):
-        for key in ("reward/mean", "loss", "grad_norm", "approx_kl", "skipped_steps"):
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
-    for tag in ("epoch_00001", "final"):  # evaluations with the EMA swapped in, the first one between epochs
-        ours, theirs = (json.loads((_run(full[kind]) / "eval" / f"{tag}.json").read_text())
-                        for kind in ("deepspeed", "ddp"))
-        assert ours["means"] == pytest.approx(theirs["means"], rel=1e-4)
+    for epoch in EPOCHS:  # the partitions are gathered into torch.optim's format: same numbering and groups
+        assert read_state(full["deepspeed"], epoch)["ema"]["steps"] == 4 * int(epoch[-1]) - 1  # one step skipped
+        assert_checkpoints_close(full["deepspeed"], full["ddp"], epoch, ATOL, MOMENTS_ATOL)
+    assert_metrics_close(full["deepspeed"], full["ddp"], ("reward/mean", "loss", "grad_norm", "approx_kl",
+                                                           "skipped_steps"))
 
 
 def test_a_deepspeed_checkpoint_resumes_exactly(full) -> None:
     _assert_zero2(full["resumed"], steps=4, skipped=0)  # the resumed launch trained epoch 2 only
     assert "resuming from epoch 1" in full["resumed_log"].read_text()
-    straight, resumed = full["deepspeed"], full["resumed"]
-    _assert_equal(_weights(resumed, EPOCHS[1]), _weights(straight, EPOCHS[1]), "weights")
-    ours, theirs = _state(resumed, EPOCHS[1]), _state(straight, EPOCHS[1])
-    _assert_equal(ours["ema"]["average"], theirs["ema"]["average"], "EMA")
-    assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
-    _assert_equal(_optimizer_moments(ours), _optimizer_moments(theirs), "AdamW state")
-    ckpt.verify(ckpt.checkpoint_dir(_run(resumed), 2))
-    assert [_untimed(m) for m in _metrics(resumed)] == [_untimed(m) for m in _metrics(straight)]
+    assert_checkpoints_equal(full["resumed"], full["deepspeed"], EPOCHS[1])
+    assert [untimed(m) for m in read_metrics(full["resumed"])] == [untimed(m) for m in read_metrics(full["deepspeed"])]
 
 
 @pytest.mark.parametrize("resumed, reference",
                          [("deepspeed_resumed_by_ddp", "deepspeed"), ("ddp_resumed_by_deepspeed", "ddp")])
 def test_ddp_and_deepspeed_resume_each_others_checkpoints(full, resumed, reference) -> None:
-    _assert_close(_weights(full[resumed], EPOCHS[1]), _weights(full[reference], EPOCHS[1]), ATOL, "weights")
-    ours, theirs = _state(full[resumed], EPOCHS[1]), _state(full[reference], EPOCHS[1])
-    _assert_close(ours["ema"]["average"], theirs["ema"]["average"], ATOL, "EMA")
-    assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
-    _assert_close(_optimizer_moments(ours), _optimizer_moments(theirs), MOMENTS_ATOL, "AdamW state")
+    assert_checkpoints_close(full[resumed], full[reference], EPOCHS[1], ATOL, MOMENTS_ATOL)
 
 
 def test_the_deepspeed_export_is_a_diffusers_pipeline_holding_the_ema(full) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    exported = StableDiffusionPipeline.from_pretrained(_run(full["deepspeed"]) / "final_pipeline", safety_checker=None)
-    _assert_equal(exported.unet.state_dict(), _state(full["deepspeed"], EPOCHS[1])["ema"]["average"], "export vs EMA")
-    plain = StableDiffusionPipeline.from_pretrained(_run(full["ddp"]) / "final_pipeline", safety_checker=None)
-    _assert_close(exported.unet.state_dict(), plain.unet.state_dict(), ATOL, "DeepSpeed vs DDP export")
-    images = [pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="pt",
-                   generator=torch.Generator().manual_seed(0)).images for pipe in (exported, plain)]
-    assert images[0].shape == (1, 3, 32, 32) and torch.isfinite(images[0]).all()
-    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-3)
+    check_full_export(full["deepspeed"], full["ddp"], ATOL)
 
 
 LORA = ("lora=1", "micro=2", "nan_rank1=1", "inject=loss")
@@ -250,37 +179,20 @@ def test_lora_under_deepspeed_with_uneven_micro_batches_and_a_nonfinite_loss_tra
     _assert_zero2(zero)
     for log in ("deepspeed_log", "ddp_log"):
         assert "non-finite for 4 of 16 images in epoch 1" in lora[log].read_text(), log
-    assert [(m["dropped_groups"], m["skipped_steps"]) for m in _metrics(zero)] == [(1, 1), (0, 0)]
-    for ours, theirs in zip(_metrics(zero), _metrics(plain), strict=True):
-        for key in ("reward/mean", "loss", "grad_norm", "skipped_steps"):
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    assert [(m["dropped_groups"], m["skipped_steps"]) for m in read_metrics(zero)] == [(1, 1), (0, 0)]
     for epoch in EPOCHS:
-        ours, theirs = _weights(zero, epoch), _weights(plain, epoch)
-        assert ours and all(".lora_" in name for name in ours)  # peft keys, as DDP writes them
-        _assert_close(ours, theirs, ATOL, f"LoRA weights {epoch}")
-        _assert_close(_state(zero, epoch)["ema"]["average"], _state(plain, epoch)["ema"]["average"], ATOL,
-                      f"LoRA EMA {epoch}")
-        _assert_close(_optimizer_moments(_state(zero, epoch)), _optimizer_moments(_state(plain, epoch)),
-                      MOMENTS_ATOL, f"LoRA AdamW state {epoch}")
-    moved = {k: v for k, v in _weights(zero, EPOCHS[1]).items() if ".lora_B." in k}
-    assert all(float(v.abs().max()) > 1e-4 for v in moved.values())  # lora_B starts at zero
-    ema = _state(zero, EPOCHS[1])["ema"]["average"]
-    pipe = build_tiny_pipeline(seed=0)
-    pipe.load_lora_weights(_run(zero) / "final_lora")
-    loaded = {k.replace(".default_0.", ".default."): v for k, v in pipe.unet.state_dict().items() if ".lora_" in k}
-    _assert_equal(loaded, ema, "loaded LoRA vs the EMA")
+        assert all(".lora_" in name for name in read_weights(zero, epoch))  # peft keys, as DDP writes them
+        assert_checkpoints_close(zero, plain, epoch, ATOL, MOMENTS_ATOL)
+    assert_metrics_close(zero, plain, ("reward/mean", "loss", "grad_norm", "skipped_steps"))
+    check_lora_export(zero)
 
 
 def test_a_deepspeed_launch_on_the_cpu_stops_at_once_without_the_stand_in(tmp_path) -> None:
     """What the stand-in corrects: run as a user would, accelerate counts one process on each rank."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
-    config = str(resources.files("loopdiff") / "accelerate_configs" / CONFIGS["deepspeed"])
     run = tmp_path / "run"
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", config,
-               "--num_processes", "2", "-m", "loopdiff.cli", "train", "sampling.num_steps=2",
-               "training.samples_per_epoch=8", "reward.name=jpeg_compressibility", f"output.dir={run}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    result = launch(CONFIGS["deepspeed"], "-m", "loopdiff.cli", "train", "sampling.num_steps=2",
+                    "training.samples_per_epoch=8", "reward.name=jpeg_compressibility", f"output.dir={run}",
+                    check=False, cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("loopdiff train: error:")]
     assert errors, result.stderr[-3000:]

@@ -1,6 +1,6 @@
 # make run : set up .venv and run the main job (LOOP, K=4, on the embedded world's color task)
 # make test: set up .venv and run the test suite
-.PHONY: setup run test bench
+.PHONY: setup setup-test run test bench
 
 export HF_HUB_OFFLINE := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
@@ -10,10 +10,14 @@ export MALLOC_TOP_PAD_ := 1073741824
 setup:
 	@bash scripts/setup.sh
 
+# the test extra adds pytest, the OCR engine and deepspeed (which accelerate imports in every run once installed)
+setup-test:
+	@bash scripts/setup.sh test
+
 run: setup
 	.venv/bin/loopdiff train
 
-test: setup
+test: setup-test
 	.venv/bin/python -m pytest -q
 
 bench: setup

@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/main_job_acceptance.py                    # 3 seeds x (LOOP, control), 2 at a time
     .venv/bin/python scripts/main_job_acceptance.py --seeds 0 --jobs 1 # one pair
+    .venv/bin/python scripts/main_job_acceptance.py --config embedded-flow-aesthetic --base-model embedded-flow \
+        --eval-args="--eta 0.7" --no-agreement --runs runs/embedded-flow --results docs/results/embedded-flow
 
 For each training seed it runs the shipped main job (`loopdiff train`) and the same config with
 `reward.name=random_control`, which trains on uniform noise: what the optimiser alone does to the
@@ -14,7 +16,9 @@ the control, and the commands), ``training_reward.png`` (the training reward ove
 the control's, both with 80% prediction bands over seeds) and ``base_vs_final.png`` (the first seed's
 grid), and ``verdict.json`` (the acceptance figures, and how often the training reward orders pairs of
 each model's images as the held-out evaluator does). The run folders go to ``--runs`` (default
-runs/main-job).
+runs/main-job). ``--config`` / ``--base-model`` / ``--eval-args`` / ``--override`` run the same protocol on
+another config (the flow-matching base's, docs/results/embedded-flow); ``--no-agreement`` skips the scorer
+agreement, which samples with the UNet base's sampler.
 """
 
 from __future__ import annotations
@@ -37,11 +41,14 @@ HELD_OUT, REWARD, BINDING = "embedded_colorfulness", "embedded_aesthetic", "embe
 EVAL_REWARDS = f"[{REWARD},{HELD_OUT},{BINDING}]"
 TRAIN_EVAL_SEED, SECOND_EVAL_SEED = 1234, 99
 ROOT = Path(__file__).resolve().parent.parent
+# What the job runs beyond the shipped main job; main() sets these from its flags.
+SETUP: dict = {"config": None, "overrides": [], "base_model": "embedded", "eval_args": [], "runs": Path("runs/main-job")}
 
 
 def train_command(kind: str, seed: int, run_dir: Path) -> list[str]:
     """The `loopdiff train` command of one run (``kind`` is ``loop`` or ``control``)."""
-    command = ["loopdiff", "train", f"training.seed={seed}", f"output.dir={run_dir}", f"eval.rewards={EVAL_REWARDS}"]
+    command = ["loopdiff", "train"] + (["--config", SETUP["config"]] if SETUP["config"] else [])
+    command += [f"training.seed={seed}", f"output.dir={run_dir}", f"eval.rewards={EVAL_REWARDS}", *SETUP["overrides"]]
     if kind == "control":
         command += ["reward.name=random_control", f"reward.monitor=[{REWARD}]"]
     return command
@@ -51,7 +58,7 @@ def eval_command(model: str, out: Path, seed: int) -> list[str]:
     """`loopdiff eval` with the main job's evaluation protocol under another seed."""
     return ["loopdiff", "eval", "--model", model, "--prompts", "embedded:color:val", "--max-prompts", "40",
             "--images-per-prompt", "10", "--batch-size", "32", "--steps", "10", "--seed", str(seed),
-            "--reward", EVAL_REWARDS.strip("[]"), "--out", str(out)]
+            "--reward", EVAL_REWARDS.strip("[]"), "--out", str(out), *SETUP["eval_args"]]
 
 
 def run(command: list[str], log: Path, threads: int) -> None:
@@ -99,7 +106,7 @@ def plot_curves(runs: Path, seeds: list[int], path: Path, window: int = 10) -> d
         bands[label] = (mean, low, high)
     ax.set_xlabel("epoch (32 samples each)")
     ax.set_ylabel(f"training reward ({REWARD}),\n{window}-epoch trailing mean")
-    ax.set_title(f"Main job: mean and 80% prediction band over {len(seeds)} seeds")
+    ax.set_title(f"{SETUP['config'] or 'Main job'}: mean and 80% prediction band over {len(seeds)} seeds")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -140,14 +147,14 @@ def summary_rows(runs: Path, seeds: list[int]) -> list[dict]:
                 "binding_control_final": float(control[BINDING].mean()),
                 "prompts": len(base[HELD_OUT]),
                 "commands": {
-                    "loop": shlex.join(train_command("loop", seed, Path("runs/main-job") / f"loop-s{seed}")),
-                    "control": shlex.join(train_command("control", seed, Path("runs/main-job") / f"control-s{seed}")),
+                    "loop": shlex.join(train_command("loop", seed, runs / f"loop-s{seed}")),
+                    "control": shlex.join(train_command("control", seed, runs / f"control-s{seed}")),
                     **({} if eval_seed == TRAIN_EVAL_SEED else {
-                        "eval_loop": shlex.join(eval_command(f"runs/main-job/loop-s{seed}/final_pipeline",
-                                                             Path(f"runs/main-job/loop-s{seed}/eval/final-eval{eval_seed}.json"), eval_seed)),
-                        "eval_control": shlex.join(eval_command(f"runs/main-job/control-s{seed}/final_pipeline",
-                                                                Path(f"runs/main-job/control-s{seed}/eval/final-eval{eval_seed}.json"), eval_seed)),
-                        "eval_base": shlex.join(eval_command("embedded", Path(f"runs/main-job/base-eval{eval_seed}.json"), eval_seed)),
+                        "eval_loop": shlex.join(eval_command(str(loop_dir / "final_pipeline"),
+                                                             loop_dir / f"eval/final-eval{eval_seed}.json", eval_seed)),
+                        "eval_control": shlex.join(eval_command(str(control_dir / "final_pipeline"),
+                                                                control_dir / f"eval/final-eval{eval_seed}.json", eval_seed)),
+                        "eval_base": shlex.join(eval_command(SETUP["base_model"], runs / f"base-eval{eval_seed}.json", eval_seed)),
                     }),
                 },
             })
@@ -197,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=Path("docs/results/main-job"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--config", default=None, help="the config to train (default: the shipped main job)")
+    parser.add_argument("--base-model", default="embedded", help="the base model the config fine-tunes")
+    parser.add_argument("--eval-args", default="", help="extra `loopdiff eval` flags (the config's sampler)")
+    parser.add_argument("--override", nargs="*", default=[], help="extra section.field=value for every run")
+    parser.add_argument("--no-agreement", action="store_true", help="skip the scorer agreement measure")
     args = parser.parse_args(argv)
+    SETUP.update(config=args.config, overrides=args.override, base_model=args.base_model,
+                 eval_args=shlex.split(args.eval_args), runs=args.runs)
 
     jobs = []
     for seed in args.seeds:
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     evals = []
     base_file = args.runs / f"base-eval{SECOND_EVAL_SEED}.json"
     if not base_file.is_file():
-        evals.append((eval_command("embedded", base_file, SECOND_EVAL_SEED), args.runs / "base-eval.log"))
+        evals.append((eval_command(args.base_model, base_file, SECOND_EVAL_SEED), args.runs / "base-eval.log"))
     for seed in args.seeds:
         for kind in ("loop", "control"):
             run_dir = args.runs / f"{kind}-s{seed}"
@@ -226,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = verdict(rows) | {"curves": plot_curves(args.runs, args.seeds, args.results / "training_reward.png")}
     models = {"base": None} | {f"{kind}-s{s}": str(args.runs / f"{kind}-s{s}/final_pipeline")
                                for s in args.seeds for kind in ("loop", "control")}
-    figures["scorer_agreement"] = scorer_agreement(models)
+    if not args.no_agreement:
+        figures["scorer_agreement"] = scorer_agreement(models)
     (args.results / "verdict.json").write_text(json.dumps(figures, indent=1) + "\n")
     shutil.copy(args.runs / f"loop-s{args.seeds[0]}/grids/base_vs_final.png", args.results / "base_vs_final.png")
     print(json.dumps(figures, indent=1))

@@ -53,9 +53,9 @@ def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
     from loopdiff.cli import DEFAULT_CONFIG, packaged_config_names, resolve_config
 
     assert packaged_config_names() == [
-        "embedded-aesthetic", "embedded-color", "flux-compbench-attributes", "sd15-ddpo-aesthetic",
-        "sd15-ddpo-compressibility", "sd2-compbench-attributes", "sd2-compbench-numeracy", "sd2-compbench-spatial",
-        "sd3-compbench-attributes", "sdxl-compbench-attributes",
+        "embedded-aesthetic", "embedded-color", "embedded-flow-aesthetic", "flux-compbench-attributes",
+        "sd15-ddpo-aesthetic", "sd15-ddpo-compressibility", "sd2-compbench-attributes", "sd2-compbench-numeracy",
+        "sd2-compbench-spatial", "sd3-compbench-attributes", "sdxl-compbench-attributes",
     ]  # the Stable Diffusion and Flux ones are tested in test_real_runs.py
     for name in ("embedded-aesthetic", "embedded-color"):
         config = load_config(resolve_config(name))

@@ -244,6 +244,8 @@ def build_policies(
         )
         policy_class, encoder_class = (FluxPolicy, FluxPromptEncoder) if flux else (FlowMatchPolicy, SD3PromptEncoder)
         tokens = getattr(sampling, "max_sequence_length", None)
+        if tokens is None and not flux:  # an SD3 folder may record the zero-T5-token count it was trained with
+            tokens = pipe.transformer.config.get("max_sequence_length")
         return (
             policy_class(rollout_model, pipe.scheduler, flow_config),
             policy_class(train_model, pipe.scheduler, flow_config),

@@ -137,6 +137,11 @@ def embedded_pipeline_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "pipeline"
 
 
+def embedded_flow_pipeline_path() -> Path:
+    """The folder of the shipped flow-matching base (``StableDiffusion3Pipeline``; ``pretrain_flow.py``)."""
+    return Path(__file__).resolve().parent / "assets" / "flow_pipeline"
+
+
 def load_embedded_pipeline(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
 ) -> StableDiffusionPipeline:

@@ -1,5 +1,5 @@
-"""The embedded world as a plugin: the model ``embedded``, the prompt source ``embedded:<category>[:val]``
-and the ``embedded_*`` rewards, registered through the core's registries as any third party's would be."""
+"""The embedded world as a plugin: the models ``embedded`` (Stable Diffusion format) and ``embedded-flow``
+(SD3 format, flow matching), the prompt source ``embedded:<category>[:val]`` and the ``embedded_*`` rewards, registered through the core's registries as any third party's would be."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from loopdiff.prompts import PromptError, PromptSet, prompt_set_from_lines
 from loopdiff.rewards.base import register_reward_modules
 
 NAME = "embedded"
+FLOW_NAME = "embedded-flow"
 # What a run on the embedded model uses for the fields left unset; any other model must name its own.
 DEFAULTS = {
     "prompts.train": "embedded:color",
@@ -22,6 +23,7 @@ PROMPT_USAGE = "embedded:<category>[:val]"
 def register() -> None:
     """Register the embedded model, its prompt files and its rewards (each module loads when first needed)."""
     register_model(NAME, pipeline_folder, DEFAULTS)
+    register_model(FLOW_NAME, flow_pipeline_folder, DEFAULTS)
     register_prompt_source(NAME, embedded_prompts, PROMPT_USAGE)
     register_reward_modules("loopdiff.embedded.rewards", "loopdiff.embedded.aesthetic")
 
@@ -31,6 +33,13 @@ def pipeline_folder() -> Path:
     from loopdiff.embedded.pipeline import embedded_pipeline_path
 
     return embedded_pipeline_path()
+
+
+def flow_pipeline_folder() -> Path:
+    """The shipped pretrained flow-matching (SD3-format) pipeline's folder."""
+    from loopdiff.embedded.pipeline import embedded_flow_pipeline_path
+
+    return embedded_flow_pipeline_path()
 
 
 def embedded_prompts(argument: str, spec: str) -> PromptSet:

@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig(output_dir="")
     parser = argparse.ArgumentParser(
         prog="loopdiff pretrain",
-        description="Pretrain the embedded base pipeline (VAE, then text encoder + UNet) on the miniature world.",
+        description="Pretrain the embedded base pipeline (VAE, then text encoder + UNet) on the miniature world. "
+        "'loopdiff pretrain --family flow --help': the SD3-format flow-matching base instead.",
     )
     parser.add_argument("--output-dir", required=True, help="folder for the pipeline (Stable Diffusion layout)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -514,9 +515,19 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 
 
 def pretrain_cli(argv: list[str] | None = None) -> int:
-    """``loopdiff pretrain``: reproduce the shipped embedded pipeline from scratch. Returns an exit code."""
+    """``loopdiff pretrain``: reproduce the shipped embedded pipeline from scratch. Returns an exit code.
+
+    ``--family flow`` pretrains the SD3-format base ``embedded-flow`` instead (``pretrain_flow.py``).
+    """
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument("--family", choices=("unet", "flow"), default="unet")
+    known, rest = family.parse_known_args(argv)
+    if known.family == "flow":
+        from loopdiff.embedded.pretrain_flow import pretrain_flow_cli
+
+        return pretrain_flow_cli(rest)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     try:
         config = config_from_args(args)
     except ValueError as err:

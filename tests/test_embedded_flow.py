@@ -21,14 +21,7 @@ from loopdiff.embedded.pretrain_flow import (
 )
 
 TINY = dict(num_layers=1, num_heads=2, head_dim=8)  # a one-block transformer of hidden 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_transformer(seed: int = 0):

@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -251,6 +251,28 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1.0 - decay)
 
 
+def ema_decay(step: int, decay: float) -> float:
+    """The EMA decay at ``step``: ``decay``, lower during the first steps so the EMA leaves the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backpropagate ``loss`` and take one step, the gradient norm over every parameter clipped to ``grad_clip``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to 10%."""
     if step < warmup:
@@ -305,10 +327,7 @@ class Trainer:
             "scaling_factor": self.vae.config.scaling_factor,
             "history": self.history,
         }
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        save_atomic(state, self.state_path)
 
     def load_state(self) -> bool:
         """Resume from ``<output>/pretrain_state/state.pt`` if it exists; returns whether it did."""
@@ -398,12 +417,8 @@ class Trainer:
         )
         for group in self.unet_opt.param_groups:
             group["lr"] = lr
-        self.unet_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in self.unet_opt.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        self.unet_opt.step()
-        decay = min(cfg.ema_decay, (1 + self.unet_step) / (10 + self.unet_step))
+        optimizer_step(self.unet_opt, loss, cfg.grad_clip)
+        decay = ema_decay(self.unet_step, cfg.ema_decay)
         update_ema(self.ema_unet, self.unet, decay)
         update_ema(self.ema_text_encoder, self.text_encoder, decay)
         self.history["unet_loss"].append((self.unet_step, float(loss)))
@@ -526,14 +541,20 @@ def pretrain_cli(argv: list[str] | None = None) -> int:
         from loopdiff.embedded.pretrain_flow import pretrain_flow_cli
 
         return pretrain_flow_cli(rest)
-    parser = build_parser()
-    args = parser.parse_args(rest)
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
+    args, config = parse_config(build_parser(), rest, config_from_args)
     pretrain(config, resume=not args.no_resume)
     return 0
+
+
+def parse_config(
+    parser: argparse.ArgumentParser, argv: list[str] | None, to_config: Callable[[argparse.Namespace], Any]
+) -> tuple[argparse.Namespace, Any]:
+    """Parse ``argv`` and turn it into a config with ``to_config``; a ValueError exits with the parser's usage."""
+    args = parser.parse_args(argv)
+    try:
+        return args, to_config(args)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

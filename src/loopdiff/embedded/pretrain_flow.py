@@ -40,7 +40,17 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from loopdiff.embedded.pipeline import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN, embedded_pipeline_path
-from loopdiff.embedded.pretrain import STATE_DIR, draw_batch, tokenize, update_ema, warmup_cosine
+from loopdiff.embedded.pretrain import (
+    STATE_DIR,
+    draw_batch,
+    ema_decay,
+    optimizer_step,
+    parse_config,
+    save_atomic,
+    tokenize,
+    update_ema,
+    warmup_cosine,
+)
 
 STATE_FILE = "flow_state.pt"
 DATA_STAGE = 2  # the same caption/render stream as the UNet stage of pretrain.py
@@ -241,10 +251,7 @@ class FlowTrainer:
         """Write everything needed to resume (weights, EMA, optimiser, step) atomically."""
         state = {name: module.state_dict() for name, module in self.modules().items()}
         state.update(config=asdict(self.config), step=self.step, opt=self.opt.state_dict(), history=self.history)
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        save_atomic(state, self.state_path)
 
     def load_state(self) -> bool:
         """Resume from ``<output>/pretrain_state/flow_state.pt`` if it exists; returns whether it did."""
@@ -298,12 +305,8 @@ class FlowTrainer:
         scale = warmup_cosine(self.step, cfg.warmup_steps, cfg.steps)
         for group in self.opt.param_groups:
             group["lr"] = group["base_lr"] * scale
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in self.opt.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        self.opt.step()
-        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        optimizer_step(self.opt, loss, cfg.grad_clip)
+        decay = ema_decay(self.step, cfg.ema_decay)
         update_ema(self.ema_transformer, self.transformer, decay)
         for ema, model in zip(self.ema_text_encoders, self.text_encoders):
             update_ema(ema, model, decay)
@@ -383,12 +386,7 @@ def config_from_args(args: argparse.Namespace) -> FlowPretrainConfig:
 
 def pretrain_flow_cli(argv: list[str] | None = None) -> int:
     """``loopdiff pretrain --family flow``: reproduce the shipped embedded-flow pipeline. Returns an exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
+    args, config = parse_config(build_parser(), argv, config_from_args)
     pretrain_flow(config, resume=not args.no_resume, stop_at=args.max_steps)
     return 0
 

@@ -69,7 +69,7 @@ class FlowPretrainConfig:
     output_dir: str
     base: str | None = None  # the embedded SD pipeline to take the VAE, tokenizer and text encoder from
     seed: int = 0
-    steps: int = 5000
+    steps: int = 7000
     batch_size: int = 32
     lr: float = 1e-3
     text_lr: float = 2e-4  # the text encoders are pretrained already: a smaller rate keeps their features

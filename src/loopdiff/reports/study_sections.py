@@ -17,6 +17,7 @@ from loopdiff.study.efficiency import mean_curve, epoch_seconds, method_cost, sa
 from loopdiff.study.results import StudyResults, read_variance
 from loopdiff.study.spec import BASE, StudySpec
 from loopdiff.study.stats import prediction_interval, summarize
+from loopdiff.study.tables import format_cell
 
 
 @dataclass(frozen=True)
@@ -255,13 +256,9 @@ def sampler_table(spec: StudySpec, results: StudyResults, task: str) -> TextTabl
     rows = sampler_rows(spec, results, task)
     if not rows:
         return None
-
-    def cell(s: Any) -> str:
-        return _num(s.mean) if math.isnan(s.se) else f"{s.mean:.4f} \u00b1 {s.se:.4f}"
-
     return TextTable(
         ["method", "eta = 1 (as trained)", "eta = 0 (deterministic)", "eta 0 \u2212 eta 1", "seeds"],
-        [[spec.label(r["method"]), cell(r["stochastic"]), cell(r["deterministic"]), cell(r["difference"]),
+        [[spec.label(r["method"]), *(format_cell(r[k]) for k in ("stochastic", "deterministic", "difference")),
           r["difference"].n] for r in rows],
         f"{spec.tasks[task].label}: held-out {spec.metric_key(task, 'evaluator')}, the same prompts and seeds")
 

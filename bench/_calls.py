@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from loopdiff.minibatches import steps_per_sample
+
 # Inner batch sizes of loopdiff.sampling.trajectories.sample_trajectories / decode_latents (their defaults).
 SAMPLER_BATCH = 64
 DECODE_BATCH = 64
@@ -43,6 +45,7 @@ class EpochShape:
     inner_epochs: int = 1
     minibatches: int = 1
     micro_batch_size: int = 64
+    train_denoising_steps: int | None = None  # only the first N steps enter the objective (None: all)
 
     @classmethod
     def from_trainer(cls, trainer) -> "EpochShape":
@@ -55,6 +58,7 @@ class EpochShape:
             sampling_chunk=c.sampling.batch_size,
             guided=c.sampling.guidance_scale != 1.0 and not is_flux(trainer.pipeline),  # Flux: guidance embedded
             timestep_fraction=c.training.timestep_fraction,
+            train_denoising_steps=c.training.train_denoising_steps,
             inner_epochs=est.inner_epochs,
             minibatches=est.minibatches,
             micro_batch_size=c.training.micro_batch_size,
@@ -103,8 +107,7 @@ def epoch_plan(shape: EpochShape) -> CallPlan:
         for rows in _split(chunk, SAMPLER_BATCH):
             plan.sampling += [branches * rows] * shape.num_steps
         plan.decoding += _split(chunk, DECODE_BATCH)
-    keep = max(1, int(round(shape.num_steps * shape.timestep_fraction)))
-    pairs = shape.samples * keep
+    pairs = shape.samples * steps_per_sample(shape.num_steps, shape.timestep_fraction, shape.train_denoising_steps)
     for _ in range(shape.inner_epochs):
         for step_pairs in _tensor_split_sizes(pairs, shape.minibatches):
             plan.training.append([branches * rows for rows in _split(step_pairs, shape.micro_batch_size)])

@@ -1,7 +1,7 @@
 """What the benchmarks run on: a pipeline folder, the prompts, and the trainer's configuration.
 
 The default pipeline is the shipped embedded model when its weights exist; otherwise a freshly initialised
-pipeline with the embedded model's architecture (a ~1.7 M-parameter UNet on 16x16x4 latents, 64x64 images),
+pipeline with the embedded model's architecture (a ~1 M-parameter UNet on 8x8x4 latents, 64x64 images),
 saved with ``save_pretrained`` so the trainer loads it through its real loading path. Random weights cost
 exactly as much per call as trained ones, which is all a speed benchmark needs.
 """
@@ -28,7 +28,12 @@ PROMPTS = (
     "a pink heart",
     "a white cross",
 )
-VAE_DOWNSCALE = 4  # the embedded VAE has three blocks: 64x64 pixels -> 16x16 latents
+
+def vae_downscale() -> int:
+    """Pixels per latent along a side: each embedded VAE block after the first halves (64x64 -> 8x8)."""
+    from loopdiff.embedded.pipeline import VAE_CONFIG
+
+    return 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def embedded_weights_folder() -> Path | None:
     return folder if (folder / "model_index.json").is_file() and (folder / "unet").is_dir() else None
 
 
-def build_bench_pipeline(latent_size: int = 16, seed: int = 0):
+def build_bench_pipeline(latent_size: int = 8, seed: int = 0):
     """A randomly initialised pipeline with the embedded architecture at ``latent_size`` latents."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -86,12 +91,12 @@ def build_bench_pipeline(latent_size: int = 16, seed: int = 0):
     tokenizer = build_tokenizer(world_vocabulary(), MAX_PROMPT_TOKENS)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(build_text_encoder_config(tokenizer))
-    vae = AutoencoderKL(**{**VAE_CONFIG, "sample_size": latent_size * VAE_DOWNSCALE})
+    vae = AutoencoderKL(**{**VAE_CONFIG, "sample_size": latent_size * vae_downscale()})
     unet = UNet2DConditionModel(**{**UNET_CONFIG, "sample_size": latent_size})
     return assemble_pipeline(tokenizer, text_encoder, vae, unet)
 
 
-def save_bench_pipeline(folder: Path, latent_size: int = 16, seed: int = 0) -> Path:
+def save_bench_pipeline(folder: Path, latent_size: int = 8, seed: int = 0) -> Path:
     """Build the benchmark pipeline and ``save_pretrained`` it to ``folder`` (reused when already there)."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -109,7 +114,7 @@ def default_pipeline_folder(scratch: Path) -> tuple[Path, str]:
         if not copy.is_dir():
             shutil.copytree(embedded, copy)
         return copy, "embedded pipeline (trained weights, private copy)"
-    folder = save_bench_pipeline(Path(scratch) / "pipeline-l16", 16)
+    folder = save_bench_pipeline(Path(scratch) / "pipeline-l8", 8)
     return folder, "embedded architecture, random weights (embedded weights absent)"
 
 

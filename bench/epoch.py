@@ -2,6 +2,7 @@
 
     python bench/epoch.py                      # default pipeline, 2 warm-up + 3 measured epochs, scaling table
     python bench/epoch.py --threads 1 --scaling none --epochs 2 --json out.json
+    python bench/epoch.py --config embedded-color --json bench/results/world-cost.json   # a packaged job's epoch
 
 Default epoch: 8 prompts x K = 4 trajectories, 20 DDIM steps, guidance 5, timestep fraction 1.0, LOOP
 preset, JPEG-compressibility reward, full fine-tuning in float32.
@@ -116,6 +117,40 @@ def measure_setup(
             "images_per_second": setup.samples / result["seconds"]["epoch"]}
 
 
+def measure_config(
+    name: str, scratch: Path, warmup: int, epochs: int, device: str = "cpu", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``measure_trainer`` on the epoch of a packaged (or given) config, exactly as ``loopdiff train`` runs it:
+    its model, sampler, estimator, reward and batch sizes; evaluation, progress bars and logs off."""
+    from loopdiff.cli import resolve_config
+    from loopdiff.config import load_config
+    from loopdiff.training.trainer import Trainer
+
+    quiet = [f"output.dir={scratch / 'run'}", "output.progress=false", "output.tensorboard=false",
+             "eval.max_prompts=0", f"model.device={device}", "training.epochs=1000000"]
+    config = load_config(resolve_config(name), [*overrides, *quiet])
+    result = measure_trainer(Trainer(config), warmup, epochs)
+    samples = config.training.samples_per_epoch
+    return {"config": name, "overrides": list(overrides), "samples_per_epoch": samples,
+            "num_steps": config.sampling.num_steps, "train_denoising_steps": config.training.train_denoising_steps,
+            "reward": config.reward.name, **result, "images_per_second": samples / result["seconds"]["epoch"],
+            "ms_per_sample": 1000 * result["seconds"]["epoch"] / samples}
+
+
+def print_config_report(result: dict[str, Any]) -> None:
+    sec, bare = result["seconds"], result["bare_seconds"]
+    print(f"config {result['config']}: {result['samples_per_epoch']} samples x {result['num_steps']} steps "
+          f"({result['train_denoising_steps'] or 'all'} trained), reward {result['reward']}, UNet "
+          f"{result['unet_params'] / 1e6:.2f} M params, {result['latent_size']}x{result['latent_size']} latents")
+    print(f"{'phase':<12} {'s/epoch':>8}")
+    for phase in PHASES:
+        print(f"{phase:<12} {sec[phase]:>8.3f}")
+    print(f"{'epoch':<12} {sec['epoch']:>8.3f}   bare calls {bare['total']:.3f} s; per epoch "
+          f"[{', '.join(f'{s:.3f}' for s in result['seconds_per_epoch_all'])}]")
+    print(f"ms per sample: {result['ms_per_sample']:.1f}   (sampling with log-probabilities, the trained steps' "
+          f"forward and backward, decoding and the reward)")
+
+
 def measure_trainer(trainer, warmup: int, epochs: int) -> dict[str, Any]:
     """``measure_setup``'s measurement on a built trainer (any family: UNet, SD3 or Flux transformer): the first
     warm-up epoch's calls checked against the plan, then per measured epoch its phases, the time inside its
@@ -168,15 +203,15 @@ def measure_trainer(trainer, warmup: int, epochs: int) -> dict[str, Any]:
 GRID_STEPS = 10  # the scaling table's base has 10 steps, to keep the whole table within a few minutes
 SCALING_ROWS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "none": [],
-    "quick": [("base (10 steps)", {}), ("K=2", {"k": 2}), ("latent 8x8 (32 px)", {"latent": 8})],
+    "quick": [("base (10 steps)", {}), ("K=2", {"k": 2}), ("latent 4x4 (32 px)", {"latent": 4})],
     "full": [
         ("base (10 steps)", {}),
         ("K=2", {"k": 2}),
         ("K=8", {"k": 8}),
         ("prompts=4", {"prompts": 4}),
         ("steps=20", {"steps": 20}),
-        ("latent 8x8 (32 px)", {"latent": 8}),
-        ("latent 24x24 (96 px)", {"latent": 24}),
+        ("latent 4x4 (32 px)", {"latent": 4}),
+        ("latent 16x16 (128 px)", {"latent": 16}),
         ("micro-batch 32", {"micro_batch": 32}),
         ("micro-batch 160", {"micro_batch": 160}),
         ("classic attention", {"attention": "classic"}),
@@ -280,6 +315,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute UNet activations in the backward pass (less memory, more compute)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", help="measure this packaged config's (or config file's) epoch instead")
+    parser.add_argument("--override", nargs="*", default=[], help="section.field=value changes to --config")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     return parser.parse_args(argv)
 
@@ -294,6 +331,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        attention=args.attention, gradient_checkpointing=args.gradient_checkpointing)
     with tempfile.TemporaryDirectory(prefix="loopdiff-bench-") as tmp:
         scratch = Path(tmp)
+        if args.config:
+            print(f"torch {torch.__version__}, {args.threads} thread(s); config {args.config}", flush=True)
+            result = measure_config(args.config, scratch, args.warmup, args.epochs, args.device, args.override)
+            result["threads"] = args.threads
+            print_config_report(result)
+            return _write_json(result, args.json)
         if args.pipeline:
             pipeline, description = Path(args.pipeline), "given folder"
         else:
@@ -309,9 +352,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"\n{SCALING_HEADER}", flush=True)
             grid_base = setup.with_changes(steps=GRID_STEPS)
             result["scaling"] = scaling_table(grid_base, pipeline, scratch, rows, args.device)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    return _write_json(result, args.json)
+
+
+def _write_json(result: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

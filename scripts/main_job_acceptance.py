@@ -2,10 +2,15 @@
 
     .venv/bin/python scripts/main_job_acceptance.py                    # 3 seeds x (LOOP, control), 2 at a time
     .venv/bin/python scripts/main_job_acceptance.py --seeds 0 --jobs 1 # one pair
+    .venv/bin/python scripts/main_job_acceptance.py --task aesthetic --runs runs/aesthetic \
+        --results docs/results/aesthetic-fidelity/unconstrained     # the aesthetic job
     .venv/bin/python scripts/main_job_acceptance.py --config embedded-flow-aesthetic --base-model embedded-flow \
         --eval-args="--eta 0.7" --no-agreement --runs runs/embedded-flow --results docs/results/embedded-flow
 
-For each training seed it runs the shipped main job (`loopdiff train`) and the same config with
+``--task`` picks the job and its measures: ``color`` (the main job, `embedded-color`: colour binding, trained on
+the learned VQA reward, judged by the analytic evaluator) or ``aesthetic`` (`embedded-aesthetic`: the learned
+aesthetic scorer, judged by colourfulness, with colour binding as the prompt-fidelity measure).
+For each training seed it runs the task's config (`loopdiff train`) and the same config with
 `reward.name=random_control`, which trains on uniform noise: what the optimiser alone does to the
 model. Each is evaluated on the 40 validation prompts x 10 images under two evaluation seeds (1234,
 inside the run, and 99 with `loopdiff eval`), as is the base model. Runs already finished are reused.
@@ -37,18 +42,41 @@ import numpy as np
 
 from loopdiff.study.stats import prediction_interval, summarize
 
-HELD_OUT, REWARD, BINDING = "embedded_colorfulness", "embedded_aesthetic", "embedded_eval"
-EVAL_REWARDS = f"[{REWARD},{HELD_OUT},{BINDING}]"
+# Per task: its config, the held-out evaluator, the training reward and the colour-binding measure.
+TASKS = {
+    "color": {"config": "embedded-color", "held_out": "embedded_eval", "reward": "embedded_vqa",
+              "binding": "embedded_eval", "extra": ["embedded_eval_graded"]},
+    "aesthetic": {"config": "embedded-aesthetic", "held_out": "embedded_colorfulness", "reward": "embedded_aesthetic",
+                  "binding": "embedded_eval", "extra": []},
+}
+HELD_OUT, REWARD, BINDING = "embedded_eval", "embedded_vqa", "embedded_eval"  # main() sets these from --task
 TRAIN_EVAL_SEED, SECOND_EVAL_SEED = 1234, 99
 ROOT = Path(__file__).resolve().parent.parent
 # What the job runs beyond the shipped main job; main() sets these from its flags.
-SETUP: dict = {"config": None, "overrides": [], "base_model": "embedded", "eval_args": [], "runs": Path("runs/main-job")}
+SETUP: dict = {"config": None, "overrides": [], "base_model": "embedded", "eval_args": [], "runs": Path("runs/main-job"),
+               "task": "color"}
+
+
+def eval_rewards() -> str:
+    """The rewards every evaluation scores, as a config list ``[a,b,...]``."""
+    task = TASKS[SETUP["task"]]
+    return "[" + ",".join(dict.fromkeys([REWARD, HELD_OUT, BINDING, *task["extra"]])) + "]"
+
+
+def sampler_flags() -> list[str]:
+    """`loopdiff eval` flags that sample as the config's training evaluation does (steps, guidance, eta)."""
+    from loopdiff.cli import resolve_config
+    from loopdiff.config import load_config
+
+    config = load_config(resolve_config(SETUP["config"]), SETUP["overrides"])
+    s = config.sampling
+    return ["--steps", str(s.num_steps), "--guidance-scale", str(s.guidance_scale), "--eta", str(s.eta)]
 
 
 def train_command(kind: str, seed: int, run_dir: Path) -> list[str]:
     """The `loopdiff train` command of one run (``kind`` is ``loop`` or ``control``)."""
-    command = ["loopdiff", "train"] + (["--config", SETUP["config"]] if SETUP["config"] else [])
-    command += [f"training.seed={seed}", f"output.dir={run_dir}", f"eval.rewards={EVAL_REWARDS}", *SETUP["overrides"]]
+    command = ["loopdiff", "train", "--config", SETUP["config"]]
+    command += [f"training.seed={seed}", f"output.dir={run_dir}", f"eval.rewards={eval_rewards()}", *SETUP["overrides"]]
     if kind == "control":
         command += ["reward.name=random_control", f"reward.monitor=[{REWARD}]"]
     return command
@@ -57,8 +85,8 @@ def train_command(kind: str, seed: int, run_dir: Path) -> list[str]:
 def eval_command(model: str, out: Path, seed: int) -> list[str]:
     """`loopdiff eval` with the main job's evaluation protocol under another seed."""
     return ["loopdiff", "eval", "--model", model, "--prompts", "embedded:color:val", "--max-prompts", "40",
-            "--images-per-prompt", "10", "--batch-size", "32", "--steps", "10", "--seed", str(seed),
-            "--reward", EVAL_REWARDS.strip("[]"), "--out", str(out), *SETUP["eval_args"]]
+            "--images-per-prompt", "10", "--batch-size", "32", *sampler_flags(), "--seed", str(seed),
+            "--reward", eval_rewards().strip("[]"), "--out", str(out), *SETUP["eval_args"]]
 
 
 def run(command: list[str], log: Path, threads: int) -> None:
@@ -91,7 +119,7 @@ def plot_curves(runs: Path, seeds: list[int], path: Path, window: int = 10) -> d
     import matplotlib.pyplot as plt
 
     curves = {
-        "LOOP (trained on the aesthetic reward)": np.stack(
+        f"LOOP (trained on {REWARD})": np.stack(
             [reward_curve(runs / f"loop-s{s}", "reward/mean", window)[:, 1] for s in seeds]),
         "random_control (trained on noise)": np.stack(
             [reward_curve(runs / f"control-s{s}", f"monitor/{REWARD}/mean", window)[:, 1] for s in seeds]),
@@ -104,7 +132,7 @@ def plot_curves(runs: Path, seeds: list[int], path: Path, window: int = 10) -> d
         ax.plot(epochs, mean, color=color, label=label)
         ax.fill_between(epochs, low, high, color=color, alpha=0.25)
         bands[label] = (mean, low, high)
-    ax.set_xlabel("epoch (32 samples each)")
+    ax.set_xlabel("epoch")
     ax.set_ylabel(f"training reward ({REWARD}),\n{window}-epoch trailing mean")
     ax.set_title(f"{SETUP['config'] or 'Main job'}: mean and 80% prediction band over {len(seeds)} seeds")
     ax.legend(loc="upper left")
@@ -167,7 +195,8 @@ def verdict(rows: list[dict]) -> dict:
     per_seed = {key: [np.mean([r[key] for r in rows if r["train_seed"] == s]) for s in seeds]
                 for key in ("base", "final", "control_final", "reward_base", "reward_final", "reward_control_final",
                             "binding_base", "binding_final", "binding_control_final")}
-    out = {"train_seeds": len(seeds), "eval_seeds": len({r["eval_seed"] for r in rows})}
+    out = {"task": SETUP["task"], "config": SETUP["config"], "train_seeds": len(seeds),
+           "eval_seeds": len({r["eval_seed"] for r in rows})}
     for prefix, (b, f, c) in {"held_out": ("base", "final", "control_final"),
                               "reward": ("reward_base", "reward_final", "reward_control_final"),
                               "binding": ("binding_base", "binding_final", "binding_control_final")}.items():
@@ -178,11 +207,14 @@ def verdict(rows: list[dict]) -> dict:
                        "control_gain": control_gain.mean, "control_gain_se": control_gain.se,
                        "final_minus_control": difference.mean, "final_minus_control_se": difference.se,
                        "relative_gain": gain.mean / float(np.mean(per_seed[b]))}
+    out["held_out"]["evaluator"], out["reward"]["name"], out["binding"]["evaluator"] = HELD_OUT, REWARD, BINDING
     return out
 
 
 def scorer_agreement(models: dict[str, str | None], n: int = 256, seed: int = 7) -> dict[str, float]:
     """Per model, the share of image pairs the training reward orders as the held-out evaluator does."""
+    if SETUP["task"] == "color":
+        return binding_agreement(models, n, seed)
     import torch
 
     from loopdiff.embedded.aesthetic import ColorfulnessEvaluator, LearnedAesthetic
@@ -197,20 +229,58 @@ def scorer_agreement(models: dict[str, str | None], n: int = 256, seed: int = 7)
     return out
 
 
+def binding_agreement(models: dict[str, str | None], prompts: int = 40, per_prompt: int = 8, seed: int = 7) -> dict:
+    """Per model, on ``per_prompt`` images of each of ``prompts`` validation prompts (the config's sampler):
+    among pairs of images of one prompt that the strict evaluator tells apart (one binds, one does not), the
+    share the VQA reward ranks the same way (0.5 is chance), and the evaluator's and the reward's means."""
+    import torch
+
+    from loopdiff.embedded.evaluator import HeldOutEvaluator
+    from loopdiff.embedded.pipeline import load_embedded_pipeline
+    from loopdiff.embedded.prompts import load_prompts
+    from loopdiff.embedded.rewards import EmbeddedVQA
+
+    steps, guidance, eta = (float(v) for v in sampler_flags()[1::2])
+    chosen = load_prompts("color", "val")[:prompts]
+    reward, evaluator = EmbeddedVQA(), HeldOutEvaluator()
+    out = {}
+    for name, model in models.items():
+        pipe = load_embedded_pipeline(path=model)
+        batch = [p for p in chosen for _ in range(per_prompt)]
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            images = pipe(batch, num_inference_steps=int(steps), guidance_scale=guidance, eta=eta,
+                          generator=generator, output_type="pt").images.float().clamp(0, 1)
+            scores = reward(images, batch, [{}] * len(batch)).view(prompts, per_prompt)
+        truth = evaluator(images, batch, [{}] * len(batch)).view(prompts, per_prompt)
+        agree = total = 0.0
+        for r, t in zip(scores, truth):
+            differs = t[:, None] > t[None, :]
+            agree += float(((r[:, None] > r[None, :]) & differs).sum() + 0.5 * ((r[:, None] == r[None, :]) & differs).sum())
+            total += float(differs.sum())
+        out[name] = {"pairwise_agreement": agree / total if total else None, "pairs": int(total),
+                     "evaluator_mean": float(truth.mean()), "reward_mean": float(scores.mean())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=tuple(TASKS), default="color", help="the job and its measures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", type=Path, default=Path("runs/main-job"))
     parser.add_argument("--results", type=Path, default=Path("docs/results/main-job"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--config", default=None, help="the config to train (default: the shipped main job)")
+    parser.add_argument("--config", default=None, help="the config to train (default: the task's)")
     parser.add_argument("--base-model", default="embedded", help="the base model the config fine-tunes")
     parser.add_argument("--eval-args", default="", help="extra `loopdiff eval` flags (the config's sampler)")
     parser.add_argument("--override", nargs="*", default=[], help="extra section.field=value for every run")
     parser.add_argument("--no-agreement", action="store_true", help="skip the scorer agreement measure")
     args = parser.parse_args(argv)
-    SETUP.update(config=args.config, overrides=args.override, base_model=args.base_model,
+    global HELD_OUT, REWARD, BINDING
+    task = TASKS[args.task]
+    HELD_OUT, REWARD, BINDING = task["held_out"], task["reward"], task["binding"]
+    SETUP.update(task=args.task, config=args.config or task["config"], overrides=args.override, base_model=args.base_model,
                  eval_args=shlex.split(args.eval_args), runs=args.runs)
 
     jobs = []

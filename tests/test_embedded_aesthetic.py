@@ -158,3 +158,23 @@ def test_scorer_training_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_pat
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
     fresh = T.build_scorer(config).state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in whole.state_dict().items())
+
+
+def test_aesthetic_scorer_and_calibration_are_fit_on_training_prompts_only(tmp_path, monkeypatch):
+    """Every image the scorer is trained or calibrated on comes from the training split; validation images
+    are only judged."""
+    drawn: list[tuple[str, torch.Tensor]] = []
+
+    def fake_base_images(n, seed, split, **_):
+        images = torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        drawn.append((split, images))
+        return images
+
+    monkeypatch.setattr(T, "base_model_images", fake_base_images)
+    config = T.train_aesthetic(tmp_path, steps=2, batch=8, generated=8, held_out=16)
+    splits = [split for split, _ in drawn]
+    assert splits == ["train", "train", "val"]  # the pool, the calibration, the judged images
+    model, _ = load_scorer("aesthetic", tmp_path)
+    fit = drawn[1][1]
+    expected = T._calibrate(T._logits(model, fit), T.colorfulness_score(fit))
+    assert config["calibration"] == pytest.approx(expected)

@@ -82,6 +82,35 @@ def test_vqa_answers_held_out_phrases():
     assert T.evaluate_vqa(model, config["vocab"], n_images=100, seed=778, degrade=True) >= 0.85
 
 
+def test_vqa_reads_the_shipped_vaes_round_trips():
+    """The scorer trains on what the world's VAE makes of renders, so it reads generated-looking images."""
+    from loopdiff.embedded.pipeline import embedded_pipeline_path
+
+    model, config = load_scorer("vqa")
+    round_trip = T.VaeRoundTrip(embedded_pipeline_path() / "vae")
+    assert T.evaluate_vqa(model, config["vocab"], n_images=100, seed=779, round_trip=round_trip) >= 0.85
+
+
+def test_round_trip_degradation_by_parts(tmp_path):
+    from conftest import tiny_vae
+
+    torch.manual_seed(0)
+    tiny_vae(sample_size=64).save_pretrained(tmp_path / "vae")
+    images = torch.rand(6, 3, 64, 64)
+    exact = T.VaeRoundTrip(tmp_path / "vae", max_latent_noise=0.0)
+    with torch.no_grad():
+        by_hand = (exact.vae.decode(exact.vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2
+    torch.testing.assert_close(exact(images, torch.Generator().manual_seed(1)), by_hand.clamp(0, 1))
+    noisy = T.VaeRoundTrip(tmp_path / "vae", max_latent_noise=0.3)
+    assert (noisy(images, torch.Generator().manual_seed(1)) - by_hand.clamp(0, 1)).abs().max() > 1e-3
+    plain = T.degrade_like_generations(images, torch.Generator().manual_seed(2), exact, fraction=0.0)
+    torch.testing.assert_close(plain, T.augment(images, torch.Generator().manual_seed(2)))
+    all_round = T.degrade_like_generations(images, torch.Generator().manual_seed(3), exact, fraction=1.0)
+    generator = torch.Generator().manual_seed(3)
+    torch.rand(6, generator=generator)  # the draw that chose the images to round-trip
+    torch.testing.assert_close(all_round, T.augment(exact(images, generator), generator))
+
+
 def test_vqa_reward_is_the_product_of_per_phrase_yes_ratios():
     texts, images, _ = _prompt_batch("color", 4, seed=5)
     texts[1] = "a dotted red star on the left of a blue square"

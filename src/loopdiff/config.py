@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -181,6 +182,11 @@ class OutputConfig:
     wandb: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("loopdiff", "the Weights & Biases project")
     progress: bool = setting(True, "show progress bars")
+    keep_best: str | None = setting(
+        None, "keep the weights where this weighted sum of logged metrics peaks, e.g. "
+              "'reward/mean:1,monitor/embedded_eval/mean:2' (with reward.monitor); exported as best_pipeline/ "
+              "or best_lora/ beside the final model")
+    keep_best_window: int = setting(10, "epochs over which output.keep_best's sum is averaged")
 
 
 @dataclass
@@ -515,6 +521,25 @@ def _choice(path: str, value: Any, choices: Sequence[Any]) -> None:
     _check(value in choices, path, value, ", ".join(map(str, choices)))
 
 
+def parse_trade_off(spec: str) -> dict[str, float]:
+    """``"metric:weight,metric:weight"`` -> ``{metric: weight}``; a bare metric has weight 1."""
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, weight = part.rpartition(":") if ":" in part else (part, "", "1")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ConfigError(f"output.keep_best: weight {weight!r} of {name!r} is not a number") from None
+        if not name or not math.isfinite(value):
+            raise ConfigError(f"output.keep_best: bad term {part!r} (expected metric:weight)")
+        weights[name] = weights.get(name, 0.0) + value
+    if not weights:
+        raise ConfigError(f"output.keep_best: {spec!r} names no metric")
+    return weights
+
+
 def validate(config: RunConfig) -> None:
     """Raise ConfigError for the first invalid value."""
     m, s, t, o = config.model, config.sampling, config.training, config.output
@@ -560,6 +585,9 @@ def validate(config: RunConfig) -> None:
     _check(config.eval.images_per_prompt >= 1, "eval.images_per_prompt", config.eval.images_per_prompt, ">= 1")
     _check(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0")
     _check(o.checkpoint_every >= 1, "output.checkpoint_every", o.checkpoint_every, "an integer >= 1")
+    _check(o.keep_best_window >= 1, "output.keep_best_window", o.keep_best_window, "an integer >= 1")
+    if o.keep_best is not None:
+        parse_trade_off(o.keep_best)
     estimator = build_estimator(config)
     k = estimator.samples_per_prompt
     _check(

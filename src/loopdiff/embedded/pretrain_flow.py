@@ -1,7 +1,8 @@
 """Pretrain the embedded flow-matching base (``embedded-flow``): an SD3-format pipeline on the miniature world.
 
-The pipeline is ``StableDiffusion3Pipeline``: a small ``SD3Transformer2DModel`` (patch 2 on the 16x16x4
-latents, 64 image tokens), a ``FlowMatchEulerDiscreteScheduler``, two ``CLIPTextModelWithProjection``
+The pipeline is ``StableDiffusion3Pipeline``: a small ``SD3Transformer2DModel`` (patch 2 on the base VAE's
+latents: 16x16x4 and 64 image tokens for the shipped weights, which were trained on the earlier 4x VAE; 8x8x4
+on today's embedded VAE), a ``FlowMatchEulerDiscreteScheduler``, two ``CLIPTextModelWithProjection``
 encoders and no T5 (diffusers then appends ``max_sequence_length`` zero tokens to the prompt; we keep it
 small, ``MAX_SEQUENCE_LENGTH``). The VAE is the shipped embedded one, frozen, with ``shift_factor`` 0. Both
 text encoders start from the shipped embedded CLIP text encoder (its projection is new, initialised to the
@@ -95,10 +96,12 @@ class FlowPretrainConfig:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def transformer_config(num_layers: int = 4, num_heads: int = 4, head_dim: int = 24) -> dict[str, Any]:
-    """The SD3 transformer's config: patch 2 on 16x16x4 latents, hidden ``num_heads * head_dim``."""
+def transformer_config(
+    num_layers: int = 4, num_heads: int = 4, head_dim: int = 24, latent_size: int = LATENT_SIZE
+) -> dict[str, Any]:
+    """The SD3 transformer's config: patch 2 on ``latent_size`` square latents, hidden ``num_heads * head_dim``."""
     return dict(
-        sample_size=LATENT_SIZE,
+        sample_size=latent_size,
         patch_size=2,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
@@ -108,8 +111,13 @@ def transformer_config(num_layers: int = 4, num_heads: int = 4, head_dim: int = 
         joint_attention_dim=JOINT_DIM,
         caption_projection_dim=num_heads * head_dim,
         pooled_projection_dim=JOINT_DIM,
-        pos_embed_max_size=LATENT_SIZE,
+        pos_embed_max_size=latent_size,
     )
+
+
+def vae_latent_size(vae: AutoencoderKL) -> int:
+    """The side of the latents ``vae`` encodes its images to (each block after the first halves it)."""
+    return vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def text_encoder_with_projection(encoder: CLIPTextModel) -> CLIPTextModelWithProjection:
@@ -135,7 +143,9 @@ def build_untrained_flow_pipeline(
     vae = AutoencoderKL.from_pretrained(folder / "vae")
     vae.register_to_config(shift_factor=0.0)  # StableDiffusion3Pipeline decodes latents / scale + shift
     torch.manual_seed(config.seed)
-    transformer = SD3Transformer2DModel(**transformer_config(config.num_layers, config.num_heads, config.head_dim))
+    transformer = SD3Transformer2DModel(
+        **transformer_config(config.num_layers, config.num_heads, config.head_dim, vae_latent_size(vae))
+    )
     return assemble_flow_pipeline(
         tokenizer, text_encoder_with_projection(clip), text_encoder_with_projection(clip), vae, transformer,
         config.shift,

@@ -98,6 +98,37 @@ def augment(images: torch.Tensor, generator: torch.Generator, strength: float = 
     return x.clamp(0, 1)
 
 
+class VaeRoundTrip:
+    """Renders as the world's VAE returns them, from slightly perturbed latents: the blur, lumpy edges and
+    colour bleed of generated images, with the rendered scene still the ground truth."""
+
+    def __init__(self, vae_folder: str | Path, max_latent_noise: float = 0.3):
+        from diffusers import AutoencoderKL  # only the round trip needs diffusers here
+
+        self.vae = AutoencoderKL.from_pretrained(vae_folder, local_files_only=True).eval().requires_grad_(False)
+        self.max_latent_noise = max_latent_noise
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``images`` in [0, 1] through encoder and decoder, each with latent noise of a random share (up to
+        ``max_latent_noise``) of the latents' standard deviation."""
+        latents = self.vae.encode(images * 2 - 1).latent_dist.mean
+        share = self.max_latent_noise * torch.rand(len(images), 1, 1, 1, generator=generator)
+        latents = latents + share * latents.std() * torch.randn(latents.shape, generator=generator)
+        return ((self.vae.decode(latents).sample + 1) / 2).clamp(0, 1)
+
+
+def degrade_like_generations(images: torch.Tensor, generator: torch.Generator, round_trip: VaeRoundTrip | None,
+                             fraction: float) -> torch.Tensor:
+    """:func:`augment` every image; first send a ``fraction`` of them through ``round_trip`` (when given)."""
+    if round_trip is not None and fraction > 0:
+        chosen = torch.rand(len(images), generator=generator) < fraction
+        if chosen.any():
+            images = images.clone()
+            images[chosen] = round_trip(images[chosen], generator)
+    return augment(images, generator)
+
+
 def _describe(rng: np.random.Generator, shape: str, color: str, texture: str) -> ObjectSpec:
     """A spec naming the shape and, at random, the colour and the texture."""
     return ObjectSpec(shape, color if rng.random() < 0.7 else None, texture if rng.random() < 0.5 else None)
@@ -252,11 +283,14 @@ def contrastive_loss(model: ContrastiveAligner, images: torch.Tensor, captions: 
 
 @torch.no_grad()
 def evaluate_vqa(model: PhraseVQA, vocab: list[str], n_images: int = 400, seed: int = 10_000,
-                 degrade: bool = False) -> float:
-    """Yes/no accuracy on fresh scenes: half the phrases true, half false (wrong attribute or binding)."""
+                 degrade: bool = False, round_trip: VaeRoundTrip | None = None) -> float:
+    """Yes/no accuracy on fresh scenes: half the phrases true, half false (wrong attribute or binding); the
+    images degraded (``degrade``) or sent through a VAE (``round_trip``) when asked."""
     rng = np.random.default_rng(seed)
     scenes, phrases, index, answers = vqa_batch(rng, n_images)
     images = to_tensor(scenes)
+    if round_trip is not None:
+        images = round_trip(images, torch.Generator().manual_seed(seed))
     if degrade:
         images = augment(images, torch.Generator().manual_seed(seed))
     logits = model(images, encode_texts(phrases, vocab), torch.tensor(index))
@@ -350,15 +384,23 @@ def _train(name: str, config: dict, steps: int, lr: float, out: Path, step_loss:
     return model.eval()
 
 
-def train_vqa(out: Path, steps: int = 1500, batch: int = 48, seed: int = 0, lr: float = 2e-3, aux_weight: float = 1.0) -> dict:
+def train_vqa(out: Path, steps: int = 1500, batch: int = 48, seed: int = 0, lr: float = 2e-3, aux_weight: float = 1.0,
+              vae: str | Path | None = None, round_trip_fraction: float = 0.5) -> dict:
+    """The phrase VQA scorer; with ``vae`` (a VAE folder) a ``round_trip_fraction`` of each batch is seen as
+    that VAE reconstructs it (:class:`VaeRoundTrip`), so that the scorer reads generated images as it reads
+    renders."""
     vocab = list(DEFAULT_VOCAB)
+    round_trip = VaeRoundTrip(vae) if vae is not None else None
+    fraction = round_trip_fraction if round_trip is not None else 0.0
     config = {"kind": "vqa", "arguments": {"vocab_size": len(vocab), "width": 48, "vocab": vocab}, "vocab": vocab,
               "training": {"steps": steps, "batch_images": batch, "phrases_per_image": 4, "lr": lr, "seed": seed,
-                           "auxiliary_weight": aux_weight}}
+                           "auxiliary_weight": aux_weight, "vae_round_trip_fraction": fraction,
+                           "max_latent_noise": round_trip.max_latent_noise if round_trip else None}}
 
     def step_loss(model: PhraseVQA, rng: np.random.Generator) -> torch.Tensor:
         scenes, phrases, index, answers = vqa_batch(rng, batch)
-        images = augment(to_tensor(scenes), torch.Generator().manual_seed(int(rng.integers(2**31))))
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        images = degrade_like_generations(to_tensor(scenes), generator, round_trip, fraction)
         maps = model.maps(images)
         logits = model.answer(maps, encode_texts(phrases, vocab), torch.tensor(index))
         return F.cross_entropy(logits, torch.tensor(answers)) + aux_weight * grid_attribute_loss(maps, detector_targets(scenes))
@@ -366,6 +408,8 @@ def train_vqa(out: Path, steps: int = 1500, batch: int = 48, seed: int = 0, lr: 
     model = _train("vqa", config, steps, lr, out, step_loss)
     config["metrics"] = {"yes_no_accuracy_clean": evaluate_vqa(model, vocab),
                          "yes_no_accuracy_degraded": evaluate_vqa(model, vocab, degrade=True)}
+    if round_trip is not None:
+        config["metrics"]["yes_no_accuracy_round_trip"] = evaluate_vqa(model, vocab, round_trip=round_trip)
     return _finish("vqa", model, config, out)
 
 
@@ -480,8 +524,9 @@ def train_aesthetic(out: Path, steps: int = 1500, batch: int = 64, seed: int = 3
 
     Half of each batch is augmented renders of :func:`aesthetic_scene`, half the base model's own
     images (``generated`` of them, drawn once and cached in ``out``); the raters prefer the more
-    colourful image of a pair with Bradley-Terry noise. The scorer is then calibrated and judged on
-    ``held_out`` fresh base images of the validation prompts.
+    colourful image of a pair with Bradley-Terry noise. The scorer is then calibrated on ``held_out``
+    fresh base images of the training prompts and judged on as many of the validation prompts, which
+    nothing here is fit on.
     """
     config = {"kind": "aesthetic", "arguments": {"width": 32, "hidden": 64},
               "training": {"steps": steps, "batch_images": batch, "lr": lr, "seed": seed, "generated_images": generated,
@@ -508,12 +553,13 @@ def train_aesthetic(out: Path, steps: int = 1500, batch: int = 64, seed: int = 3
         return F.binary_cross_entropy_with_logits(logits[:, 0] - logits[:, 1], labels)
 
     model = _train("aesthetic", config, steps, lr, out, step_loss)
-    fresh = base_model_images(held_out, seed + 1, "val")
-    fresh_scores, predicted = colorfulness_score(fresh), _logits(model, fresh)
-    config["calibration"] = _calibrate(predicted, fresh_scores)
+    fit = base_model_images(held_out, seed + 1, "train")
+    config["calibration"] = _calibrate(_logits(model, fit), colorfulness_score(fit))
+    judged = base_model_images(held_out, seed + 2, "val")
+    judged_scores, predicted = colorfulness_score(judged), _logits(model, judged)
     renders = to_tensor([aesthetic_scene(np.random.default_rng([seed, 10**6, i])) for i in range(held_out)])
     config["metrics"] = {
-        "pairwise_agreement_base_images": pairwise_agreement(predicted, fresh_scores),
+        "pairwise_agreement_base_images": pairwise_agreement(predicted, judged_scores),
         "pairwise_agreement_renders": pairwise_agreement(_logits(model, renders), colorfulness_score(renders)),
         "agreement_margin": AGREEMENT_MARGIN,
     }
@@ -528,6 +574,13 @@ def _finish(name: str, model: torch.nn.Module, config: dict, out: Path) -> dict:
     return config
 
 
+def default_vae() -> Path:
+    """The shipped pipeline's VAE folder."""
+    from loopdiff.embedded.pipeline import embedded_pipeline_path
+
+    return embedded_pipeline_path() / "vae"
+
+
 TRAINERS = {"vqa": train_vqa, "detector": train_detector, "aligner": train_aligner, "aesthetic": train_aesthetic}
 
 
@@ -537,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="vqa,detector,aligner,aesthetic", help="comma-separated subset of vqa,detector,aligner,aesthetic")
     parser.add_argument("--steps", type=int, default=None, help="training steps of each scorer (default per scorer)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="VAE folder whose round trips the VQA scorer also trains on (default: the shipped "
+                             "pipeline's vae/; 'none' trains on renders only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -546,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         kwargs = {} if args.steps is None else {"steps": args.steps}
+        if name == "vqa":
+            kwargs["vae"] = default_vae() if args.vae is None else None if str(args.vae) == "none" else args.vae
         TRAINERS[name](args.out, **kwargs)
 
 

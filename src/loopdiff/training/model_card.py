@@ -29,9 +29,10 @@ def card_tags(estimator: Estimator, reward_name: str, lora: bool) -> list[str]:
     return list(dict.fromkeys([*tags, "lora"] if lora else tags))
 
 
-def read_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The records of ``eval/base.json`` and ``eval/final.json`` that exist, by tag."""
-    files = {tag: run_dir / "eval" / f"{tag}.json" for tag in ("base", "final")}
+def read_evaluations(run_dir: Path, final_tag: str = "final") -> dict[str, dict[str, Any]]:
+    """The records of ``eval/base.json`` and of the fine-tuned model's ``eval/<final_tag>.json`` that exist,
+    as ``base`` and ``final``."""
+    files = {"base": run_dir / "eval" / "base.json", "final": run_dir / "eval" / f"{final_tag}.json"}
     return {tag: json.loads(path.read_text()) for tag, path in files.items() if path.is_file()}
 
 
@@ -109,10 +110,10 @@ def ema_note(config: RunConfig) -> str:
 
 def model_card(
     config: RunConfig, estimator: Estimator, reward_name: str, run_dir: Path, epochs: int, path: Path,
-    pipeline_class: str = "StableDiffusionPipeline",
+    pipeline_class: str = "StableDiffusionPipeline", final_tag: str = "final", note: str = "",
 ) -> str:
     """The text of ``README.md`` for the model exported to ``path`` after ``epochs`` epochs (a fine-tune of a
-    diffusers ``pipeline_class`` pipeline)."""
+    diffusers ``pipeline_class`` pipeline), evaluated as ``eval/<final_tag>.json``; ``note`` ends the summary."""
     front = {
         "base_model": config.model.pretrained,
         "library_name": "diffusers",
@@ -129,9 +130,9 @@ def model_card(
         f"{kind} of `{config.model.pretrained}`, trained with loopdiff's `{estimator.name}` estimator "
         f"against the reward `{reward_name}` for {epochs} epoch{'s' * (epochs != 1)} of "
         f"{config.training.samples_per_epoch} samples "
-        f"on the prompts `{prompts}` ({sampler_phrase(config, pipeline_class)}).{ema_note(config)}",
+        f"on the prompts `{prompts}` ({sampler_phrase(config, pipeline_class)}).{ema_note(config)}{note}",
         "## Use\n\n" + usage_snippet(config, path, pipeline_class),
-        "## Evaluation\n\n" + evaluation_table(read_evaluations(run_dir), config.eval.images_per_prompt),
+        "## Evaluation\n\n" + evaluation_table(read_evaluations(run_dir, final_tag), config.eval.images_per_prompt),
         "## Estimator\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(estimator), sort_keys=False) + "```",
         "## Training configuration\n\nThe resolved config (`loopdiff train --config` accepts it as a file):\n\n"
         "```yaml\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```",

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,15 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from loopdiff.advantages import clip_advantages, finite_groups
-from loopdiff.config import ConfigError, RunConfig, build_estimator, check_processes, complete, fixed_changes
+from loopdiff.config import (
+    ConfigError,
+    RunConfig,
+    build_estimator,
+    check_processes,
+    complete,
+    fixed_changes,
+    parse_trade_off,
+)
 from loopdiff.evaluation import EvalResult, evaluate
 from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
@@ -39,6 +47,15 @@ from loopdiff.rewards.async_reward import AsyncReward
 from loopdiff.rewards.base import RewardFn, as_scores, build_reward
 from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
+from loopdiff.training.best import (
+    BEST_DIR,
+    BEST_WEIGHTS,
+    BestKeeper,
+    kept_info,
+    load_kept_weights,
+    plot_trade_off,
+    save_kept_weights,
+)
 from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import (
     check_engine_step,
@@ -70,6 +87,7 @@ from loopdiff.models import (
     is_flow_matching,
     is_sdxl,
     load_pipeline,
+    load_trainable_state_dict,
     pipeline_class_name,
     text_encoders,
     trainable_state_dict,
@@ -132,6 +150,11 @@ class Trainer:
         self.tracker = self.estimator.new_tracker()  # the per-prompt reward history of a tracked advantage
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        o = config.output
+        self.best = BestKeeper(parse_trade_off(o.keep_best), o.keep_best_window) if o.keep_best else None
+        if self.best is not None and self.sharded:
+            raise ConfigError(f"output.keep_best={o.keep_best!r} needs unsharded weights; it is not available "
+                              "under FSDP (use DDP or DeepSpeed ZeRO-2, or unset output.keep_best)")
         self.resumed = False
 
     # ------------------------------------------------------------------ setup
@@ -565,6 +588,8 @@ class Trainer:
         info = ckpt.load_checkpoint(path, self._checkpoint_parts())
         self.epoch = info["epoch"]
         self.history = info.get("history", [])
+        if self.best is not None:
+            self.best.replay(self.history)
         self.resumed = True
         if self.accelerator.is_main_process:
             print(f"resuming from epoch {self.epoch} ({path})", flush=True)
@@ -668,6 +693,51 @@ class Trainer:
                 shutil.rmtree(path, ignore_errors=True)
                 tmp.rename(path)
         self.accelerator.wait_for_everyone()
+        if self.best is not None and (self.run_dir / BEST_DIR / BEST_WEIGHTS).is_file():
+            self.export_best()
+        return path
+
+    def save_best(self) -> None:
+        """Write the trainable weights (the EMA's, when there is one) of this new best epoch to ``best/``."""
+        with self.ema_weights():
+            state = trainable_state_dict(self.accelerator.unwrap_model(self.train_unet), self.config.model.lora)
+        if self.accelerator.is_main_process:
+            save_kept_weights(self.run_dir / BEST_DIR, state, self.best)
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def best_weights(self) -> Iterator[None]:
+        """Within the block the policy holds the kept best weights (``best/``), its own weights again after."""
+        unet = self.accelerator.unwrap_model(self.train_unet)
+        lora = self.config.model.lora
+        with self.ema_weights():
+            current = trainable_state_dict(unet, lora)
+            load_trainable_state_dict(unet, load_kept_weights(self.run_dir / BEST_DIR), lora)
+            try:
+                yield
+            finally:
+                load_trainable_state_dict(unet, current, lora)
+
+    def export_best(self) -> Path:
+        """Export the kept best weights beside the final model: ``best_lora/`` or ``best_pipeline/``, with a
+        model card whose evaluation is ``eval/best.json``."""
+        path = self.run_dir / ("best_lora" if self.config.model.lora else "best_pipeline")
+        info = kept_info(self.run_dir / BEST_DIR)
+        with self.best_weights():
+            gathered = self._gather_export() if self.sharded else None
+            if self.accelerator.is_main_process:
+                tmp = path.with_name(path.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._write_export(tmp, gathered)
+                note = (f" These are the weights of epoch {info['epoch']}, where `output.keep_best` "
+                        f"(`{self.config.output.keep_best}`, mean over {self.best.window} epochs) peaked at "
+                        f"{info['score']:.4f}.")
+                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, info["epoch"], path,
+                                  pipeline_class_name(self.pipeline), final_tag="best", note=note)
+                (tmp / "README.md").write_text(card)
+                shutil.rmtree(path, ignore_errors=True)
+                tmp.rename(path)
+        self.accelerator.wait_for_everyone()
         return path
 
     def _gather_export(self) -> dict[str, torch.Tensor]:
@@ -739,6 +809,8 @@ class Trainer:
                 self.history.append({"epoch": self.epoch, **metrics})
                 logger.log(self.epoch, metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+                if self.best is not None and self.best.update(self.epoch, metrics):
+                    self.save_best()
                 if on_epoch_end is not None:
                     on_epoch_end(self.epoch, metrics)
                 if self.epoch % c.output.checkpoint_every == 0 or self.epoch == c.training.epochs:
@@ -750,8 +822,13 @@ class Trainer:
                 self.evaluate("final")
                 if c.eval.deterministic:
                     self.evaluate("final", deterministic=True)
+                if self.best is not None and self.best.best_epoch is not None:
+                    with self.best_weights():
+                        self.evaluate("best")
                 if self.accelerator.is_main_process:
                     self.comparison_grid()
+                    if self.best is not None:
+                        plot_trade_off(self.run_dir / "grids" / "fidelity.png", self.history, self.best)
         finally:
             logger.close()
         return self.history

@@ -54,7 +54,18 @@ TRAIN_EVAL_SEED, SECOND_EVAL_SEED = 1234, 99
 ROOT = Path(__file__).resolve().parent.parent
 # What the job runs beyond the shipped main job; main() sets these from its flags.
 SETUP: dict = {"config": None, "overrides": [], "base_model": "embedded", "eval_args": [], "runs": Path("runs/main-job"),
-               "task": "color"}
+               "task": "color", "kept": "final"}
+
+
+def kept_tag(kind: str) -> str:
+    """The evaluation tag of the model a run is judged by: ``final``, or ``best`` (``output.keep_best``) for
+    the LOOP runs when ``--kept best``; a control is always judged by its final model."""
+    return SETUP["kept"] if kind == "loop" else "final"
+
+
+def kept_model(run_dir: Path, kind: str) -> Path:
+    """The exported folder of the model a run is judged by."""
+    return run_dir / f"{kept_tag(kind)}_pipeline"
 
 
 def eval_rewards() -> str:
@@ -78,7 +89,7 @@ def train_command(kind: str, seed: int, run_dir: Path) -> list[str]:
     command = ["loopdiff", "train", "--config", SETUP["config"]]
     command += [f"training.seed={seed}", f"output.dir={run_dir}", f"eval.rewards={eval_rewards()}", *SETUP["overrides"]]
     if kind == "control":
-        command += ["reward.name=random_control", f"reward.monitor=[{REWARD}]"]
+        command += ["reward.name=random_control", f"reward.monitor=[{REWARD}]", "output.keep_best=null"]
     return command
 
 
@@ -157,8 +168,10 @@ def summary_rows(runs: Path, seeds: list[int]) -> list[dict]:
     for seed in seeds:
         loop_dir, control_dir = runs / f"loop-s{seed}", runs / f"control-s{seed}"
         files = {
-            TRAIN_EVAL_SEED: (loop_dir / "eval/base.json", loop_dir / "eval/final.json", control_dir / "eval/final.json"),
-            SECOND_EVAL_SEED: (runs / f"base-eval{SECOND_EVAL_SEED}.json", loop_dir / f"eval/final-eval{SECOND_EVAL_SEED}.json",
+            TRAIN_EVAL_SEED: (loop_dir / "eval/base.json", loop_dir / f"eval/{kept_tag('loop')}.json",
+                              control_dir / "eval/final.json"),
+            SECOND_EVAL_SEED: (runs / f"base-eval{SECOND_EVAL_SEED}.json",
+                               loop_dir / f"eval/{kept_tag('loop')}-eval{SECOND_EVAL_SEED}.json",
                                control_dir / f"eval/final-eval{SECOND_EVAL_SEED}.json"),
         }
         for eval_seed, (base_file, final_file, control_file) in files.items():
@@ -178,8 +191,9 @@ def summary_rows(runs: Path, seeds: list[int]) -> list[dict]:
                     "loop": shlex.join(train_command("loop", seed, runs / f"loop-s{seed}")),
                     "control": shlex.join(train_command("control", seed, runs / f"control-s{seed}")),
                     **({} if eval_seed == TRAIN_EVAL_SEED else {
-                        "eval_loop": shlex.join(eval_command(str(loop_dir / "final_pipeline"),
-                                                             loop_dir / f"eval/final-eval{eval_seed}.json", eval_seed)),
+                        "eval_loop": shlex.join(eval_command(str(kept_model(loop_dir, "loop")),
+                                                             loop_dir / f"eval/{kept_tag('loop')}-eval{eval_seed}.json",
+                                                             eval_seed)),
                         "eval_control": shlex.join(eval_command(str(control_dir / "final_pipeline"),
                                                                 control_dir / f"eval/final-eval{eval_seed}.json", eval_seed)),
                         "eval_base": shlex.join(eval_command(SETUP["base_model"], runs / f"base-eval{eval_seed}.json", eval_seed)),
@@ -276,12 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-args", default="", help="extra `loopdiff eval` flags (the config's sampler)")
     parser.add_argument("--override", nargs="*", default=[], help="extra section.field=value for every run")
     parser.add_argument("--no-agreement", action="store_true", help="skip the scorer agreement measure")
+    parser.add_argument("--kept", choices=("final", "best"), default="final",
+                        help="judge the LOOP runs by their final model or by the one output.keep_best kept")
     args = parser.parse_args(argv)
     global HELD_OUT, REWARD, BINDING
     task = TASKS[args.task]
     HELD_OUT, REWARD, BINDING = task["held_out"], task["reward"], task["binding"]
     SETUP.update(task=args.task, config=args.config or task["config"], overrides=args.override, base_model=args.base_model,
-                 eval_args=shlex.split(args.eval_args), runs=args.runs)
+                 eval_args=shlex.split(args.eval_args), runs=args.runs, kept=args.kept)
 
     jobs = []
     for seed in args.seeds:
@@ -298,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for kind in ("loop", "control"):
             run_dir = args.runs / f"{kind}-s{seed}"
-            out = run_dir / f"eval/final-eval{SECOND_EVAL_SEED}.json"
+            out = run_dir / f"eval/{kept_tag(kind)}-eval{SECOND_EVAL_SEED}.json"
             if not out.is_file():
-                evals.append((eval_command(str(run_dir / "final_pipeline"), out, SECOND_EVAL_SEED), run_dir / "eval.log"))
+                evals.append((eval_command(str(kept_model(run_dir, kind)), out, SECOND_EVAL_SEED), run_dir / "eval.log"))
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: run(*job, args.threads), evals))
 
@@ -308,12 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(args.runs, args.seeds)
     (args.results / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     figures = verdict(rows) | {"curves": plot_curves(args.runs, args.seeds, args.results / "training_reward.png")}
-    models = {"base": None} | {f"{kind}-s{s}": str(args.runs / f"{kind}-s{s}/final_pipeline")
+    models = {"base": None} | {f"{kind}-s{s}": str(kept_model(args.runs / f"{kind}-s{s}", kind))
                                for s in args.seeds for kind in ("loop", "control")}
     if not args.no_agreement:
         figures["scorer_agreement"] = scorer_agreement(models)
     (args.results / "verdict.json").write_text(json.dumps(figures, indent=1) + "\n")
     shutil.copy(args.runs / f"loop-s{args.seeds[0]}/grids/base_vs_final.png", args.results / "base_vs_final.png")
+    fidelity = args.runs / f"loop-s{args.seeds[0]}/grids/fidelity.png"
+    if fidelity.is_file():
+        shutil.copy(fidelity, args.results / "fidelity.png")
     print(json.dumps(figures, indent=1))
     return 0
 

@@ -143,9 +143,34 @@ def test_pretrain_cli_trains_checkpoints_and_resumes(tmp_path):
     assert [s for s, _ in state["history"]["unet_loss"]] == [0, 1, 2, 3, 4, 5]
 
 
+def test_decoder_stage_trains_the_decoder_only_and_resumes_exactly(tmp_path):
+    from loopdiff.embedded.pretrain import PretrainConfig, Trainer
+
+    def trainer(folder):
+        return Trainer(PretrainConfig(output_dir=str(folder), vae_batch_size=4, threads=1, checkpoint_every=2,
+                                      vae_steps=1, decoder_steps=4, warmup_steps=2))
+
+    straight = trainer(tmp_path / "a")
+    straight.train_vae(1)
+    encoder = {k: v.clone() for k, v in straight.vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in straight.vae.decoder.state_dict().items()}
+    straight.train_decoder(4)
+    assert all(torch.equal(v, encoder[k]) for k, v in straight.vae.encoder.state_dict().items())  # same latents
+    assert any(not torch.equal(v, decoder[k]) for k, v in straight.vae.decoder.state_dict().items())
+    assert [s for s, _ in straight.history["decoder_mse"]] == [0, 1, 2, 3]
+
+    halted = trainer(tmp_path / "b")
+    halted.train_vae(1)
+    halted.train_decoder(2)  # checkpoints at step 2
+    resumed = trainer(tmp_path / "b")
+    assert resumed.load_state() and resumed.decoder_step == 2
+    resumed.train_decoder(4)
+    assert _state_dicts_equal(resumed.vae, straight.vae)
+
+
 def test_pretrain_cli_rejects_bad_values(tmp_path):
     for bad in (["--max-steps", "0"], ["--caption-dropout", "1.5"], ["--swap-colors-prob", "-0.1"],
-                ["--wrong-color-prob", "2"], ["--noisy-caption-steps", "-1"]):
+                ["--wrong-color-prob", "2"], ["--noisy-caption-steps", "-1"], ["--decoder-steps", "-1"]):
         with pytest.raises(SystemExit):
             pretrain_cli(["--output-dir", str(tmp_path)] + bad)
 

@@ -711,7 +711,8 @@ class Trainer:
         unet = self.accelerator.unwrap_model(self.train_unet)
         lora = self.config.model.lora
         with self.ema_weights():
-            current = trainable_state_dict(unet, lora)
+            # a copy: on the CPU the state dict's tensors are the parameters themselves, which the load overwrites
+            current = {name: value.clone() for name, value in trainable_state_dict(unet, lora).items()}
             load_trainable_state_dict(unet, load_kept_weights(self.run_dir / BEST_DIR), lora)
             try:
                 yield

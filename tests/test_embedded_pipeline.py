@@ -308,3 +308,24 @@ def test_shipped_model_draws_red_for_a_red_circle():
     names, counts = np.unique(foreground, return_counts=True)
     assert names[counts.argmax()] == "red", dict(zip(names, counts))
     assert np.mean(foreground == "red") > 0.5  # chance is 1 / len(COLORS) = 0.125
+
+
+class _RunsCode:
+    """Unpickling this creates ``marker``: what a crafted resume state could do if it were unpickled in full."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("family, state_file", [("unet", "state.pt"), ("flow", "flow_state.pt")])
+def test_a_crafted_resume_state_is_refused_in_one_line_and_never_run(tmp_path, capsys, family, state_file):
+    out, marker = tmp_path / "pipe", tmp_path / "created-by-the-state-file"
+    (out / "pretrain_state").mkdir(parents=True)
+    torch.save({"vae_step": 0, "payload": _RunsCode(marker)}, out / "pretrain_state" / state_file)
+    code = pretrain_cli(["--family", family, "--output-dir", str(out), "--max-steps", "1", "--threads", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bars
+    assert code == 2 and not marker.exists()
+    assert len(errors) == 1 and state_file in errors[0] and "--no-resume" in errors[0], errors

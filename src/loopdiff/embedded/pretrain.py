@@ -28,6 +28,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -279,6 +280,20 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+class PretrainStateError(ValueError):
+    """A resume state that is not a pretraining state (not loadable as tensors and plain values)."""
+
+
+def load_state_file(path: Path, device: torch.device) -> dict[str, Any]:
+    """A pretraining state written by :func:`save_atomic`, loaded as tensors and plain containers only
+    (``weights_only=True``): a file that would need to run code to load is refused, not executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError, depending on what is inside
+        raise PretrainStateError(f"{path} is not a pretraining state that loads as tensors and plain values "
+                                 f"({type(err).__name__}); delete it or pass --no-resume") from None
+
+
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to 10%."""
     if step < warmup:
@@ -344,7 +359,7 @@ class Trainer:
         """Resume from ``<output>/pretrain_state/state.pt`` if it exists; returns whether it did."""
         if not self.state_path.is_file():
             return False
-        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        state = load_state_file(self.state_path, self.device)
         names = ["vae", "vae_opt"] + (["decoder_opt"] if state.get("decoder_step", 0) > 0 else [])
         if state["unet_step"] > 0:  # before stage 2 the text side is untrained; the vocabulary may differ
             names += ["unet", "text_encoder", "ema_unet", "ema_text_encoder", "unet_opt"]
@@ -594,7 +609,11 @@ def pretrain_cli(argv: list[str] | None = None) -> int:
 
         return pretrain_flow_cli(rest)
     args, config = parse_config(build_parser(), rest, config_from_args)
-    pretrain(config, resume=not args.no_resume)
+    try:
+        pretrain(config, resume=not args.no_resume)
+    except PretrainStateError as err:
+        print(f"loopdiff pretrain: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,8 +44,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from loopdiff.embedded.pipeline import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN, embedded_pipeline_path
 from loopdiff.embedded.pretrain import (
     STATE_DIR,
+    PretrainStateError,
     draw_batch,
     ema_decay,
+    load_state_file,
     optimizer_step,
     parse_config,
     save_atomic,
@@ -267,7 +270,7 @@ class FlowTrainer:
         """Resume from ``<output>/pretrain_state/flow_state.pt`` if it exists; returns whether it did."""
         if not self.state_path.is_file():
             return False
-        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        state = load_state_file(self.state_path, self.device)
         for name, module in self.modules().items():
             module.load_state_dict(state[name])
         self.opt.load_state_dict(state["opt"])
@@ -397,7 +400,11 @@ def config_from_args(args: argparse.Namespace) -> FlowPretrainConfig:
 def pretrain_flow_cli(argv: list[str] | None = None) -> int:
     """``loopdiff pretrain --family flow``: reproduce the shipped embedded-flow pipeline. Returns an exit code."""
     args, config = parse_config(build_parser(), argv, config_from_args)
-    pretrain_flow(config, resume=not args.no_resume, stop_at=args.max_steps)
+    try:
+        pretrain_flow(config, resume=not args.no_resume, stop_at=args.max_steps)
+    except PretrainStateError as err:
+        print(f"loopdiff pretrain --family flow: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import pickle
+import warnings
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -90,7 +92,11 @@ def grid_columns(spec: StudySpec, out: Path, task: str) -> tuple[list[str], dict
         record, tensor_file = read_eval(folder, tag), folder / "eval" / f"{tag}_grid.pt"
         if record is None or not tensor_file.is_file():
             continue
-        images = torch.load(tensor_file)
+        try:
+            images = torch.load(tensor_file, weights_only=True)
+        except pickle.UnpicklingError:  # not plain tensors: skipped, never run
+            warnings.warn(f"{tensor_file} is not a plain tensor file; its grid column is left out")
+            continue
         if images.numel() == 0:
             continue
         if prompts is None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -665,7 +667,11 @@ class Trainer:
         files = [self.run_dir / "eval" / f"{tag}_grid.pt" for tag in tags]
         if not all(f.is_file() for f in files):
             return None
-        grids = {tag: torch.load(f) for tag, f in zip(tags, files)}
+        try:
+            grids = {tag: torch.load(f, weights_only=True) for tag, f in zip(tags, files)}
+        except pickle.UnpicklingError as err:  # not a tensor file: never run what is inside it
+            warnings.warn(f"no comparison grid: {files[0].parent} holds a grid file that is not plain tensors ({err})")
+            return None
         prompts = json.loads((self.run_dir / "eval" / f"{tags[0]}.json").read_text())["prompts"]
         n = min(len(g) for g in grids.values())
         path = self.run_dir / "grids" / f"{tags[0]}_vs_{tags[1]}.png"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import threading
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,3 +291,62 @@ def test_server_beyond_loopback_needs_a_token():
     server = RewardServer(mean_plus_length, host="0.0.0.0", token="s3cret")
     server.server_close()
     RewardServer(mean_plus_length, host="127.0.0.1").server_close()
+
+
+def _compressed_body(images: np.ndarray, prompts: list[str]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=images, prompts=np.array(json.dumps(prompts)),
+                        metadata=np.array(json.dumps([{} for _ in prompts])))
+    return buffer.getvalue()
+
+
+def test_array_sizes_come_from_the_headers_and_match_the_decoded_arrays():
+    from loopdiff.rewards.server import array_sizes
+
+    images = np.zeros((5, 7, 9, 3), dtype=np.uint8)
+    sizes = array_sizes(_compressed_body(images, ["a"] * 5))
+    assert sizes["images"] == ((5, 7, 9, 3), images.nbytes)
+    with np.load(io.BytesIO(_compressed_body(images, ["a"] * 5))) as data:
+        assert sizes["prompts"][1] == data["prompts"].nbytes
+    with pytest.raises(RewardError, match="not an .npz"):
+        array_sizes(b"not a zip file")
+
+
+def test_server_refuses_a_body_that_decodes_past_its_limits_before_decoding_it():
+    calls = []
+
+    def counting(images, prompts, metadata):
+        calls.append(len(prompts))
+        return mean_plus_length(images, prompts, metadata)
+
+    zeros = np.zeros((200, 64, 64, 3), dtype=np.uint8)  # 2.4 MB of zeros
+    bomb = _compressed_body(zeros, ["x"] * 200)
+    decoded = zeros.nbytes + np.array(json.dumps(["x"] * 200)).nbytes + np.array(json.dumps([{}] * 200)).nbytes
+    assert len(bomb) < 100_000
+    server = RewardServer(counting, max_bytes=100_000, max_images=3)
+    server.start_in_thread()
+    try:
+        status, payload = _post(server.url, bomb, {})
+        assert status == 413 and f"{decoded} bytes" in payload["error"] and "100000" in payload["error"], payload
+        four = encode_batch(eight_bit_images(4, size=8), ["x"] * 4, [{}] * 4)
+        status, payload = _post(server.url, four, {})
+        assert status == 413 and "4 images" in payload["error"], payload
+        three = encode_batch(eight_bit_images(3, size=8), ["x"] * 3, [{}] * 3)
+        assert _post(server.url, three, {})[0] == 200
+        assert calls == [3]  # the refused bodies never reached the reward
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reward", "nosuch"], "nosuch"),
+    (["--reward", "jpeg_compressibility", "--port", "99999"], "--port 99999"),
+    (["--reward", "jpeg_compressibility", "--max-images", "0"], "--max-images 0"),
+])
+def test_reward_server_command_refuses_bad_arguments_in_one_line(capsys, argv, message):
+    from loopdiff.rewards.server import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), err

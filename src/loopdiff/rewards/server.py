@@ -10,7 +10,9 @@ body with
 
 and answers ``{"scores": [...]}`` (JSON). A reward error answers 500 with ``{"error": "..."}``;
 ``GET /health`` answers ``{"reward": NAME}``. A body larger than ``--max-bytes`` (default 512 MiB) answers
-413 unread. With a shared token (``--token`` or ``LOOPDIFF_REWARD_TOKEN``) every request must carry
+413 unread, and so does one whose arrays would decode to more than that (a compressed ``.npz`` can be far
+smaller than its arrays; the sizes are read from the array headers first) or that holds more than
+``--max-images`` images. With a shared token (``--token`` or ``LOOPDIFF_REWARD_TOKEN``) every request must carry
 ``Authorization: Bearer <token>`` (else 401); a server bound beyond loopback refuses to start without one.
 
 Client: the registered reward ``remote`` (options ``url``, ``timeout``, ``retries``, ``backoff``,
@@ -34,6 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Mapping, Sequence
 
@@ -45,7 +48,8 @@ from loopdiff.rewards.base import RewardError, RewardFn, as_scores, build_reward
 ENCODINGS = ("uint8", "float32")
 RETRY_STATUS = {502, 503, 504}
 TOKEN_ENV = "LOOPDIFF_REWARD_TOKEN"
-MAX_BYTES = 512 * 2**20  # a batch of 64 float32 512x512 images is 200 MiB
+MAX_BYTES = 512 * 2**20  # a batch of 64 float32 512x512 images is 200 MiB; applies to the body and to its decoded arrays
+MAX_IMAGES = 1024  # images per request
 
 
 # ----------------------------------------------------------------------------- wire format
@@ -73,6 +77,36 @@ def encode_batch(
         metadata=np.array(json.dumps([dict(m) for m in metadata], default=str)),
     )
     return buffer.getvalue()
+
+
+def array_sizes(body: bytes) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Per array of an ``.npz`` body, its shape and decoded size in bytes, read from the array headers alone
+    (nothing is decompressed)."""
+    sizes = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            for name in archive.namelist():
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                        else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                sizes[name.removesuffix(".npy")] = (shape, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    except (zipfile.BadZipFile, ValueError, EOFError) as err:
+        raise RewardError(f"the body is not an .npz archive of arrays ({err})") from None
+    return sizes
+
+
+def check_decoded_size(body: bytes, max_bytes: int, max_images: int) -> None:
+    """Refuse a body whose arrays would decode to more than ``max_bytes`` or hold more than ``max_images``
+    images, before any of it is read (a compressed body can be far smaller than what it decodes to)."""
+    sizes = array_sizes(body)
+    total = sum(nbytes for _, nbytes in sizes.values())
+    if total > max_bytes:
+        raise RewardError(f"the body's arrays decode to {total} bytes, over the server's limit of {max_bytes}")
+    images = sizes.get("images", ((0,), 0))[0]
+    if images and images[0] > max_images:
+        raise RewardError(f"the body holds {images[0]} images, over the server's limit of {max_images} per request")
 
 
 def decode_batch(body: bytes) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:
@@ -136,6 +170,11 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         try:
+            check_decoded_size(body, self.server.max_bytes, self.server.max_images)
+        except RewardError as error:
+            self._reply(413, {"error": str(error)})
+            return
+        try:
             images, prompts, metadata = decode_batch(body)
             with self.server.lock:
                 scores = as_scores(self.server.reward_fn(images, prompts, metadata), len(prompts), "remote")
@@ -174,6 +213,7 @@ class RewardServer(ThreadingHTTPServer):
         handler: type[BaseHTTPRequestHandler] = _Handler,
         token: str | None = None,
         max_bytes: int = MAX_BYTES,
+        max_images: int = MAX_IMAGES,
     ):
         if not token and not _is_loopback(host):
             raise RewardError(f"reward server: --host {host} is reachable from other machines; give a shared "
@@ -181,6 +221,7 @@ class RewardServer(ThreadingHTTPServer):
         super().__init__((host, port), handler)
         self.token = token or None
         self.max_bytes = max_bytes
+        self.max_images = max_images
         self.reward_fn = reward_fn
         self.reward_name = reward_name
         self.verbose = verbose
@@ -328,15 +369,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="reward factory option")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"shared token clients must send (default ${TOKEN_ENV}); required beyond loopback")
-    parser.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="largest request body (default 512 MiB)")
+    parser.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+                        help="largest request body, and largest size its arrays may decode to (default 512 MiB)")
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES, help=f"images per request (default {MAX_IMAGES})")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not args.token and not _is_loopback(args.host):
         parser.error(f"--host {args.host} is reachable from other machines: give --token (or {TOKEN_ENV})")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a TCP port (0-65535; 0 picks a free one)")
+    for flag, value in (("--max-bytes", args.max_bytes), ("--max-images", args.max_images)):
+        if value < 1:
+            parser.error(f"{flag} {value} must be at least 1")
     options = _parse_options(args.option)
-    reward_fn = build_reward(args.reward, {args.reward: options} if options else None)
-    server = RewardServer(reward_fn, args.host, args.port, args.reward, args.verbose, token=args.token,
-                          max_bytes=args.max_bytes)
+    try:
+        reward_fn = build_reward(args.reward, {args.reward: options} if options else None)
+        server = RewardServer(reward_fn, args.host, args.port, args.reward, args.verbose, token=args.token,
+                              max_bytes=args.max_bytes, max_images=args.max_images)
+    except RewardError as error:
+        parser.error(str(error))
+    except OSError as error:  # the port is taken, or the host is not an address of this machine
+        parser.error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}")
     print(f"serving reward '{args.reward}' at {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -175,3 +175,22 @@ def test_nan_weights_are_never_saved(tmp_path) -> None:
     assert [p.name for p in (trainer.run_dir / "checkpoints").iterdir()] == ["epoch_00001"]
     assert {p.name: p.read_bytes() for p in good.iterdir()} == files
     assert not (trainer.run_dir / "final_pipeline").exists()
+
+
+def test_nonfinite_evaluation_scores_are_left_out_counted_and_written_as_valid_json(tmp_path, capsys) -> None:
+    from loopdiff.training.model_card import evaluation_table
+
+    # images_per_prompt 2: image 1 (prompt 0's second), and both images of prompt 1 (images 2, 3) are NaN
+    trainer = make_trainer(tmp_path, "loop", reward=NanAt(1, 2, 3), eval={"max_prompts": 3, "images_per_prompt": 2})
+    trainer.evaluate("final")
+    text = (trainer.run_dir / "eval" / "final.json").read_text()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    returned = torch.cat(trainer.reward_fn.returned).view(-1, 2)  # what the reward gave, (prompts, images)
+    per_prompt = record["per_prompt"]["NanAt"]
+    assert per_prompt[0] == pytest.approx(float(returned[0, 0])) and per_prompt[1] is None
+    assert per_prompt[2] == pytest.approx(float(returned[2].mean()))
+    assert record["means"]["NanAt"] == pytest.approx((per_prompt[0] + per_prompt[2]) / 2)
+    assert record["nonfinite"]["NanAt"] == 3
+    assert "non-finite scores left out of the means (NanAt: 3 images)" in capsys.readouterr().err
+    table = evaluation_table({"base": record, "final": record}, 2)
+    assert "nan" not in table.lower().replace("nanat", "") and "(3 non-finite)" in table

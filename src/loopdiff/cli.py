@@ -112,7 +112,8 @@ def _print_eval_summary(run_dir: Path) -> None:
     print(f"  {'reward':24s} {'base':>8s} {'fine-tuned':>10s} {'change':>18s}")
     for name, value in before["means"].items():
         change, se = paired_change(before["per_prompt"][name], after["per_prompt"][name])
-        print(f"  {name:24s} {value:8.4f} {after['means'][name]:10.4f} {change:+9.4f} +- {se:.4f}")
+        base_mean, final_mean = (float("nan") if v is None else v for v in (value, after["means"][name]))
+        print(f"  {name:24s} {base_mean:8.4f} {final_mean:10.4f} {change:+9.4f} +- {se:.4f}")
     print(f"grids: {run_dir / 'grids'}")
 
 
@@ -202,10 +203,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     for name, value in result.means.items():
         print(f"{name:24s} {value:.4f}  ({len(prompt_set)} prompts x {args.images_per_prompt} images)")
+    if (warning := result.nonfinite_warning()) is not None:
+        print(f"loopdiff eval: warning: {warning}", file=sys.stderr)
     if args.out:
-        record = {"means": result.means, "per_prompt": {k: v.tolist() for k, v in result.per_prompt.items()},
-                  "prompts": result.prompts}
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        Path(args.out).write_text(json.dumps(result.record(), indent=1, allow_nan=False))
     return 0
 
 

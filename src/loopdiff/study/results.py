@@ -80,7 +80,7 @@ def eval_curve(folder: Path) -> dict[str, np.ndarray]:
             continue
         record = json.loads(path.read_text())
         for name, value in record["means"].items():
-            points.setdefault(name, {})[int(record["epoch"])] = float(value)
+            points.setdefault(name, {})[int(record["epoch"])] = float("nan") if value is None else float(value)
     return {name: np.array(sorted(p.items()), dtype=np.float64).reshape(-1, 2) for name, p in points.items()}
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from loopdiff.config import RunConfig
@@ -50,12 +51,19 @@ def evaluation_table(evaluations: dict[str, dict[str, Any]], images_per_prompt: 
         header.append("change (+- standard error over prompts)")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in first["means"]:
-        row = [f"`{name}`", *(f"{evaluations[c]['means'][name]:.4f}" for c in columns)]
+        row = [f"`{name}`", *(_mean_cell(evaluations[c], name) for c in columns)]
         if base and final:
             change, se = paired_change(base["per_prompt"][name], final["per_prompt"][name])
-            row.append(f"{change:+.4f} +- {se:.4f}")
+            row.append(f"{change:+.4f} +- {se:.4f}" if np.isfinite(change) else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _mean_cell(evaluation: dict, name: str) -> str:
+    """A table cell for one reward's mean: the number, with how many images scored non-finite when any did."""
+    mean, bad = evaluation["means"][name], evaluation.get("nonfinite", {}).get(name, 0)
+    text = "n/a" if mean is None or not np.isfinite(mean) else f"{mean:.4f}"
+    return f"{text} ({bad} non-finite)" if bad else text
 
 
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # their own Euler scheduler, no eta

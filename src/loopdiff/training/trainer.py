@@ -653,9 +653,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             out = self.run_dir / "eval"
             out.mkdir(parents=True, exist_ok=True)
-            record = {"tag": tag, "epoch": self.epoch, "means": result.means,
-                      "per_prompt": {k: v.tolist() for k, v in result.per_prompt.items()},
-                      "prompts": result.prompts}
+            record = {"tag": tag, "epoch": self.epoch, **result.record()}
+            if (warning := result.nonfinite_warning()) is not None:
+                print(f"{tag}: {warning}", file=sys.stderr)
             (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
             torch.save(result.grid_images, out / f"{tag}_grid.pt")
             n = len(result.grid_images)

@@ -81,6 +81,21 @@ CASES = {
     ),
     "samples_per_epoch not a multiple of K": (_fixed("training.samples_per_epoch=6"),
                                               ["training.samples_per_epoch=6", "multiple"]),
+    "device that is no device": (_fixed("model.device=banana"), ["model.device='banana'", "cuda:N"]),
+    "CUDA device this machine lacks": (_fixed("model.device=cuda:7"), ["model.device='cuda:7'", "CUDA device"]),
+    "empty output folder": (_fixed("output.dir="), ["output.dir=''", "not empty"]),
+    "negative eval.max_prompts": (_fixed("eval.max_prompts=-1"), ["eval.max_prompts=-1", ">= 0"]),
+    "options for a reward the run does not use": (
+        _fixed("reward.name=jpeg_compressibility", 'reward.options={"jpeg_compresibility": {"quality": 80}}'),
+        ["'jpeg_compresibility'", "no reward of this run uses", "jpeg_compressibility"]),
+    "infinite learning rate": (_fixed("training.learning_rate=inf"), ["training.learning_rate=inf", "finite"]),
+    "negative LoRA alpha": (_fixed("model.lora=true", "model.lora_alpha=-1"), ["model.lora_alpha=-1", "> 0"]),
+    "more trained steps than sampling steps": (_fixed("sampling.num_steps=4", "training.train_denoising_steps=10"),
+                                               ["training.train_denoising_steps=10", "sampling.num_steps=4"]),
+    "duplicate YAML key": (_config("training:\n  epochs: 3\n  epochs: 4\n", ".yaml"),
+                           ["run.yaml", "'epochs' appears twice", "line 3"]),
+    "config that is a directory": (lambda tmp: ["--config", str(tmp)], ["is a directory"]),
+    "prompt file that is a directory": (lambda tmp: [f"prompts.train={tmp}"], ["is a directory"]),
 }
 
 

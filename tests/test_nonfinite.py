@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,7 +99,8 @@ def test_cli_fails_with_one_line_when_every_reward_is_nan(tmp_path, monkeypatch,
     prompts.write_text("\n".join(PROMPTS) + "\n")
     run = tmp_path / "run"
     code = main([
-        "train", "model.device=cpu", "sampling.num_steps=3", "sampling.batch_size=8", "training.epochs=1",
+        "train", "model.device=cpu", "sampling.num_steps=3", "training.train_denoising_steps=null", "sampling.batch_size=8",
+        "training.epochs=1",
         "training.samples_per_epoch=8", f"prompts.train={prompts}", f"prompts.val={prompts}", "eval.max_prompts=0",
         "reward.name=jpeg_compressibility", "reward.asynchronous=false", f"output.dir={run}",
         "output.progress=false", "output.tensorboard=false",
@@ -194,3 +196,23 @@ def test_nonfinite_evaluation_scores_are_left_out_counted_and_written_as_valid_j
     assert "non-finite scores left out of the means (NanAt: 3 images)" in capsys.readouterr().err
     table = evaluation_table({"base": record, "final": record}, 2)
     assert "nan" not in table.lower().replace("nanat", "") and "(3 non-finite)" in table
+
+
+def _raising_reward(images, prompts, metadata):
+    raise KeyError("colour model not found")
+
+
+def test_a_reward_that_raises_stops_the_run_in_one_line_naming_it(tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    argv = ["train", f"prompts.train={tmp_path / 'p.txt'}", "reward.name=test_nonfinite:_raising_reward",
+            "eval.max_prompts=0", "training.epochs=1", "training.samples_per_epoch=8", "sampling.num_steps=2", "training.train_denoising_steps=2",
+            "output.progress=false", "output.tensorboard=false", f"output.dir={tmp_path / 'run'}"]
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(argv) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1, lines
+    assert "'test_nonfinite:_raising_reward' raised KeyError: 'colour model not found'" in lines[0], lines
+    assert "LOOPDIFF_DEBUG=1" in lines[0]
+    monkeypatch.setenv("LOOPDIFF_DEBUG", "1")
+    with pytest.raises(Exception, match="colour model not found"):
+        main(argv + [f"output.dir={tmp_path / 'run2'}"])

@@ -79,9 +79,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _run_errors() -> tuple[type[BaseException], ...]:
     """Errors that stop a run that was set up correctly (exit code 1)."""
+    from loopdiff.rewards.base import RewardFailed
     from loopdiff.training.guards import NonFiniteError
 
-    return (NonFiniteError,)
+    return (NonFiniteError, RewardFailed)
 
 
 # ---------------------------------------------------------------- train
@@ -494,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "LOOPDIFF_DEBUG"  # set to 1: errors propagate with their traceback instead of one line
 PASSTHROUGH: dict[str, Callable[[argparse.Namespace], int]] = {"pretrain": cmd_pretrain, "study": cmd_study}
 
 
@@ -513,8 +515,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (*_user_errors(), *_run_errors()) as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise  # the full traceback
         message = " ".join(str(error).split())  # one line, whatever the error's text holds
-        print(f"loopdiff {args.command}: error: {message}", file=sys.stderr)
+        hint = f" ({DEBUG_ENV}=1 shows the traceback)" if error.__cause__ is not None else ""
+        print(f"loopdiff {args.command}: error: {message}{hint}", file=sys.stderr)
         return 1 if isinstance(error, _run_errors()) else 2
 
 

@@ -392,6 +392,7 @@ def load_yaml(text: str, sections_at: Sequence[tuple[str, ...]] = ((),)) -> Any:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        _refuse_duplicate_keys(node)
         data = loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
@@ -399,6 +400,23 @@ def load_yaml(text: str, sections_at: Sequence[tuple[str, ...]] = ((),)) -> Any:
         for section_node, sections in _mappings_at(node, data, path):
             _keep_text(section_node, sections, RunConfig)
     return data
+
+
+def _refuse_duplicate_keys(node: Any) -> None:
+    """Raise a YAML error at the second occurrence of a key in any mapping (YAML would keep the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, Any] = {}
+        for key, child in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"key '{key.value}' appears twice in one mapping (first at line "
+                                f"{seen[key.value].start_mark.line + 1})", problem_mark=key.start_mark)
+                seen[key.value] = key
+            _refuse_duplicate_keys(child)
+    elif isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _refuse_duplicate_keys(child)
 
 
 def _mappings_at(node: Any, data: Any, path: tuple[str, ...]) -> list[tuple[yaml.MappingNode, dict]]:
@@ -434,6 +452,8 @@ def _yaml_error(error: yaml.YAMLError) -> str:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; give a .yaml, .yml or .toml file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -512,6 +532,16 @@ def complete(config: RunConfig) -> RunConfig:
 # ---------------------------------------------------------------- validation
 
 
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{path}={value!r} is invalid; allowed: {allowed}")
@@ -550,6 +580,9 @@ def validate(config: RunConfig) -> None:
     _check(not (m.lora and m.train_modules != "all"), "model.train_modules", m.train_modules,
            "'all' with model.lora=true (LoRA chooses its own target modules)")
     _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
+    _check(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "a number > 0")
+    _check(m.device == "auto" or _is_device(m.device), "model.device", m.device,
+           "auto, cpu, cuda, cuda:N, mps or another torch device name")
     _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
     _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")
     _check(s.guidance_scale >= 1.0, "sampling.guidance_scale", s.guidance_scale, "a number >= 1")
@@ -560,7 +593,8 @@ def validate(config: RunConfig) -> None:
            s.max_sequence_length, "an integer in [1, 512] (T5 tokens), or none for the pipeline's default")
     _check(t.epochs >= 0, "training.epochs", t.epochs, "an integer >= 0")
     _check(t.samples_per_epoch >= 1, "training.samples_per_epoch", t.samples_per_epoch, "an integer >= 1")
-    _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "a number > 0")
+    _check(math.isfinite(t.learning_rate) and t.learning_rate > 0, "training.learning_rate", t.learning_rate,
+           "a finite number > 0")
     _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "a number >= 0")
     _check(t.max_grad_norm > 0, "training.max_grad_norm", t.max_grad_norm, "a number > 0")
     _check(0 < t.timestep_fraction <= 1, "training.timestep_fraction", t.timestep_fraction, "a number in (0, 1]")
@@ -570,6 +604,8 @@ def validate(config: RunConfig) -> None:
         t.train_denoising_steps,
         "an integer >= 1, or none for every sampling step",
     )
+    _check(t.train_denoising_steps is None or t.train_denoising_steps <= s.num_steps, "training.train_denoising_steps",
+           t.train_denoising_steps, f"at most sampling.num_steps={s.num_steps}, or none for every sampling step")
     for name in ("max_nonfinite_fraction", "max_skipped_fraction"):
         value = getattr(t, name)
         _check(0 <= value <= 1, f"training.{name}", value, "a number in [0, 1]")
@@ -583,6 +619,9 @@ def validate(config: RunConfig) -> None:
     n = config.prompts.max_train
     _check(n is None or n >= 1, "prompts.max_train", n, "an integer >= 1, or none for every training prompt")
     _check(config.eval.images_per_prompt >= 1, "eval.images_per_prompt", config.eval.images_per_prompt, ">= 1")
+    mp = config.eval.max_prompts
+    _check(mp is None or mp >= 0, "eval.max_prompts", mp, "an integer >= 0 (0: no evaluation), or none for all")
+    _check(o.dir.strip() != "", "output.dir", o.dir, "a folder path (not empty)")
     _check(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0")
     _check(o.checkpoint_every >= 1, "output.checkpoint_every", o.checkpoint_every, "an integer >= 1")
     _check(o.keep_best_window >= 1, "output.keep_best_window", o.keep_best_window, "an integer >= 1")

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loopdiff.prompts import PromptSet
-from loopdiff.rewards.base import RewardFn, as_scores
+from loopdiff.rewards.base import RewardFn, score_batch
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
 
@@ -83,7 +83,7 @@ def evaluate(
         latents, _ = sample_trajectories(policy, encoder(repeated), uncond, generator, batch_size=batch_size)
         images = decode_latents(vae, latents[:, -1])
         for name, reward in rewards.items():
-            values = as_scores(reward(images, repeated, repeated_meta), len(repeated), name).float()
+            values = score_batch(reward, images, repeated, repeated_meta, name).float()
             finite = torch.isfinite(values)
             nonfinite[name] += int((~finite).sum())
             values = torch.where(finite, values, torch.full_like(values, float("nan")))

@@ -63,7 +63,8 @@ def load_prompt_set(spec: str) -> PromptSet:
     path = Path(spec.removeprefix("file:")).expanduser()
     if not path.is_file():
         usages = "".join(f", or {source.usage}" for source in sources.values())
-        raise PromptError(f"prompt file '{path}' does not exist (give a text file with one prompt per line{usages})")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise PromptError(f"prompt file '{path}' {problem} (give a text file with one prompt per line{usages})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from loopdiff.rewards.base import RewardError, RewardFn, as_scores
+from loopdiff.rewards.base import RewardError, RewardFn, score_batch
 
 
 class AsyncReward:
@@ -42,7 +42,7 @@ class AsyncReward:
         return self._pool.submit(self._score, snapshot, prompts, metadata)
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> torch.Tensor:
-        return as_scores(self.reward_fn(images, prompts, metadata), len(prompts), self.name)
+        return score_batch(self.reward_fn, images, prompts, metadata, self.name)
 
     def close(self, wait: bool = True) -> None:
         """Stop accepting batches; with ``wait`` let the submitted ones finish."""

@@ -138,6 +138,23 @@ class WeightedSum:
         return total
 
 
+class RewardFailed(RewardError):
+    """A reward raised while scoring a batch; the message names the reward and its error."""
+
+
+def score_batch(reward_fn: RewardFn, images: torch.Tensor, prompts: Sequence[str],
+                metadata: Sequence[Mapping[str, Any]], name: str) -> torch.Tensor:
+    """``reward_fn``'s scores as :func:`as_scores` checks them; an exception inside the reward becomes a
+    :class:`RewardFailed` naming the reward (the original stays chained as its cause)."""
+    try:
+        raw = reward_fn(images, prompts, metadata)
+    except RewardError:
+        raise
+    except Exception as error:
+        raise RewardFailed(f"reward {name!r} raised {type(error).__name__}: {error}") from error
+    return as_scores(raw, len(prompts), name)
+
+
 def as_scores(value: Any, n: int, name: str) -> torch.Tensor:
     """Convert a reward's output to a float32 CPU tensor of shape ``(n,)``, or raise naming the reward.
 

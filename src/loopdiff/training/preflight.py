@@ -28,6 +28,38 @@ class LaunchError(RuntimeError):
     """The processes of a run were launched in a way that cannot train together."""
 
 
+def check_reward_options(config: RunConfig) -> None:
+    """Raise ConfigError when ``reward.options`` holds options for a reward this run does not use (a misspelt
+    name would otherwise leave the options silently unapplied)."""
+    if not config.reward.options:
+        return
+    spec = config.reward.name
+    used = {*config.reward.monitor, *config.eval.rewards}
+    if spec:
+        used |= {spec, *(name for name, _ in parse_reward_spec(spec))}
+    for name in config.reward.options:
+        if name not in used:
+            raise ConfigError(f"reward.options has options for {name!r}, which no reward of this run uses "
+                              f"(reward.name, reward.monitor and eval.rewards name: {', '.join(sorted(used))})")
+
+
+def check_device(requested: str, running: Any, cuda_devices: int | None = None) -> None:
+    """Raise ConfigError unless ``model.device`` (``requested``) is where the run is placed (``running``, the
+    accelerator's torch device): ``auto`` takes whatever that is; ``cuda:7`` needs eight CUDA devices."""
+    if requested == "auto":
+        return
+    import torch
+
+    wanted = torch.device(requested)  # validate() has checked that it parses
+    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if wanted.type == "cuda" and (count == 0 or (wanted.index or 0) >= count):
+        raise ConfigError(f"model.device={requested!r} is not on this machine: it has {count} CUDA device(s)"
+                          + (" (model.device=cpu or auto runs on the CPU)" if count == 0 else ""))
+    if wanted.type != torch.device(running).type:
+        raise ConfigError(f"model.device={requested!r} is not available here (the run would be placed on "
+                          f"{running}); use auto, cpu or a device this machine has")
+
+
 def check_launch(num_processes: int, env: Mapping[str, str] | None = None) -> None:
     """Raise LaunchError when the launcher's process count disagrees with accelerate's ``num_processes``."""
     env = os.environ if env is None else env

@@ -46,7 +46,7 @@ from loopdiff.objectives import LossOutput, gaussian_step_kl, policy_loss
 from loopdiff.prompts import PromptSet, load_prompt_set
 from loopdiff.grids import save_grid, side_by_side
 from loopdiff.rewards.async_reward import AsyncReward
-from loopdiff.rewards.base import RewardFn, as_scores, build_reward
+from loopdiff.rewards.base import RewardFn, build_reward, score_batch
 from loopdiff.sampling.trajectories import Trajectories, decode_latents, sample_trajectories
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.best import (
@@ -72,9 +72,11 @@ from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
 from loopdiff.training.preflight import (
     check_deepspeed_config,
+    check_device,
     check_fsdp_version,
     check_launch,
     check_output_dir,
+    check_reward_options,
     check_reward_prompts,
     check_sharding,
 )
@@ -164,6 +166,8 @@ class Trainer:
     def _check_before_loading(self) -> None:
         """Fail fast, before the model loads: launch, process count, output folder, resume point."""
         check_launch(self.accelerator.num_processes)
+        check_device(self.config.model.device, self.accelerator.device)
+        check_reward_options(self.config)
         check_sharding(self.accelerator.distributed_type.value)
         if self.accelerator.distributed_type.value == "FSDP":
             check_fsdp_version(self.accelerator.state.fsdp_plugin.fsdp_version)
@@ -284,7 +288,7 @@ class Trainer:
     def _monitor(self, out: dict[str, list[torch.Tensor]], images: torch.Tensor, prompts: list[str], metadata: list) -> None:
         """Score ``images`` with each ``reward.monitor`` reward (logged only, never trained on)."""
         for name, reward in self.monitor_rewards.items():
-            out[name].append(as_scores(reward(images, prompts, metadata), len(prompts), name))
+            out[name].append(score_batch(reward, images, prompts, metadata, name))
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` of every process, concatenated in process order, on the CPU."""

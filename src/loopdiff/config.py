@@ -604,8 +604,6 @@ def validate(config: RunConfig) -> None:
         t.train_denoising_steps,
         "an integer >= 1, or none for every sampling step",
     )
-    _check(t.train_denoising_steps is None or t.train_denoising_steps <= s.num_steps, "training.train_denoising_steps",
-           t.train_denoising_steps, f"at most sampling.num_steps={s.num_steps}, or none for every sampling step")
     for name in ("max_nonfinite_fraction", "max_skipped_fraction"):
         value = getattr(t, name)
         _check(0 <= value <= 1, f"training.{name}", value, "a number in [0, 1]")

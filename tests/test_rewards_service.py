@@ -331,6 +331,8 @@ def test_server_refuses_a_body_that_decodes_past_its_limits_before_decoding_it()
         four = encode_batch(eight_bit_images(4, size=8), ["x"] * 4, [{}] * 4)
         status, payload = _post(server.url, four, {})
         assert status == 413 and "4 images" in payload["error"], payload
+        status, payload = _post(server.url, b"not an npz archive", {})
+        assert status == 400 and "not an .npz" in payload["error"], payload
         three = encode_batch(eight_bit_images(3, size=8), ["x"] * 3, [{}] * 3)
         assert _post(server.url, three, {})[0] == 200
         assert calls == [3]  # the refused bodies never reached the reward

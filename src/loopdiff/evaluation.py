@@ -83,7 +83,7 @@ def evaluate(
         latents, _ = sample_trajectories(policy, encoder(repeated), uncond, generator, batch_size=batch_size)
         images = decode_latents(vae, latents[:, -1])
         for name, reward in rewards.items():
-            values = score_batch(reward, images, repeated, repeated_meta, name).float()
+            values = score_batch(reward, images, repeated, repeated_meta, name)
             finite = torch.isfinite(values)
             nonfinite[name] += int((~finite).sum())
             values = torch.where(finite, values, torch.full_like(values, float("nan")))

@@ -97,10 +97,10 @@ def array_sizes(body: bytes) -> dict[str, tuple[tuple[int, ...], int]]:
     return sizes
 
 
-def check_decoded_size(body: bytes, max_bytes: int, max_images: int) -> None:
-    """Refuse a body whose arrays would decode to more than ``max_bytes`` or hold more than ``max_images``
-    images, before any of it is read (a compressed body can be far smaller than what it decodes to)."""
-    sizes = array_sizes(body)
+def check_decoded_size(sizes: Mapping[str, tuple[tuple[int, ...], int]], max_bytes: int, max_images: int) -> None:
+    """Refuse a body whose arrays (``array_sizes`` of it) would decode to more than ``max_bytes`` or hold more
+    than ``max_images`` images, before any of it is read (a compressed body can be far smaller than what it
+    decodes to)."""
     total = sum(nbytes for _, nbytes in sizes.values())
     if total > max_bytes:
         raise RewardError(f"the body's arrays decode to {total} bytes, over the server's limit of {max_bytes}")
@@ -170,7 +170,12 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         try:
-            check_decoded_size(body, self.server.max_bytes, self.server.max_images)
+            sizes = array_sizes(body)
+        except RewardError as error:
+            self._reply(400, {"error": str(error)})
+            return
+        try:
+            check_decoded_size(sizes, self.server.max_bytes, self.server.max_images)
         except RewardError as error:
             self._reply(413, {"error": str(error)})
             return

@@ -43,7 +43,7 @@ def check_reward_options(config: RunConfig) -> None:
                               f"(reward.name, reward.monitor and eval.rewards name: {', '.join(sorted(used))})")
 
 
-def check_device(requested: str, running: Any, cuda_devices: int | None = None) -> None:
+def check_device(requested: str, running: Any) -> None:
     """Raise ConfigError unless ``model.device`` (``requested``) is where the run is placed (``running``, the
     accelerator's torch device): ``auto`` takes whatever that is; ``cuda:7`` needs eight CUDA devices."""
     if requested == "auto":
@@ -51,8 +51,8 @@ def check_device(requested: str, running: Any, cuda_devices: int | None = None) 
     import torch
 
     wanted = torch.device(requested)  # validate() has checked that it parses
-    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
-    if wanted.type == "cuda" and (count == 0 or (wanted.index or 0) >= count):
+    count = torch.cuda.device_count()
+    if wanted.type == "cuda" and (wanted.index or 0) >= count:
         raise ConfigError(f"model.device={requested!r} is not on this machine: it has {count} CUDA device(s)"
                           + (" (model.device=cpu or auto runs on the CPU)" if count == 0 else ""))
     if wanted.type != torch.device(running).type:

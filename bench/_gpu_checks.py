@@ -37,8 +37,7 @@ def tiny_trainer(folder: Path, scratch: Path, device: str, mixed_precision: str 
     from loopdiff.training.trainer import Trainer
 
     values = trainer_config(setup, folder, scratch, device)
-    values["model"]["mixed_precision"] = mixed_precision
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    values["model"].update(mixed_precision=mixed_precision, tf32=False)
     values["training"]["adam_eps"] = 1.0
     fresh_accelerator_state()
     return Trainer(config_from_dict(values))

@@ -63,8 +63,9 @@ def peak_memory_mb(device: str) -> float:
 
 
 def measure_on_device(family: str, scale: int, setting: EpochSetting, scratch: Path, device: str,
-                      mixed_precision: str, warmup: int = 1, epochs: int = 1) -> dict[str, Any]:
-    """One family's measured epochs on ``device`` and the figures bench/gpu.py reports."""
+                      mixed_precision: str, warmup: int = 1, epochs: int = 1, compile: bool = False) -> dict[str, Any]:
+    """One family's measured epochs on ``device`` and the figures bench/gpu.py reports (``compile``: with
+    ``model.compile``)."""
     from loopdiff.config import config_from_dict
     from loopdiff.training.trainer import Trainer
 
@@ -74,15 +75,18 @@ def measure_on_device(family: str, scale: int, setting: EpochSetting, scratch: P
     prompts = write_prompts(scratch, setting.prompts)
     values = trainer_values(family, setting, Path(f"in-memory-{family}"), prompts, scratch / f"run-{family}",
                             device, mixed_precision)
+    values["model"]["compile"] = compile
     fresh_accelerator_state()
     trainer = Trainer(config_from_dict(values), pipeline=pipe)
     built = time.perf_counter() - start
     result = measure_trainer(trainer, warmup, epochs)
+    precision = {"tf32": trainer.config.model.tf32, "float32_matmul_precision": torch.get_float32_matmul_precision()}
     del trainer, pipe
     sec, samples = result["seconds"], setting.samples
     return {
         "family": family, "scale": scale, "setting": {**asdict(setting), "samples": samples},
-        "mixed_precision": mixed_precision, "device": device, "build_seconds": built, **result,
+        "mixed_precision": mixed_precision, "device": device, "compile": compile, **precision, "build_seconds": built,
+        **result,
         "sampling_images_per_second": samples / sec["sampling"],
         "images_per_second": samples / sec["epoch"],
         "seconds_per_trained_sample": sec["training"] / samples,

@@ -15,7 +15,8 @@ Parts, each cut short when its share of ``--budget-s`` is spent (what it has is 
    packaged configs' settings (``_families.SETTINGS``), bf16 on CUDA: images per second sampling with
    log-probabilities, seconds per trained sample, peak device memory, and the overhead factors against the
    bare network calls of the same shapes (bench/epoch.py). A family whose estimated memory exceeds the device's
-   is skipped. ``--tiny``: widths / 64, 64 px, 2 steps, fp32 on the CPU.
+   is skipped. ``--tiny``: widths / 64, 64 px, 2 steps, fp32 on the CPU. ``--compile``: with ``model.compile``
+   (the warm-up epoch then holds the compilation).
 3. TRL: TRL's DDPOTrainer on the SD 2 shape at the same settings, when bench/.venv-trl exists
    (bench/peer_trl.py), and its seconds per epoch over loopdiff's.
 
@@ -107,7 +108,7 @@ def run_families(result: dict[str, Any], args: argparse.Namespace, scratch: Path
         else:
             epochs = 1 if deadline - time.perf_counter() < args.budget_s * 0.2 else args.epochs
             row.update(measure_on_device(family, args.scale, setting, scratch, args.device, args.precision,
-                                         warmup=1, epochs=epochs))
+                                         warmup=1, epochs=epochs, compile=args.compile))
         rows.append(row)
         print(_family_line(row), flush=True)
 
@@ -185,6 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for all parts (default 480)")
     parser.add_argument("--epochs", type=int, default=2, help="measured epochs per family (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--compile", action="store_true", help="families with model.compile (torch.compile)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: checks, families, trl")
     parser.add_argument("--json", type=Path, help="write every figure here, and the Markdown table beside it")
     args = parser.parse_args(argv)

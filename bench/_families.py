@@ -304,11 +304,12 @@ def build_family_pipeline(family: str, scale: int = 1, resolution: int | None = 
     )
 
 
-def save_family_pipeline(folder: Path, family: str, scale: int, resolution: int | None, seed: int = 0) -> Path:
+def save_family_pipeline(folder: Path, family: str, scale: int, resolution: int | None, seed: int = 0,
+                         text_layers: int | None = None) -> Path:
     """Build the family's pipeline and ``save_pretrained`` it to ``folder`` (reused when already there)."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        build_family_pipeline(family, scale, resolution, seed).save_pretrained(folder)
+        build_family_pipeline(family, scale, resolution, seed, text_layers).save_pretrained(folder)
     return folder
 
 

@@ -14,11 +14,14 @@ Parts, each cut short when its share of ``--budget-s`` is spent (what it has is 
    weights built on the device, text encoders cut to two layers with their output shapes kept) at the
    packaged configs' settings (``_families.SETTINGS``), bf16 on CUDA: images per second sampling with
    log-probabilities, seconds per trained sample, peak device memory, and the overhead factors against the
-   bare network calls of the same shapes (bench/epoch.py). A family whose estimated memory exceeds the device's
-   is skipped. ``--tiny``: widths / 64, 64 px, 2 steps, fp32 on the CPU. ``--compile``: with ``model.compile``
-   (the warm-up epoch then holds the compilation).
+   bare network calls of the same shapes (bench/epoch.py), after one warm-up epoch; one prompt x K = 4 samples
+   per epoch. A family whose estimated memory exceeds the device's is skipped; the budget is checked before
+   each family (SD 2, SD3, Flux, then SDXL, the costliest). ``--tiny``: widths / 64, 64 px, 2 steps, fp32 on
+   the CPU. ``--compile``: with ``model.compile`` (the warm-up epoch then holds the compilation).
 3. TRL: TRL's DDPOTrainer on the SD 2 shape at the same settings, when bench/.venv-trl exists
-   (bench/peer_trl.py), and its seconds per epoch over loopdiff's.
+   (bench/peer_trl.py), and its seconds per epoch over loopdiff's. Its training calls have loopdiff's shape
+   (TRL's train batch = loopdiff's micro-batch, both guidance branches in one call); TRL then takes one
+   optimiser step per train batch, loopdiff its estimator's number per epoch.
 
 The JSON holds every figure; a Markdown table (``--json``'s path with ``.md``) summarises them.
 """
@@ -37,6 +40,7 @@ from typing import Any, Callable, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _families import FAMILIES, SETTINGS, save_family_pipeline  # noqa: E402
+from _gpu_families import TEXT_LAYERS  # noqa: E402
 from _gpu_memory import GIB, TrainingShape, estimate_memory, packaged_estimates  # noqa: E402
 from _gpu_report import markdown_report, memory_table  # noqa: E402
 from _setup import write_prompts  # noqa: E402
@@ -46,6 +50,11 @@ from peer_trl import TRL_PYTHON, TRL_SIDE  # noqa: E402
 
 TINY_SCALE = 64
 TINY_CHANGES = dict(resolution=64, steps=2, prompts=1, k=2, sampling_batch=2, micro_batch=2)
+# On the GPU: the packaged settings (resolution, steps, K, sampling and micro-batch sizes, LoRA, checkpointing)
+# with one prompt per epoch (K = 4 samples), so that all four families fit the default budget.
+GPU_CHANGES = dict(prompts=1)
+# The cheaper families first: when the budget runs out it cuts the costliest (SDXL at 1024 px).
+BUDGET_ORDER = ("sd2", "sd3", "flux", "sdxl")
 PART_SHARES = {"checks": 0.15, "families": 0.7, "trl": 0.15}
 
 
@@ -97,8 +106,8 @@ def run_families(result: dict[str, Any], args: argparse.Namespace, scratch: Path
 
     rows = result["families"] = []
     capacity = device_memory_gib(args.device)
-    for family in args.families:
-        setting = family_setting(family, args.scale, **(TINY_CHANGES if args.tiny else {}))
+    for family in sorted(args.families, key=BUDGET_ORDER.index):
+        setting = family_setting(family, args.scale, **(TINY_CHANGES if args.tiny else GPU_CHANGES))
         estimate = estimate_memory(_shape(family, setting, args.precision), args.scale)
         row: dict[str, Any] = {"family": family, "estimate": estimate}
         if time.perf_counter() > deadline:
@@ -106,9 +115,8 @@ def run_families(result: dict[str, Any], args: argparse.Namespace, scratch: Path
         elif capacity is not None and estimate["total_gib"] > capacity:
             row["skipped"] = f"estimated {estimate['total_gib']:.1f} GiB > the device's {capacity:.1f} GiB"
         else:
-            epochs = 1 if deadline - time.perf_counter() < args.budget_s * 0.2 else args.epochs
             row.update(measure_on_device(family, args.scale, setting, scratch, args.device, args.precision,
-                                         warmup=1, epochs=epochs, compile=args.compile))
+                                         warmup=1, epochs=args.epochs, compile=args.compile))
         rows.append(row)
         print(_family_line(row), flush=True)
 
@@ -148,13 +156,13 @@ def run_trl(result: dict[str, Any], args: argparse.Namespace, scratch: Path, dea
 
 def _trl_epochs(ours: dict[str, Any], args: argparse.Namespace, scratch: Path, deadline: float, run) -> dict[str, Any]:
     s = ours["setting"]
-    folder = save_family_pipeline(scratch / f"sd2-s{args.scale}", "sd2", args.scale, s["resolution"])
+    folder = save_family_pipeline(scratch / f"sd2-s{args.scale}", "sd2", args.scale, s["resolution"],
+                                  text_layers=TEXT_LAYERS)  # the pipeline loopdiff's side was measured on
     out = scratch / "trl.json"
-    optimizer_steps = max(1, ours["calls"]["optimizer_steps"])
     command = [str(TRL_PYTHON), str(TRL_SIDE), "epochs", "--pipeline", str(folder),
                "--prompts", str(write_prompts(scratch, s["prompts"])), "--samples", str(s["samples"]),
                "--k", str(s["k"]), "--steps", str(s["steps"]), "--guidance", str(s["guidance"]),
-               "--train-batch", str(max(1, s["samples"] // optimizer_steps)), "--clip-range", str(s["clip_range"]),
+               "--train-batch", str(s["micro_batch"]), "--clip-range", str(s["clip_range"]),
                "--learning-rate", "1e-5", "--warmup", "1", "--epochs", "1", "--threads", str(args.threads),
                "--device", args.device, "--mixed-precision", args.precision, "--json", str(out)]
     try:
@@ -184,7 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--family", default=",".join(FAMILIES), help="comma-separated, of: " + ", ".join(FAMILIES))
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for all parts (default 480)")
-    parser.add_argument("--epochs", type=int, default=2, help="measured epochs per family (default 2)")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="measured epochs per family, each followed by its bare replay (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--compile", action="store_true", help="families with model.compile (torch.compile)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: checks, families, trl")

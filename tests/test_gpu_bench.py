@@ -54,7 +54,7 @@ def _finite_numbers(value) -> list[float]:
 def test_family_figures_are_consistent(tiny) -> None:
     result, _ = tiny
     rows = result["families"]
-    assert [r["family"] for r in rows] == list(FAMILIES)
+    assert sorted(r["family"] for r in rows) == sorted(FAMILIES)
     for r in rows:
         assert all(math.isfinite(n) for n in _finite_numbers(r)), r["family"]
         samples, sec = r["setting"]["samples"], r["seconds"]
@@ -100,4 +100,31 @@ def test_spent_budget_still_writes_what_it_has(tmp_path) -> None:
     result = run_gpu_bench(tmp_path, "--budget-s", "0.001", "--skip", "trl")
     assert result["checks"]["fp32_cpu_vs_device"] == {"skipped": "budget spent"}
     assert [r.get("skipped") for r in result["families"]] == ["budget spent"] * len(FAMILIES)
+    assert all(r["estimate"]["total_bytes"] > 0 for r in result["families"])  # estimated even when skipped
     assert "trl" not in result and (tmp_path / "gpu.md").is_file()
+
+
+def test_trl_side_gets_the_sd2_setting_and_its_ratio_is_reported(tmp_path, monkeypatch) -> None:
+    """TRL's virtualenv is absent here: a stand-in for the subprocess records the command and answers."""
+    import gpu
+
+    monkeypatch.setattr(gpu, "TRL_PYTHON", Path(sys.executable))
+    args = gpu.parse_args(["--tiny"])
+    setting = {"resolution": 64, "prompts": 1, "k": 4, "samples": 4, "steps": 3, "guidance": 5.0,
+               "micro_batch": 2, "clip_range": 1e-4}
+    result = {"families": [{"family": "sd2", "setting": setting, "seconds": {"epoch": 2.0}}]}
+    seen = []
+
+    def fake_run(command, **kwargs):
+        seen.append(command)
+        out = Path(command[command.index("--json") + 1])
+        out.write_text(json.dumps({"seconds": {"epoch": 5.0}, "versions": {"trl": "0.23.1"}}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    gpu.run_trl(result, args, tmp_path, deadline=float("inf"), run=fake_run)
+    command = seen[0]
+    flag = lambda name: command[command.index(name) + 1]  # noqa: E731
+    assert (flag("--samples"), flag("--k"), flag("--steps"), flag("--train-batch")) == ("4", "4", "3", "2")
+    assert flag("--device") == "cpu" and flag("--mixed-precision") == "no"
+    assert (Path(flag("--pipeline")) / "model_index.json").is_file()
+    assert result["trl"]["ratio_trl_over_loopdiff"] == 2.5

@@ -72,9 +72,9 @@ class TrainingShape:
                    guided=s.guidance_scale != 1.0 and family != "flux")
 
 
-def count(module: torch.nn.Module, trainable: bool = False) -> int:
-    """Parameters of ``module`` (only those that require gradients when ``trainable``)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+def count(module: torch.nn.Module) -> int:
+    """Parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def build_components(family: str, scale: int = 1, resolution: int | None = None,
@@ -122,7 +122,7 @@ def _elements(output: Any) -> int:
         return sum(_elements(o) for o in output)
     if isinstance(output, dict):
         return sum(_elements(o) for o in output.values())
-    return sum(_elements(v) for v in getattr(output, "__dict__", {}).values()) if hasattr(output, "sample") else 0
+    return 0
 
 
 #: The modules diffusers' gradient checkpointing recomputes one at a time.

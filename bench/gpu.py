@@ -226,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_outputs(result, args.json)
         return result
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available here (run with --tiny on a CPU)")
+        print(f"--device {args.device}: CUDA is not available here (run with --tiny on a CPU)", file=sys.stderr)
+        raise SystemExit(2)
     budget = Budget(args.budget_s)
     result: dict[str, Any] = {
         "device": args.device, "tiny": args.tiny, "scale": args.scale, "mixed_precision": args.precision,

@@ -128,3 +128,12 @@ def test_trl_side_gets_the_sd2_setting_and_its_ratio_is_reported(tmp_path, monke
     assert flag("--device") == "cpu" and flag("--mixed-precision") == "no"
     assert (Path(flag("--pipeline")) / "model_index.json").is_file()
     assert result["trl"]["ratio_trl_over_loopdiff"] == 2.5
+
+
+@pytest.mark.parametrize("flags, message", [(["--family", "sd5"], "--family sd5: allowed sd2, sdxl, sd3, flux"),
+                                            (["--budget-s", "0"], "--budget-s 0.0: must be > 0")])
+def test_bad_flags_are_usage_errors(flags, message) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", *flags], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert log.returncode == 2 and log.stderr.strip().splitlines()[-1].endswith(message)

@@ -10,6 +10,7 @@ frozen VAE and text encoders.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +51,8 @@ def fresh_accelerator_state() -> None:
 
 
 def reset_peak_memory(device: str) -> None:
+    """Free what the previous family left (its trainer's reference cycles too) and restart the peak count."""
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

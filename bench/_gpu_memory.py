@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from _calls import CallShape
-from _families import FAMILIES, VAE_DOWNSCALE, family_configs
+from _families import FAMILIES, VAE_DOWNSCALE, family_configs, shrink_text_encoders
 
 CLIP_VOCAB = 49408  # CLIP's tokenizer
 T5_VOCAB = 32128  # T5's
@@ -77,14 +77,17 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_components(family: str, scale: int = 1, resolution: int | None = None,
-                     clip_vocab: int = CLIP_VOCAB, t5_vocab: int = T5_VOCAB) -> dict[str, Any]:
-    """The family's denoiser, VAE and text encoders with their configs' shapes, on whatever device is the
-    default (the meta device under ``with torch.device("meta")``)."""
+def build_components(family: str, scale: int = 1, resolution: int | None = None, clip_vocab: int = CLIP_VOCAB,
+                     t5_vocab: int = T5_VOCAB, text_layers: int | None = None) -> dict[str, Any]:
+    """The family's denoiser, VAE and text encoders with their configs' shapes (the encoders cut to
+    ``text_layers`` layers when given), on whatever device is the default (the meta device under
+    ``with torch.device("meta")``)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     configs = family_configs(family, scale, resolution)
+    if text_layers is not None:
+        configs = shrink_text_encoders(configs, text_layers)
     encoders = {"sd2": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
                 "sd3": [CLIPTextModelWithProjection] * 2, "flux": [CLIPTextModel]}[family]
     denoisers = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
@@ -191,13 +194,14 @@ def trainable_count(denoiser: torch.nn.Module, shape: TrainingShape) -> int:
     return sum(p.numel() for p in configure_trainable(denoiser, config))
 
 
-def estimate_memory(shape: TrainingShape, scale: int = 1, clip_vocab: int = CLIP_VOCAB,
-                    t5_vocab: int = T5_VOCAB) -> dict[str, Any]:
-    """Parameter counts and the expected bytes of one process's training peak (see the module docstring)."""
+def estimate_memory(shape: TrainingShape, scale: int = 1, clip_vocab: int = CLIP_VOCAB, t5_vocab: int = T5_VOCAB,
+                    text_layers: int | None = None) -> dict[str, Any]:
+    """Parameter counts and the expected bytes of one process's training peak (see the module docstring); with
+    ``text_layers``, of text encoders cut to that many layers (as bench/gpu.py builds them)."""
     if shape.family not in FAMILIES:
         raise ValueError(f"family={shape.family!r}; allowed: {', '.join(FAMILIES)}")
     with torch.device("meta"):
-        parts = build_components(shape.family, scale, shape.resolution, clip_vocab, t5_vocab)
+        parts = build_components(shape.family, scale, shape.resolution, clip_vocab, t5_vocab, text_layers)
         denoiser = parts["denoiser"]
         params = {"denoiser": count(denoiser), "vae": count(parts["vae"]),
                   "text_encoders": sum(count(t) for t in parts["text_encoders"])}

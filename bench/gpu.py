@@ -101,21 +101,27 @@ def device_memory_gib(device: str) -> float | None:
 
 
 def run_families(result: dict[str, Any], args: argparse.Namespace, scratch: Path, deadline: float) -> None:
-    from _gpu_families import measure_on_device
+    import torch
+
+    from _gpu_families import measure_on_device, reset_peak_memory
 
     rows = result["families"] = []
     capacity = device_memory_gib(args.device)
     for family in sorted(args.families, key=BUDGET_ORDER.index):
         setting = family_setting(family, args.scale, **(TINY_CHANGES if args.tiny else GPU_CHANGES))
-        estimate = estimate_memory(_shape(family, setting, args.precision), args.scale)
+        estimate = estimate_memory(_shape(family, setting, args.precision), args.scale, text_layers=TEXT_LAYERS)
         row: dict[str, Any] = {"family": family, "estimate": estimate}
         if time.perf_counter() > deadline:
             row["skipped"] = "budget spent"
         elif capacity is not None and estimate["total_gib"] > capacity:
             row["skipped"] = f"estimated {estimate['total_gib']:.1f} GiB > the device's {capacity:.1f} GiB"
         else:
-            row.update(measure_on_device(family, args.scale, setting, scratch, args.device, args.precision,
-                                         warmup=1, epochs=args.epochs, compile=args.compile))
+            try:
+                row.update(measure_on_device(family, args.scale, setting, scratch, args.device, args.precision,
+                                             warmup=1, epochs=args.epochs, compile=args.compile))
+            except torch.OutOfMemoryError as error:  # the estimate was short: say so, go on with the next
+                row["skipped"] = f"out of memory ({str(error).splitlines()[0][:160]})"
+            reset_peak_memory(args.device)  # outside the handler: its traceback holds the family's tensors
         rows.append(row)
         print(_family_line(row), flush=True)
 

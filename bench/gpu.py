@@ -72,9 +72,10 @@ class Budget:
         return time.perf_counter() + max(0.0, self.left()) * share
 
 
-def run_checks(result: dict[str, Any], scratch: Path, device: str, deadline: float) -> None:
+def run_checks(result: dict[str, Any], args: argparse.Namespace, scratch: Path, deadline: float) -> None:
     from _gpu_checks import bf16_finite, compare_devices
 
+    device = args.device
     checks = result["checks"] = {}
     for name, check in (("fp32_cpu_vs_device", compare_devices), ("bf16_finite", bf16_finite)):
         if time.perf_counter() > deadline:
@@ -246,10 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for index, part in enumerate(remaining):
             deadline = budget.part_deadline(part, remaining[index:])
             start = time.perf_counter()
-            if part == "checks":
-                run_checks(result, Path(tmp), args.device, deadline)
-            else:
-                parts[part](result, args, Path(tmp), deadline)
+            parts[part](result, args, Path(tmp), deadline)
             result.setdefault("part_seconds", {})[part] = time.perf_counter() - start
             write_outputs(result, args.json)
     print(markdown_report(result))

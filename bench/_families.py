@@ -231,9 +231,21 @@ def t5_tokenizer(words: list[str]):
     return T5Tokenizer(vocab=pieces + [("\u2581" + word, -1.0) for word in sorted(set(words))], extra_ids=0)
 
 
-def build_family_pipeline(family: str, scale: int = 1, resolution: int | None = None, seed: int = 0):
+def shrink_text_encoders(configs: dict[str, Any], layers: int) -> dict[str, Any]:
+    """The configs with every text encoder cut to ``layers`` layers (at least 2 for CLIP, whose penultimate
+    state SDXL and SD3 read) and its widths kept: the states it outputs keep their real shapes."""
+    texts = [{**t, "num_hidden_layers": max(2, layers)} for t in configs["text_encoders"]]
+    shrunk = {**configs, "text_encoders": texts}
+    if "t5" in configs:
+        shrunk["t5"] = {**configs["t5"], "num_layers": max(1, layers)}
+    return shrunk
+
+
+def build_family_pipeline(family: str, scale: int = 1, resolution: int | None = None, seed: int = 0,
+                          text_layers: int | None = None):
     """A randomly initialised pipeline of the family (StableDiffusionPipeline, StableDiffusionXLPipeline,
-    StableDiffusion3Pipeline or FluxPipeline) built with the real classes from :func:`family_configs`."""
+    StableDiffusion3Pipeline or FluxPipeline) built with the real classes from :func:`family_configs`, its text
+    encoders cut to ``text_layers`` layers when given (:func:`shrink_text_encoders`)."""
     import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -242,6 +254,8 @@ def build_family_pipeline(family: str, scale: int = 1, resolution: int | None = 
     from loopdiff.embedded.tokenizer import build_tokenizer
 
     configs = family_configs(family, scale, resolution)
+    if text_layers is not None:
+        configs = shrink_text_encoders(configs, text_layers)
     tokenizer = build_tokenizer(world_vocabulary(), MAX_TOKENS)
     torch.manual_seed(seed)
 
@@ -290,11 +304,12 @@ def build_family_pipeline(family: str, scale: int = 1, resolution: int | None = 
     )
 
 
-def save_family_pipeline(folder: Path, family: str, scale: int, resolution: int | None, seed: int = 0) -> Path:
+def save_family_pipeline(folder: Path, family: str, scale: int, resolution: int | None, seed: int = 0,
+                         text_layers: int | None = None) -> Path:
     """Build the family's pipeline and ``save_pretrained`` it to ``folder`` (reused when already there)."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        build_family_pipeline(family, scale, resolution, seed).save_pretrained(folder)
+        build_family_pipeline(family, scale, resolution, seed, text_layers).save_pretrained(folder)
     return folder
 
 

@@ -4,7 +4,7 @@
     python _trl_side.py loss --pipeline DIR --stored FILE.pt --json OUT
 
 ``epochs`` times ``DDPOTrainer.step`` (one epoch: sample, reward, advantages, train) after warm-up epochs,
-full fine-tuning in float32 on the CPU. ``loss`` feeds stored samples through ``DDPOTrainer.calculate_loss``
+full fine-tuning, by default in float32 on the CPU (``--device cuda --mixed-precision bf16`` on a GPU). ``loss`` feeds stored samples through ``DDPOTrainer.calculate_loss``
 and reports its loss, log-probabilities and gradient for comparison with loopdiff's on the same inputs.
 """
 
@@ -56,14 +56,14 @@ def build_trainer(args, prompts: list[str], logdir: str):
     from trl import DDPOConfig, DDPOTrainer
     from trl.models.modeling_sd_base import DefaultDDPOStableDiffusionPipeline
 
-    PartialState(cpu=True)  # must exist before the pipeline when the folder holds no LoRA weights
+    PartialState(cpu=args.device == "cpu")  # must exist before the pipeline when the folder holds no LoRA weights
     pipeline = DefaultDDPOStableDiffusionPipeline(str(args.pipeline), use_lora=False)
     config = DDPOConfig(
         num_epochs=10**6,
         save_freq=10**9,  # no checkpoint inside the timed epochs (loopdiff's run_epoch saves none either)
         logdir=logdir,
         project_kwargs={"project_dir": logdir},
-        mixed_precision="no",
+        mixed_precision=args.mixed_precision,
         sample_num_steps=args.steps,
         sample_eta=1.0,
         sample_guidance_scale=args.guidance,
@@ -140,6 +140,7 @@ def run_epochs(args) -> dict:
         "optimizer_steps": optimizer_steps,
         "images_per_second": args.samples / epoch_seconds,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
         "versions": _versions(),
     }
 
@@ -212,6 +213,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (accelerate's device)")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import diffusers

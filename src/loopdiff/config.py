@@ -53,6 +53,9 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "classic"] = setting(
         "auto", "auto: classic attention on the CPU (faster there), PyTorch SDPA elsewhere"
     )
+    tf32: bool = setting(True, "on a CUDA device, float32 matmuls and convolutions on TF32 tensor cores (false: "
+                         "exact float32)")
+    compile: bool = setting(False, "torch.compile the denoiser (a slower first epoch, faster steps on a GPU)")
 
 
 @dataclass

@@ -180,6 +180,22 @@ def configure_attention(unet: torch.nn.Module, choice: str, device: torch.device
         unet.set_attn_processor(AttnProcessor2_0())
 
 
+def configure_tf32(enabled: bool, device: torch.device) -> None:
+    """On a CUDA device, let float32 matmuls and convolutions run on TF32 tensor cores (``enabled``) or keep
+    them exact; elsewhere nothing changes (the CPU has no TF32)."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def compile_denoiser(model: torch.nn.Module) -> None:
+    """``torch.compile`` the denoiser in place (``Module.compile``): the module, its parameters, hooks and
+    state-dict names stay the same objects, so LoRA, checkpoints and the wrappers of distributed training see
+    no difference; its calls run the compiled graph."""
+    model.compile()
+
+
 def latent_size(pipe: Any, resolution: int | None) -> int | None:
     """The latents' height and width for images of ``resolution`` pixels (None: the denoiser's native size).
 

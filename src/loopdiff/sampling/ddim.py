@@ -22,14 +22,19 @@ DDPO's clip range of 1e-4 is sensible there; with ``"sum"`` use a correspondingl
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler
 
+from loopdiff.transfer import to_device
+
 LogProbReduction = Literal["mean", "sum"]
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+_ALPHA_TABLES: "weakref.WeakKeyDictionary[DDIMScheduler, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_CHECKED_SCHEDULES: "weakref.WeakKeyDictionary[DDIMScheduler, set[int]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,38 @@ def previous_timestep(scheduler: DDIMScheduler, timestep: torch.Tensor) -> torch
     return timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
 
+def _alpha_table(scheduler: DDIMScheduler, device: torch.device) -> torch.Tensor:
+    """``[final_alpha_cumprod, alphas_cumprod[0], ...]`` in float32 on ``device``, made once per scheduler and
+    device (a copy per step would make each step wait for the host)."""
+    tables = _ALPHA_TABLES.setdefault(scheduler, {})
+    if str(device) not in tables:
+        with torch.inference_mode(False), torch.no_grad():  # usable by sampling and training alike
+            final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).reshape(1)
+            tables[str(device)] = torch.cat([final, scheduler.alphas_cumprod.float()]).to(device)
+    return tables[str(device)]
+
+
 def _alpha_bars(scheduler: DDIMScheduler, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    alphas = scheduler.alphas_cumprod.to(timestep.device, torch.float32)
+    """(abar_t, abar_prev) per timestep; a step landing before 0 takes ``final_alpha_cumprod`` (entry 0)."""
+    table = _alpha_table(scheduler, timestep.device)
     prev = previous_timestep(scheduler, timestep)
-    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=timestep.device)
-    abar_t = alphas[timestep.long()]
-    abar_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0).long()], final)
-    return abar_t, abar_prev
+    return table[timestep.long() + 1], table[prev.clamp(min=-1).long() + 1]
+
+
+def check_positive_variance(scheduler: DDIMScheduler) -> None:
+    """Refuse a schedule with a zero-variance step (no density for eta > 0); checked on the host, once per
+    scheduler and number of steps, so the step itself never waits for the device."""
+    checked = _CHECKED_SCHEDULES.setdefault(scheduler, set())
+    if scheduler.num_inference_steps in checked:
+        return
+    timesteps = scheduler.timesteps.cpu()
+    abar_t, abar_prev = _alpha_bars(scheduler, timesteps)
+    if bool((((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) <= 0).any()):
+        raise ValueError(
+            "a DDIM step with eta > 0 has zero variance at the last step; use a scheduler config with "
+            "set_alpha_to_one=False (as Stable Diffusion's) so every step is a proper Gaussian"
+        )
+    checked.add(scheduler.num_inference_steps)
 
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -110,10 +140,13 @@ def ddim_step_with_logprob(
     """One DDIM step from ``sample`` = x_t; draws x_{t-1} (or scores the given ``prev_sample``).
 
     ``timestep`` is a tensor of shape ``(B,)`` (or a scalar, broadcast to the batch). The mean and the
-    log-probability are computed in float32 whatever the model's dtype.
+    log-probability are computed in float32 whatever the model's dtype. Nothing in the step waits for the
+    device: no value is read back to the host, and noise drawn by a CPU generator is copied non-blocking.
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    if eta > 0:
+        check_positive_variance(scheduler)
     timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
     abar_t, abar_prev = _alpha_bars(scheduler, timestep)
     x0, eps = predicted_x0_and_eps(scheduler, model_output.float(), sample.float(), abar_t)
@@ -126,14 +159,8 @@ def ddim_step_with_logprob(
     if prev_sample is None:
         noise_device = generator.device if generator is not None else sample.device
         noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
-        noise = noise.to(sample.device)
-        prev_sample = mean + b_std * noise
+        prev_sample = mean + b_std * to_device(noise, sample.device)
     if eta == 0:
         return DDIMStepOutput(prev_sample.to(sample.dtype), None, mean, std)
-    if bool((std <= 0).any()):
-        raise ValueError(
-            "a DDIM step with eta > 0 has zero variance at the last step; use a scheduler config with "
-            "set_alpha_to_one=False (as Stable Diffusion's) so every step is a proper Gaussian"
-        )
     log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
     return DDIMStepOutput(prev_sample.to(sample.dtype), log_prob, mean, std)

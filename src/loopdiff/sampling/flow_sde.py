@@ -53,12 +53,16 @@ log-density ratio: clip ranges tuned for that code are not interchangeable with 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Literal
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from loopdiff.sampling.ddim import DDIMStepOutput, LogProbReduction, gaussian_log_prob
+from loopdiff.transfer import to_device
+
+_SCHEDULES: "weakref.WeakKeyDictionary[FlowMatchEulerDiscreteScheduler, dict[str, tuple]]" = weakref.WeakKeyDictionary()
 
 SDEType = Literal["sde", "cps"]
 SDE_TYPES = ("sde", "cps")
@@ -71,21 +75,33 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _schedule(scheduler: FlowMatchEulerDiscreteScheduler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scheduler's timesteps and sigmas in float32 on ``device``, copied once per schedule and device (a copy
+    per step would make each step wait for the host)."""
+    cached = _SCHEDULES.setdefault(scheduler, {}).get(str(device))
+    if cached is None or cached[0] is not scheduler.timesteps or cached[1] is not scheduler.sigmas:
+        with torch.inference_mode(False), torch.no_grad():  # usable by sampling and training alike
+            on_device = (scheduler.timesteps.to(device, torch.float32), scheduler.sigmas.to(device, torch.float32))
+        cached = (scheduler.timesteps, scheduler.sigmas, *on_device)
+        _SCHEDULES[scheduler][str(device)] = cached
+    return cached[2], cached[3]
+
+
 def step_sigmas(
     scheduler: FlowMatchEulerDiscreteScheduler, timestep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma, sigma') of each per-sample timestep: its own and the next entry of ``scheduler.sigmas``.
 
-    ``timestep`` must hold values of ``scheduler.timesteps`` (as sampling and the stored trajectories do).
+    ``timestep`` must hold values of ``scheduler.timesteps`` (as sampling and the stored trajectories do); that
+    is checked when they are on the host: on an accelerator the check would wait for the device at every step.
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    schedule = scheduler.timesteps.to(timestep.device, torch.float32)
-    sigmas = scheduler.sigmas.to(timestep.device, torch.float32)
+    schedule, sigmas = _schedule(scheduler, timestep.device)
     distance = (timestep.float()[:, None] - schedule[None, :]).abs()
     gap, index = distance.min(dim=1)
     tolerance = 1e-3 * max(1.0, float(scheduler.config.num_train_timesteps) / 1000)
-    if bool((gap > tolerance).any()):
+    if timestep.device.type == "cpu" and bool((gap > tolerance).any()):
         bad = timestep[gap > tolerance][0].item()
         raise ValueError(f"timestep {bad} is not one of the scheduler's timesteps {schedule.tolist()}")
     return sigmas[index], sigmas[index + 1]
@@ -133,7 +149,7 @@ def flow_step_with_logprob(
     if prev_sample is None:
         noise_device = generator.device if generator is not None else sample.device
         noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
-        prev_sample = mean + _broadcast(std, x) * noise.to(sample.device)
+        prev_sample = mean + _broadcast(std, x) * to_device(noise, sample.device)
     if noise_level == 0:
         return DDIMStepOutput(prev_sample.to(sample.dtype), None, mean, std)
     stochastic = std > 0  # False only for cps's last step (sigma' = 0): deterministic, log_prob 0 (see above)

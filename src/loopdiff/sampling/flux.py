@@ -27,6 +27,7 @@ unpacked latents (:func:`loopdiff.sampling.trajectories.decode_latents`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -72,11 +73,15 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return FluxPipeline._unpack_latents(tokens.contiguous(), height, width, 1)
 
 
+@functools.lru_cache(maxsize=16)
 def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """((h/2)(w/2), 3) position ids of the patch tokens of latents of ``height`` x ``width`` (FluxPipeline's)."""
+    """((h/2)(w/2), 3) position ids of the patch tokens of latents of ``height`` x ``width`` (FluxPipeline's),
+    made once per size, device and dtype: FluxPipeline builds them on the host, a copy per step would make
+    each step wait for the device. Outside inference mode, so that training may use them too."""
     from diffusers import FluxPipeline
 
-    return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+    with torch.inference_mode(False), torch.no_grad():
+        return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, torch.device(device), dtype)
 
 
 def set_flux_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, height: int, width: int) -> None:

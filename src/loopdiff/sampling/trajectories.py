@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from loopdiff.sampling.embeds import Conditioning
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sharding import no_autograd
+from loopdiff.transfer import to_device
 
 
 @dataclass
@@ -98,7 +99,7 @@ def initial_latents(
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         shape = (unet.config.in_channels, height, width)
-    return torch.randn((n, *shape), generator=generator, device=generator.device).to(device)
+    return to_device(torch.randn((n, *shape), generator=generator, device=generator.device), device)
 
 
 def sample_trajectories(
@@ -112,7 +113,8 @@ def sample_trajectories(
     """Run the DDIM (eta > 0) sampler for every row of ``prompt_embeds``.
 
     Returns ``latents`` (N, T + 1, C, H, W) in float32 and ``log_probs`` (N, T); a deterministic step
-    (eta = 0) has no density, and its log-probabilities are NaN. Runs in inference mode, or under
+    (eta = 0) has no density, and its log-probabilities are NaN. The loop never reads a value back from the
+    device: the host only queues work, and the device runs the steps back to back. Runs in inference mode, or under
     ``torch.no_grad`` when the denoiser is sharded by FSDP (see :func:`loopdiff.sharding.no_autograd`).
     """
     with no_autograd(policy.unet):

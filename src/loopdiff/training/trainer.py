@@ -82,10 +82,13 @@ from loopdiff.training.preflight import (
 )
 from loopdiff.sharding import full_model_state_dict, is_sharded, local, reshard, unsharded_copy
 from loopdiff.training.zero import zero_optimizer
+from loopdiff.transfer import to_device
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
+    compile_denoiser,
     configure_attention,
+    configure_tf32,
     configure_trainable,
     denoiser,
     is_flow_matching,
@@ -193,9 +196,12 @@ class Trainer:
             encoder.to(self.device)
         self.unet = denoiser(pipe).to(self.device)  # the UNet, or an SD3 or Flux pipeline's transformer
         configure_attention(self.unet, config.model.attention, self.device)
+        configure_tf32(config.model.tf32, self.device)
         params = configure_trainable(self.unet, config.model)
         if config.training.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # only in train mode with gradients: sampling is unchanged
+        if config.model.compile:
+            compile_denoiser(self.unet)
         self.reference = ReferencePolicy(self.unet, config.model.lora) if self.estimator.kl_coef > 0 else None
         train_cfg = config.training
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
@@ -460,7 +466,7 @@ class Trainer:
     def minibatch_loss(self, batch: Batch, micro: torch.Tensor) -> LossOutput:
         """The estimator's loss on the (sample index, step index) pairs ``micro`` (one UNet call)."""
         traj, est = batch.trajectories, self.estimator
-        i, j = micro[:, 0].to(self.device), micro[:, 1].to(self.device)
+        i, j = to_device(micro[:, 0], self.device), to_device(micro[:, 1], self.device)
         latents, next_latents = traj.latents[i, j], traj.latents[i, j + 1]
         timesteps, embeds = traj.timesteps[j], traj.prompt_embeds[i]
         with self.accelerator.autocast():
@@ -472,7 +478,7 @@ class Trainer:
             est.loss_fn,  # LOOP: ppo_clip_loss (Eq. 13)
             out.log_prob,
             traj.log_probs[i, j],
-            batch.advantages.to(self.device)[i],
+            to_device(batch.advantages, self.device)[i],
             clip_range=est.clip_range,
             step_kl=step_kl,
             kl_coef=est.kl_coef,

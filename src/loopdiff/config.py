@@ -118,7 +118,13 @@ class TrainingConfig:
     gradient_checkpointing: bool = setting(
         False, "recompute UNet activations in backward: less memory, more compute"
     )
-    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up")
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up (the schedule's num_warmup_steps)")
+    lr_scheduler: Literal[
+        "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = setting(
+        "constant_with_warmup", "diffusers' get_scheduler schedule, stepped once per epoch over training.epochs "
+        "(epoch n trains at its step n of epochs + 1); constant_with_warmup: the warm-up, then constant"
+    )
     seed: int = setting(0, "the training run's random seed")
     max_nonfinite_fraction: float = setting(
         0.25, "a sample with a NaN/inf reward is dropped with its prompt group; more than this fraction of an "

@@ -59,6 +59,7 @@ from loopdiff.training.best import (
     save_kept_weights,
 )
 from loopdiff.training.ema import ParameterEMA
+from loopdiff.training.lr_schedule import epoch_lr_scheduler
 from loopdiff.training.guards import (
     check_engine_step,
     check_finite_weights,
@@ -207,8 +208,9 @@ class Trainer:
             weight_decay=train_cfg.weight_decay,
             **fused,
         )
-        warmup = max(1, train_cfg.warmup_epochs)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / warmup))
+        self.lr_scheduler = epoch_lr_scheduler(
+            optimizer, train_cfg.lr_scheduler, train_cfg.warmup_epochs, train_cfg.epochs
+        )
         self.train_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         # FSDP2 shards the module in place (its parameters become DTensor shards): from here on it is the
         # sharded module, which sampling must call too so that its forward passes gather the weights.

@@ -62,6 +62,10 @@ class SamplingConfig:
         5.0, "classifier-free guidance scale; for a guidance-distilled Flux transformer (FLUX.1-dev) the guidance "
         "it embeds, in one conditional call (FluxPipeline's default 3.5); ignored by Flux without guidance embeds"
     )
+    negative_prompt: str = setting(
+        "", "the prompt of classifier-free guidance's unconditional branch, in sampling, the log-probabilities "
+        "and evaluation alike (empty: the pipeline's default negative); not for Flux"
+    )
     eta: float = setting(1.0, "DDIM eta, the sampler's noise level (> 0: a deterministic step has no log-probability)")
     logprob_reduction: Literal["mean", "sum"] = setting(
         "mean", "a step's log-probability over latent elements: mean (DDPO) or sum"

@@ -222,12 +222,14 @@ def build_policies(
     same SDE with ``sampling.guidance_scale`` embedded (one conditional call), prompts encoded with
     ``sampling.max_sequence_length`` T5 tokens (both flow kinds; the pipeline's default when unset). All sample
     images of ``sampling.resolution`` pixels (:func:`latent_size`; the denoiser's native size when unset, for
-    Flux FluxPipeline's ``default_sample_size``).
+    Flux FluxPipeline's ``default_sample_size``). The encoder's unconditional embeddings are those of
+    ``sampling.negative_prompt`` (refused for Flux, which has no unconditional branch).
     """
     from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
     from loopdiff.sampling.trajectories import PromptEncoder
 
     sample_size = latent_size(pipe, getattr(sampling, "resolution", None))
+    negative_prompt = getattr(sampling, "negative_prompt", "")
 
     if is_flow_matching(pipe):
         from loopdiff.sampling.flow_policy import FlowMatchPolicy, FlowPolicyConfig, SD3PromptEncoder
@@ -246,10 +248,15 @@ def build_policies(
         tokens = getattr(sampling, "max_sequence_length", None)
         if tokens is None and not flux:  # an SD3 folder may record the zero-T5-token count it was trained with
             tokens = pipe.transformer.config.get("max_sequence_length")
+        flow_encoder = encoder_class(pipe, device, **({} if tokens is None else {"max_sequence_length": tokens}))
+        if not policy_class.classifier_free and negative_prompt:
+            raise ConfigError(f"sampling.negative_prompt={negative_prompt!r} is not used by a Flux pipeline (one "
+                              "conditional call per step, no classifier-free guidance); unset it")
+        flow_encoder.negative_prompt = negative_prompt
         return (
             policy_class(rollout_model, pipe.scheduler, flow_config),
             policy_class(train_model, pipe.scheduler, flow_config),
-            encoder_class(pipe, device, **({} if tokens is None else {"max_sequence_length": tokens})),
+            flow_encoder,
         )
     policy_config = PolicyConfig(
         guidance_scale=sampling.guidance_scale,
@@ -264,6 +271,7 @@ def build_policies(
         encoder: Any = SDXLPromptEncoder(pipe, device, sample_size)
     else:
         encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device)
+    encoder.negative_prompt = negative_prompt
     return (
         DiffusionPolicy(rollout_model, pipe.scheduler, policy_config),
         DiffusionPolicy(train_model, pipe.scheduler, policy_config),

@@ -60,7 +60,11 @@ class Trajectories:
 
 
 class PromptEncoder:
-    """Text-encoder states for prompts, computed once per distinct prompt and cached."""
+    """Text-encoder states for prompts, computed once per distinct prompt and cached.
+
+    ``negative_prompt`` is the prompt of classifier-free guidance's unconditional branch (empty by default)."""
+
+    negative_prompt: str = ""
 
     def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device | str):
         self.tokenizer = tokenizer
@@ -85,8 +89,8 @@ class PromptEncoder:
         return torch.stack([self._cache[p] for p in prompts])
 
     def unconditional(self) -> torch.Tensor:
-        """The empty-prompt states used by classifier-free guidance, shape (1, L, D)."""
-        return self([""])
+        """The negative prompt's states used by classifier-free guidance, shape (1, L, D)."""
+        return self([self.negative_prompt])
 
 
 def initial_latents(

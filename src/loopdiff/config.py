@@ -48,6 +48,15 @@ class ModelConfig:
     lora: bool = setting(False, "train LoRA adapters instead of the UNet's weights")
     lora_rank: int = setting(4, "LoRA rank")
     lora_alpha: float = setting(4.0, "LoRA alpha (the adapters are scaled by alpha / rank)")
+    lora_dropout: float = setting(0.0, "LoRA dropout (peft's lora_dropout) on the adapters' inputs while training")
+    lora_target_modules: list[str] | None = setting(
+        None, "the module names (peft target_modules) that get adapters; None: the family's default, the "
+        "attention projections to_q, to_k, to_v, to_out.0"
+    )
+    lora_init: str | None = setting(
+        None, "start from the LoRA adapter in this folder (saved by diffusers' save_lora_weights, e.g. a run's "
+        "final_lora/, or by peft's save_pretrained); it keeps its own rank, alpha, dropout and target modules"
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "accelerate's mixed precision")
     device: str = setting("auto", "torch device; auto lets accelerate choose")
     attention: Literal["auto", "sdpa", "classic"] = setting(
@@ -590,6 +599,10 @@ def validate(config: RunConfig) -> None:
     _check(not (m.lora and m.train_modules != "all"), "model.train_modules", m.train_modules,
            "'all' with model.lora=true (LoRA chooses its own target modules)")
     _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
+    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", m.lora_dropout, "a number in [0, 1)")
+    _check(m.lora or m.lora_init is None, "model.lora_init", m.lora_init, "none without model.lora=true")
+    _check(m.lora_target_modules is None or len(m.lora_target_modules) > 0, "model.lora_target_modules",
+           m.lora_target_modules, "a non-empty list of module names, or none for the family's default")
     _check(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "a number > 0")
     _check(m.device == "auto" or _is_device(m.device), "model.device", m.device,
            "auto, cpu, cuda, cuda:N, mps or another torch device name")

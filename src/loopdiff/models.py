@@ -24,7 +24,6 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiff
 from loopdiff.config import ConfigError, ModelConfig, SamplingConfig
 from loopdiff.plugins import registered_models
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # the model_index.json class names loaded as such
 
 
@@ -295,20 +294,12 @@ def cross_attention_kv(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def configure_trainable(unet: torch.nn.Module, config: ModelConfig) -> list[torch.nn.Parameter]:
-    """Full fine-tuning (every UNet weight), the cross-attention keys and values only, or LoRA adapters on
-    the attention projections via peft."""
+    """Full fine-tuning (every UNet weight), the cross-attention keys and values only, or LoRA adapters via
+    peft (:func:`loopdiff.lora.add_lora`)."""
     if config.lora:
-        from peft import LoraConfig
+        from loopdiff.lora import add_lora
 
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=LORA_TARGETS,
-            )
-        )
+        add_lora(unet, config)
     elif config.train_modules == "cross_attention":
         unet.requires_grad_(False)
         for p in cross_attention_kv(unet):

@@ -81,8 +81,9 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     """Errors that stop a run that was set up correctly (exit code 1)."""
     from loopdiff.rewards.base import RewardFailed
     from loopdiff.training.guards import NonFiniteError
+    from loopdiff.training.hub import HubUploadError
 
-    return (NonFiniteError, RewardFailed)
+    return (NonFiniteError, RewardFailed, HubUploadError)
 
 
 # ---------------------------------------------------------------- train

@@ -201,6 +201,11 @@ class OutputConfig:
     wandb: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("loopdiff", "the Weights & Biases project")
     progress: bool = setting(True, "show progress bars")
+    push_to_hub: bool = setting(False, "upload the export (final_lora/ or final_pipeline/, with its model card) to a "
+                                       "Hugging Face Hub model repository (huggingface_hub's login or HF_TOKEN)")
+    hub_model_id: str | None = setting(None, "the Hub repository of output.push_to_hub, 'user/name' or 'name'; "
+                                             "None: the run folder's name")
+    hub_private: bool = setting(False, "create the Hub repository of output.push_to_hub as private")
     keep_best: str | None = setting(
         None, "keep the weights where this weighted sum of logged metrics peaks, e.g. "
               "'reward/mean:1,monitor/embedded_eval/mean:2' (with reward.monitor); exported as best_pipeline/ "

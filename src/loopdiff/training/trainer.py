@@ -59,6 +59,7 @@ from loopdiff.training.best import (
     save_kept_weights,
 )
 from loopdiff.training.ema import ParameterEMA
+from loopdiff.training.hub import hub_repo_id, push_export
 from loopdiff.training.lr_schedule import epoch_lr_scheduler
 from loopdiff.training.guards import (
     check_engine_step,
@@ -699,7 +700,8 @@ class Trainer:
                 tmp = path.with_name(path.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._write_export(tmp, gathered)
-                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path,
+                where = Path(hub_repo_id(self.config.output)) if self.config.output.push_to_hub else path
+                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, where,
                                   pipeline_class_name(self.pipeline))
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)
@@ -707,6 +709,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.best is not None and (self.run_dir / BEST_DIR / BEST_WEIGHTS).is_file():
             self.export_best()
+        if self.config.output.push_to_hub and self.accelerator.is_main_process:
+            url = push_export(path, self.config.output)
+            print(f"uploaded {path} to {url}", flush=True)
         return path
 
     def save_best(self) -> None:

@@ -201,6 +201,10 @@ class OutputConfig:
     wandb: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("loopdiff", "the Weights & Biases project")
     progress: bool = setting(True, "show progress bars")
+    log_images_every: int = setting(
+        5, "log the evaluation grids and, every N epochs, a grid of the first training samples with their prompts "
+        "as images in TensorBoard and wandb (0: no images)"
+    )
     push_to_hub: bool = setting(False, "upload the export (final_lora/ or final_pipeline/, with its model card) to a "
                                        "Hugging Face Hub model repository (huggingface_hub's login or HF_TOKEN)")
     hub_model_id: str | None = setting(None, "the Hub repository of output.push_to_hub, 'user/name' or 'name'; "
@@ -650,6 +654,7 @@ def validate(config: RunConfig) -> None:
     _check(o.dir.strip() != "", "output.dir", o.dir, "a folder path (not empty)")
     _check(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0")
     _check(o.checkpoint_every >= 1, "output.checkpoint_every", o.checkpoint_every, "an integer >= 1")
+    _check(o.log_images_every >= 0, "output.log_images_every", o.log_images_every, "an integer >= 0 (0: no images)")
     _check(o.keep_best_window >= 1, "output.keep_best_window", o.keep_best_window, "an integer >= 1")
     if o.keep_best is not None:
         parse_trade_off(o.keep_best)

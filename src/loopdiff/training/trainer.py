@@ -101,6 +101,7 @@ from loopdiff.models import (
 
 
 LOSS_STATS = ("loss", "approx_kl", "clip_fraction", "kl_penalty")
+SHOWN_SAMPLES = 4  # training samples logged as images (output.log_images_every)
 
 
 @dataclass
@@ -162,6 +163,8 @@ class Trainer:
             raise ConfigError(f"output.keep_best={o.keep_best!r} needs unsharded weights; it is not available "
                               "under FSDP (use DDP or DeepSpeed ZeRO-2, or unset output.keep_best)")
         self.resumed = False
+        self.logger: MetricsLogger | None = None  # while train() runs
+        self.shown_samples: tuple[torch.Tensor, list[str]] | None = None  # the last epoch's first samples
 
     # ------------------------------------------------------------------ setup
 
@@ -268,6 +271,8 @@ class Trainer:
                 timings["time/decoding"] += t2 - t1
                 latents.append(lat)
                 log_probs.append(lp)
+                if start == 0:
+                    self.shown_samples = (images[:SHOWN_SAMPLES].cpu(), prompts[:SHOWN_SAMPLES])
                 self._monitor(monitored, images, prompts[start : start + chunk], metadata[start : start + chunk])
                 futures.append(scorer.submit(images, prompts[start : start + chunk], metadata[start : start + chunk]))
                 if not self.config.reward.asynchronous:
@@ -666,8 +671,27 @@ class Trainer:
             (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
             torch.save(result.grid_images, out / f"{tag}_grid.pt")
             n = len(result.grid_images)
-            save_grid(self.run_dir / "grids" / f"{tag}.png", list(result.grid_images[:, :4]), result.prompts[:n])
+            grid = save_grid(self.run_dir / "grids" / f"{tag}.png", list(result.grid_images[:, :4]), result.prompts[:n])
+            self._log_image(f"eval/{tag}", grid)
         return result
+
+    def _log_image(self, tag: str, path: Path | None) -> None:
+        """The image grid at ``path`` to TensorBoard and wandb (``output.log_images_every`` > 0), at this epoch."""
+        if self.logger is not None and path is not None and self.config.output.log_images_every > 0:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                self.logger.log_image(tag, image.convert("RGB"), self.epoch)
+
+    def _log_samples(self) -> None:
+        """Every ``output.log_images_every`` epochs, the epoch's first training samples with their prompts."""
+        every = self.config.output.log_images_every
+        if self.logger is None or self.shown_samples is None or not every or self.epoch % every:
+            return
+        from loopdiff.grids import image_grid
+
+        images, prompts = self.shown_samples
+        self.logger.log_image("train/samples", image_grid([image[None] for image in images], prompts), self.epoch)
 
     def comparison_grid(self, tags: tuple[str, str] = ("base", "final")) -> Path | None:
         """Side-by-side grid of two evaluations (same prompts, same seeds)."""
@@ -814,6 +838,7 @@ class Trainer:
             self.run_dir, c.output.tensorboard, c.output.wandb, c.output.wandb_project, c.to_dict(),
             enabled=self.accelerator.is_main_process,
         )
+        self.logger = logger
         try:
             if c.eval.before_training and not resumed and self._wants_eval():
                 self.evaluate("base")
@@ -826,6 +851,7 @@ class Trainer:
                 self.epoch = epoch + 1
                 self.history.append({"epoch": self.epoch, **metrics})
                 logger.log(self.epoch, metrics)
+                self._log_samples()
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
                 if self.best is not None and self.best.update(self.epoch, metrics):
                     self.save_best()
@@ -844,11 +870,12 @@ class Trainer:
                     with self.best_weights():
                         self.evaluate("best")
                 if self.accelerator.is_main_process:
-                    self.comparison_grid()
+                    self._log_image("eval/base_vs_final", self.comparison_grid())
                     if self.best is not None:
                         plot_trade_off(self.run_dir / "grids" / "fidelity.png", self.history, self.best)
         finally:
             logger.close()
+            self.logger = None
         return self.history
 
     def _wants_eval(self) -> bool:

@@ -260,6 +260,7 @@ _REWARD_MODULES = [
     "loopdiff.rewards.detection",
     "loopdiff.rewards.aesthetic",
     "loopdiff.rewards.clipscore",
+    "loopdiff.rewards.preference",
     "loopdiff.rewards.alignment",
     "loopdiff.rewards.ocr",
     "loopdiff.rewards.server",

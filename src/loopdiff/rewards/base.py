@@ -258,6 +258,7 @@ _REWARD_MODULES = [
     "loopdiff.rewards.control",
     "loopdiff.rewards.blip_vqa",
     "loopdiff.rewards.detection",
+    "loopdiff.rewards.geneval",
     "loopdiff.rewards.aesthetic",
     "loopdiff.rewards.clipscore",
     "loopdiff.rewards.preference",

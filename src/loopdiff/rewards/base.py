@@ -262,6 +262,7 @@ _REWARD_MODULES = [
     "loopdiff.rewards.aesthetic",
     "loopdiff.rewards.clipscore",
     "loopdiff.rewards.preference",
+    "loopdiff.rewards.imagereward",
     "loopdiff.rewards.alignment",
     "loopdiff.rewards.ocr",
     "loopdiff.rewards.server",

@@ -22,7 +22,7 @@ import torch
 
 from loopdiff.rewards.base import RewardError, register_reward
 from loopdiff.rewards.clipscore import ClipScore
-from loopdiff.rewards.hf_models import weights_check
+from loopdiff.rewards.hf_models import checkpoint_and_weights_check, weights_check
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 VIT_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -136,22 +136,13 @@ def pickscore(model: str = PICKSCORE_MODEL, processor: str = VIT_H_14, device: s
     return PickScore(model, device, dtype, batch_size, name="pickscore", processor=processor)
 
 
-def _hps_check(options: Mapping[str, Any]) -> str | None:
-    checkpoint = options.get("checkpoint")
-    if checkpoint is None:
-        return f"needs option checkpoint=<path to {HPS_CHECKPOINT}>"
-    if not os.path.isfile(os.path.expanduser(os.fspath(checkpoint))):
-        return f"checkpoint '{checkpoint}' not found"
-    return weights_check(VIT_H_14)(options)
-
-
 @register_reward(
     "hpsv2",
     description="HPS v2.1: image-prompt cosine of OpenCLIP ViT-H/14 tuned on human preferences (HPD v2)",
     needs=f"checkpoint={HPS_CHECKPOINT} (xswu/HPSv2) and the ViT-H/14 CLIPModel (default '{VIT_H_14}'; "
           "option model=)",
     extras=("transformers",),
-    check=_hps_check,
+    check=checkpoint_and_weights_check(HPS_CHECKPOINT, VIT_H_14),
 )
 def hpsv2(checkpoint: str | None = None, model: str = VIT_H_14, device: str = "cpu", dtype: Any = "float32",
           batch_size: int = 32) -> HPSv2Score:

@@ -53,6 +53,10 @@ class ModelConfig:
         None, "the module names (peft target_modules) that get adapters; None: the family's default, the "
         "attention projections to_q, to_k, to_v, to_out.0"
     )
+    train_text_encoder: bool = setting(
+        False, "also train LoRA adapters on the text encoder (Stable Diffusion 1/2, one process; exported with the "
+        "denoiser's as text_encoder LoRA layers)"
+    )
     lora_init: str | None = setting(
         None, "start from the LoRA adapter in this folder (saved by diffusers' save_lora_weights, e.g. a run's "
         "final_lora/, or by peft's save_pretrained); it keeps its own rank, alpha, dropout and target modules"

@@ -66,6 +66,7 @@ class Resumable:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     tracker: Any  # PerPromptStatTracker or None
     ema: ParameterEMA | None = None
+    text_encoder: torch.nn.Module | None = None  # with LoRA adapters (model.train_text_encoder)
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
@@ -224,6 +225,8 @@ def save_checkpoint(
         "ema": ema,
         "rng": _rng_state(),
     }
+    if parts.text_encoder is not None:
+        state["text_encoder_lora"] = trainable_state_dict(parts.text_encoder, lora=True)
     torch.save(state, tmp / STATE)
     (tmp / INFO).write_text(json.dumps({"epoch": epoch, **extra}, indent=2))
     for name in FILES:
@@ -274,5 +277,9 @@ def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
             parts.ema.load_state_dict(state["ema"])
         except ValueError as error:
             raise CheckpointError(f"checkpoint {path}: {error}") from None
+    if parts.text_encoder is not None:
+        if state.get("text_encoder_lora") is None:
+            raise CheckpointError(f"checkpoint {path} holds no text-encoder LoRA, but model.train_text_encoder is set")
+        load_trainable_state_dict(parts.text_encoder, state["text_encoder_lora"], lora=True)
     _set_rng_state(state["rng"])
     return read_info(path)

@@ -58,6 +58,7 @@ from loopdiff.training.best import (
     plot_trade_off,
     save_kept_weights,
 )
+from loopdiff.text_encoder_lora import add_text_encoder_lora, check_text_encoder_training, text_encoder_lora_layers
 from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.hub import hub_repo_id, push_export
 from loopdiff.training.lr_schedule import epoch_lr_scheduler
@@ -199,6 +200,10 @@ class Trainer:
         self.unet = denoiser(pipe).to(self.device)  # the UNet, or an SD3 or Flux pipeline's transformer
         configure_attention(self.unet, config.model.attention, self.device)
         params = configure_trainable(self.unet, config.model)
+        self.text_encoder = pipe.text_encoder if config.model.train_text_encoder else None  # trained with LoRA
+        if self.text_encoder is not None:
+            check_text_encoder_training(config, pipe, self.accelerator.num_processes, self.estimator.kl_coef)
+            params += add_text_encoder_lora(self.text_encoder, config.model)
         if config.training.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # only in train mode with gradients: sampling is unchanged
         self.reference = ReferencePolicy(self.unet, config.model.lora) if self.estimator.kl_coef > 0 else None
@@ -227,6 +232,8 @@ class Trainer:
         # What the optimiser steps: the prepared module's parameters (FSDP2 replaced the ones above; under DDP
         # and DeepSpeed they are the same objects).
         self.params = [p for p in self.train_unet.parameters() if p.requires_grad]
+        if self.text_encoder is not None:
+            self.params += [p for p in self.text_encoder.parameters() if p.requires_grad]
         decay = train_cfg.ema_decay
         self.ema = ParameterEMA(self.unet, decay, train_cfg.ema_every) if decay else None
         # The same weights twice: sampled from without gradients, and trained through the accelerate wrapper.
@@ -247,6 +254,7 @@ class Trainer:
         rng = np.random.default_rng(_seed(self.config.training.seed, epoch, acc.process_index))
         generator = torch.Generator().manual_seed(_seed(self.config.training.seed, epoch, acc.process_index, 1))
         chosen = torch.tensor(self.train_prompts.sample(n_prompts, rng))
+        self._refresh_embeddings()
         prompt_ids = chosen.repeat_interleave(est.samples_per_prompt)
         group_ids = (torch.arange(n_prompts) + acc.process_index * n_prompts).repeat_interleave(est.samples_per_prompt)
         prompts = [self.train_prompts.prompts[i] for i in prompt_ids.tolist()]
@@ -292,6 +300,12 @@ class Trainer:
             metadata=list(self.train_prompts.metadata),
         )
         return trajectories, rewards
+
+    def _refresh_embeddings(self) -> None:
+        """With a training text encoder, drop the cached prompt embeddings (its weights moved)."""
+        if self.text_encoder is not None:
+            self.encoder.clear()
+            self.uncond = self.encoder.unconditional()
 
     def _monitor(self, out: dict[str, list[torch.Tensor]], images: torch.Tensor, prompts: list[str], metadata: list) -> None:
         """Score ``images`` with each ``reward.monitor`` reward (logged only, never trained on)."""
@@ -470,9 +484,12 @@ class Trainer:
         traj, est = batch.trajectories, self.estimator
         i, j = micro[:, 0].to(self.device), micro[:, 1].to(self.device)
         latents, next_latents = traj.latents[i, j], traj.latents[i, j + 1]
-        timesteps, embeds = traj.timesteps[j], traj.prompt_embeds[i]
+        timesteps, embeds, uncond = traj.timesteps[j], traj.prompt_embeds[i], self.uncond
+        if self.text_encoder is not None:  # the embeddings again, with gradients into the text encoder's adapters
+            embeds = self.encoder.encode_with_grad([traj.prompts[k] for k in traj.prompt_ids[i.cpu()].tolist()])
+            uncond = self.encoder.encode_with_grad([self.encoder.negative_prompt])
         with self.accelerator.autocast():
-            out = self.train_policy.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
+            out = self.train_policy.step(latents, timesteps, embeds, uncond, next_latents=next_latents)
             step_kl = None
             if self.reference is not None:
                 step_kl = self._reference_kl(out, latents, next_latents, timesteps, embeds)
@@ -528,7 +545,7 @@ class Trainer:
 
     def _checkpoint_parts(self) -> ckpt.Resumable:
         return ckpt.Resumable(self.unet, self.config.model.lora, self.optimizer, self.lr_scheduler, self.tracker,
-                              self.ema)
+                              self.ema, self.text_encoder)
 
     def check_weights(self, what: str) -> None:
         """Raise NonFiniteError (on every process) if a trainable weight or its EMA is non-finite, before
@@ -648,6 +665,7 @@ class Trainer:
         if prompt_set is None and self.config.prompts.val is None:
             raise ConfigError("prompts.val is unset: give a validation prompt file to evaluate on")
         prompt_set = prompt_set or load_prompt_set(self.config.prompts.val).head(e.max_prompts)
+        self._refresh_embeddings()
         self.unet.eval()
         with self.ema_weights(), self.accelerator.autocast():
             result = evaluate(
@@ -807,8 +825,11 @@ class Trainer:
                 )
                 return
             saver = StableDiffusionXLPipeline if is_sdxl(self.pipeline) else StableDiffusionPipeline
+            text = {} if self.text_encoder is None else {
+                "text_encoder_lora_layers": text_encoder_lora_layers(self.text_encoder),
+                "text_encoder_lora_adapter_metadata": self.text_encoder.peft_config["default"].to_dict()}
             saver.save_lora_weights(
-                path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+                path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True, **text
             )
             return
         name = "transformer" if is_flow_matching(self.pipeline) else "unet"

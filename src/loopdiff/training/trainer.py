@@ -58,7 +58,11 @@ from loopdiff.training.best import (
     plot_trade_off,
     save_kept_weights,
 )
-from loopdiff.text_encoder_lora import add_text_encoder_lora, check_text_encoder_training, text_encoder_lora_layers
+from loopdiff.training.text_encoder_lora import (
+    add_text_encoder_lora,
+    check_text_encoder_training,
+    text_encoder_lora_layers,
+)
 from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.hub import hub_repo_id, push_export
 from loopdiff.training.lr_schedule import epoch_lr_scheduler

@@ -2,8 +2,9 @@
 
 A checkpoint folder ``<run>/checkpoints/epoch_<N>/`` holds the trainable weights (safetensors: the whole UNet,
 or the LoRA adapter), the optimiser and LR-schedule state, the per-prompt stat tracker, the EMA of the weights
-(with ``training.ema_decay``), the text encoder's LoRA adapter (with ``model.train_text_encoder``), the RNG states and the epoch. Sampling and shuffling draw from generators seeded by (seed, epoch), so a resumed run on the CPU
-continues exactly as the uninterrupted one.
+(with ``training.ema_decay``), the text encoder's LoRA adapter (with ``model.train_text_encoder``), the RNG
+states and the epoch. Sampling and shuffling draw from generators seeded by (seed, epoch), so a resumed run on
+the CPU continues exactly as the uninterrupted one.
 
 A checkpoint is complete only once its ``manifest.json`` (each file's size and sha256) exists: it is written
 last, atomically by a rename, and removed first when the checkpoint is pruned. Loading verifies every file

@@ -21,7 +21,7 @@ CORE_LAYERS = (
      "loopdiff.objectives", "loopdiff.minibatches", "loopdiff.sharding"),
     ("loopdiff.estimators",),
     ("loopdiff.config",),
-    ("loopdiff.models", "loopdiff.evaluation"),
+    ("loopdiff.models", "loopdiff.lora", "loopdiff.evaluation"),
     ("loopdiff.training",),
 )
 

@@ -81,8 +81,9 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     """Errors that stop a run that was set up correctly (exit code 1)."""
     from loopdiff.rewards.base import RewardFailed
     from loopdiff.training.guards import NonFiniteError
+    from loopdiff.training.hub import HubUploadError
 
-    return (NonFiniteError, RewardFailed)
+    return (NonFiniteError, RewardFailed, HubUploadError)
 
 
 # ---------------------------------------------------------------- train
@@ -152,7 +153,7 @@ def _policy_parts(pipe, args: argparse.Namespace):
 
     sampling = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
                               sde_type=args.sde_type, resolution=args.resolution,
-                              max_sequence_length=args.max_sequence_length)
+                              max_sequence_length=args.max_sequence_length, negative_prompt=args.negative_prompt)
     policy, _, encoder = build_policies(pipe, denoiser(pipe), denoiser(pipe), sampling, pipe.device)
     return policy, encoder
 
@@ -357,6 +358,8 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_hel
                         help=_as("sampling.num_steps", "denoising steps (DDIM, or the SD3 / Flux flow sampler)"))
     parser.add_argument("--guidance-scale", type=float, default=field_default("sampling.guidance_scale"),
                         help=_as("sampling.guidance_scale", "classifier-free guidance (Flux: the embedded guidance)"))
+    parser.add_argument("--negative-prompt", default=field_default("sampling.negative_prompt"),
+                        help=_as("sampling.negative_prompt", "classifier-free guidance's unconditional prompt"))
     parser.add_argument("--eta", type=float, default=field_default("sampling.eta"),
                         help=_as("sampling.eta", "DDIM eta, or an SD3 / Flux pipeline's SDE noise level (0: its "
                                  "Euler ODE)"))

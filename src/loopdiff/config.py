@@ -48,6 +48,19 @@ class ModelConfig:
     lora: bool = setting(False, "train LoRA adapters instead of the UNet's weights")
     lora_rank: int = setting(4, "LoRA rank")
     lora_alpha: float = setting(4.0, "LoRA alpha (the adapters are scaled by alpha / rank)")
+    lora_dropout: float = setting(0.0, "LoRA dropout (peft's lora_dropout) on the adapters' inputs while training")
+    lora_target_modules: list[str] | None = setting(
+        None, "the module names (peft target_modules) that get adapters; None: the family's default, the "
+        "attention projections to_q, to_k, to_v, to_out.0"
+    )
+    train_text_encoder: bool = setting(
+        False, "also train LoRA adapters on the text encoder (Stable Diffusion 1/2, one process; exported with the "
+        "denoiser's as text_encoder LoRA layers)"
+    )
+    lora_init: str | None = setting(
+        None, "start from the LoRA adapter in this folder (saved by diffusers' save_lora_weights, e.g. a run's "
+        "final_lora/, or by peft's save_pretrained); it keeps its own rank, alpha, dropout and target modules"
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "accelerate's mixed precision")
     device: str = setting("auto", "torch device; auto lets accelerate choose")
     attention: Literal["auto", "sdpa", "classic"] = setting(
@@ -64,6 +77,10 @@ class SamplingConfig:
     guidance_scale: float = setting(
         5.0, "classifier-free guidance scale; for a guidance-distilled Flux transformer (FLUX.1-dev) the guidance "
         "it embeds, in one conditional call (FluxPipeline's default 3.5); ignored by Flux without guidance embeds"
+    )
+    negative_prompt: str = setting(
+        "", "the prompt of classifier-free guidance's unconditional branch, in sampling, the log-probabilities "
+        "and evaluation alike (empty: the pipeline's default negative); not for Flux"
     )
     eta: float = setting(1.0, "DDIM eta, the sampler's noise level (> 0: a deterministic step has no log-probability)")
     logprob_reduction: Literal["mean", "sum"] = setting(
@@ -121,7 +138,13 @@ class TrainingConfig:
     gradient_checkpointing: bool = setting(
         False, "recompute UNet activations in backward: less memory, more compute"
     )
-    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up")
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up (the schedule's num_warmup_steps)")
+    lr_scheduler: Literal[
+        "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = setting(
+        "constant_with_warmup", "diffusers' get_scheduler schedule, stepped once per epoch over training.epochs "
+        "(epoch n trains at its step n of epochs + 1); constant_with_warmup: the warm-up, then constant"
+    )
     seed: int = setting(0, "the training run's random seed")
     max_nonfinite_fraction: float = setting(
         0.25, "a sample with a NaN/inf reward is dropped with its prompt group; more than this fraction of an "
@@ -185,6 +208,15 @@ class OutputConfig:
     wandb: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("loopdiff", "the Weights & Biases project")
     progress: bool = setting(True, "show progress bars")
+    log_images_every: int = setting(
+        5, "log the evaluation grids and, every N epochs, a grid of the first training samples with their prompts "
+        "as images in TensorBoard and wandb (0: no images)"
+    )
+    push_to_hub: bool = setting(False, "upload the export (final_lora/ or final_pipeline/, with its model card) to a "
+                                       "Hugging Face Hub model repository (huggingface_hub's login or HF_TOKEN)")
+    hub_model_id: str | None = setting(None, "the Hub repository of output.push_to_hub, 'user/name' or 'name'; "
+                                             "None: the run folder's name")
+    hub_private: bool = setting(False, "create the Hub repository of output.push_to_hub as private")
     keep_best: str | None = setting(
         None, "keep the weights where this weighted sum of logged metrics peaks, e.g. "
               "'reward/mean:1,monitor/embedded_eval/mean:2' (with reward.monitor); exported as best_pipeline/ "
@@ -583,6 +615,10 @@ def validate(config: RunConfig) -> None:
     _check(not (m.lora and m.train_modules != "all"), "model.train_modules", m.train_modules,
            "'all' with model.lora=true (LoRA chooses its own target modules)")
     _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
+    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", m.lora_dropout, "a number in [0, 1)")
+    _check(m.lora or m.lora_init is None, "model.lora_init", m.lora_init, "none without model.lora=true")
+    _check(m.lora_target_modules is None or len(m.lora_target_modules) > 0, "model.lora_target_modules",
+           m.lora_target_modules, "a non-empty list of module names, or none for the family's default")
     _check(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "a number > 0")
     _check(m.device == "auto" or _is_device(m.device), "model.device", m.device,
            "auto, cpu, cuda, cuda:N, mps or another torch device name")
@@ -625,6 +661,7 @@ def validate(config: RunConfig) -> None:
     _check(o.dir.strip() != "", "output.dir", o.dir, "a folder path (not empty)")
     _check(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0")
     _check(o.checkpoint_every >= 1, "output.checkpoint_every", o.checkpoint_every, "an integer >= 1")
+    _check(o.log_images_every >= 0, "output.log_images_every", o.log_images_every, "an integer >= 0 (0: no images)")
     _check(o.keep_best_window >= 1, "output.keep_best_window", o.keep_best_window, "an integer >= 1")
     if o.keep_best is not None:
         parse_trade_off(o.keep_best)

@@ -24,7 +24,6 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiff
 from loopdiff.config import ConfigError, ModelConfig, SamplingConfig
 from loopdiff.plugins import registered_models
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # the model_index.json class names loaded as such
 
 
@@ -238,12 +237,14 @@ def build_policies(
     same SDE with ``sampling.guidance_scale`` embedded (one conditional call), prompts encoded with
     ``sampling.max_sequence_length`` T5 tokens (both flow kinds; the pipeline's default when unset). All sample
     images of ``sampling.resolution`` pixels (:func:`latent_size`; the denoiser's native size when unset, for
-    Flux FluxPipeline's ``default_sample_size``).
+    Flux FluxPipeline's ``default_sample_size``). The encoder's unconditional embeddings are those of
+    ``sampling.negative_prompt`` (refused for Flux, which has no unconditional branch).
     """
     from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
     from loopdiff.sampling.trajectories import PromptEncoder
 
     sample_size = latent_size(pipe, getattr(sampling, "resolution", None))
+    negative_prompt = getattr(sampling, "negative_prompt", "")
 
     if is_flow_matching(pipe):
         from loopdiff.sampling.flow_policy import FlowMatchPolicy, FlowPolicyConfig, SD3PromptEncoder
@@ -262,10 +263,15 @@ def build_policies(
         tokens = getattr(sampling, "max_sequence_length", None)
         if tokens is None and not flux:  # an SD3 folder may record the zero-T5-token count it was trained with
             tokens = pipe.transformer.config.get("max_sequence_length")
+        flow_encoder = encoder_class(pipe, device, **({} if tokens is None else {"max_sequence_length": tokens}))
+        if not policy_class.classifier_free and negative_prompt:
+            raise ConfigError(f"sampling.negative_prompt={negative_prompt!r} is not used by a Flux pipeline (one "
+                              "conditional call per step, no classifier-free guidance); unset it")
+        flow_encoder.negative_prompt = negative_prompt
         return (
             policy_class(rollout_model, pipe.scheduler, flow_config),
             policy_class(train_model, pipe.scheduler, flow_config),
-            encoder_class(pipe, device, **({} if tokens is None else {"max_sequence_length": tokens})),
+            flow_encoder,
         )
     policy_config = PolicyConfig(
         guidance_scale=sampling.guidance_scale,
@@ -280,6 +286,7 @@ def build_policies(
         encoder: Any = SDXLPromptEncoder(pipe, device, sample_size)
     else:
         encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device)
+    encoder.negative_prompt = negative_prompt
     return (
         DiffusionPolicy(rollout_model, pipe.scheduler, policy_config),
         DiffusionPolicy(train_model, pipe.scheduler, policy_config),
@@ -303,20 +310,12 @@ def cross_attention_kv(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def configure_trainable(unet: torch.nn.Module, config: ModelConfig) -> list[torch.nn.Parameter]:
-    """Full fine-tuning (every UNet weight), the cross-attention keys and values only, or LoRA adapters on
-    the attention projections via peft."""
+    """Full fine-tuning (every UNet weight), the cross-attention keys and values only, or LoRA adapters via
+    peft (:func:`loopdiff.lora.add_lora`)."""
     if config.lora:
-        from peft import LoraConfig
+        from loopdiff.lora import add_lora
 
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=LORA_TARGETS,
-            )
-        )
+        add_lora(unet, config)
     elif config.train_modules == "cross_attention":
         unet.requires_grad_(False)
         for p in cross_attention_kv(unet):

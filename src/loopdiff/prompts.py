@@ -5,11 +5,16 @@ A source spec is one of
   such as ``embedded:<category>`` / ``embedded:<category>:val``, the embedded world's shipped prompt files;
 - a path to a text file with one prompt per line (T2I-CompBench's ``color_train.txt``, DDPO's
   ``simple_animals.txt``, ...); the file's stem (up to the first ``_``) becomes the ``category`` metadata;
+- a JSON Lines file (suffix ``.jsonl``): one object per line, ``{"prompt": ..., <metadata fields>}`` (GenEval's
+  ``{"prompt": ..., "tag": "counting", "include": [{"class": "dog", "count": 2}]}``, T2I-CompBench's
+  ``category``, ...); the other fields are the prompt's metadata, which every reward receives, with
+  ``category`` the file's stem unless the line gives one;
 - ``<path>`` may also be given as ``file:<path>``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,4 +74,29 @@ def load_prompt_set(spec: str) -> PromptSet:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise PromptError(f"prompt file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    return prompt_set_from_lines(text.splitlines(), path.stem.split("_")[0], spec)
+    category = path.stem.split("_")[0]
+    if path.suffix == ".jsonl":
+        return prompt_set_from_json_lines(text.splitlines(), category, spec)
+    return prompt_set_from_lines(text.splitlines(), category, spec)
+
+
+def prompt_set_from_json_lines(lines: list[str], category: str, name: str) -> PromptSet:
+    """The prompts of JSON Lines ``{"prompt": ..., <metadata>}`` (blank lines skipped), each with its other
+    fields as metadata (``category`` defaulting to ``category``); a PromptError naming the first bad line."""
+    prompts, metadata = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptError(f"prompt file '{name}' line {number} is not JSON ({error.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError(f"prompt file '{name}' line {number} is not an object with a non-empty \"prompt\" "
+                              f"string: {line.strip()[:120]}")
+        prompts.append(prompt.strip())
+        metadata.append({"category": category, **{k: v for k, v in record.items() if k != "prompt"}})
+    if not prompts:
+        raise PromptError(f"prompt source '{name}' holds no prompts")
+    return PromptSet(tuple(prompts), tuple(metadata), name)

@@ -55,15 +55,18 @@ class ClipScore:
         weight: float = 2.5,
         prefix: str = "",
         name: str = "clipscore",
+        processor: str | None = None,
     ):
+        """``processor``: the folder or Hub id of the tokenizer and image-processor settings, when the model's
+        own has none (PickScore's); default ``model``."""
         from transformers import AutoTokenizer, CLIPModel
 
         if variant not in VARIANTS:
             raise RewardError(f"reward '{name}': unknown variant {variant!r}; expected one of {VARIANTS}")
         self.name = name
         self.clip = load_model(CLIPModel, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
-        self.settings = image_processor_settings(model, self.clip.config.vision_config.image_size)
+        self.tokenizer = load_pretrained(AutoTokenizer, processor or model, name)
+        self.settings = image_processor_settings(processor or model, self.clip.config.vision_config.image_size)
         self.batch_size = batch_size
         self.variant = variant
         self.weight = weight

@@ -207,5 +207,20 @@ def weights_check(default_model: str, option: str = "model"):
     return check
 
 
+def checkpoint_and_weights_check(file_name: str, default_model: str):
+    """A registry ``check`` for a reward that needs option ``checkpoint=<file_name>`` (a file) besides the
+    model weights of :func:`weights_check`."""
+
+    def check(options: Any) -> str | None:
+        checkpoint = options.get("checkpoint")
+        if checkpoint is None:
+            return f"needs option checkpoint=<path to {file_name}>"
+        if not os.path.isfile(os.path.expanduser(os.fspath(checkpoint))):
+            return f"checkpoint '{checkpoint}' not found"
+        return weights_check(default_model)(options)
+
+    return check
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}

@@ -36,7 +36,10 @@ from loopdiff.sampling.policy import GaussianStepPolicy, apply_guidance
 
 class CachedPromptEncoder:
     """:class:`PromptEmbeds` of a pipeline's text encoders, computed once per distinct prompt and cached;
-    subclasses say how a list of prompts is encoded (:meth:`encode`)."""
+    subclasses say how a list of prompts is encoded (:meth:`encode`). ``negative_prompt`` is the prompt of
+    classifier-free guidance's unconditional branch (empty by default)."""
+
+    negative_prompt: str = ""
 
     def __init__(self, pipeline: Any, device: torch.device | str, max_sequence_length: int):
         self.pipeline = pipeline
@@ -60,8 +63,9 @@ class CachedPromptEncoder:
         )
 
     def unconditional(self) -> PromptEmbeds:
-        """The empty-prompt embeddings classifier-free guidance uses (as the pipeline's default negative)."""
-        return self([""])
+        """The negative prompt's embeddings classifier-free guidance uses (the empty prompt by default, as the
+        pipeline's)."""
+        return self([self.negative_prompt])
 
 
 class SD3PromptEncoder(CachedPromptEncoder):

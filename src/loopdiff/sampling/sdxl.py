@@ -47,7 +47,10 @@ def sdxl_time_ids(pipeline: Any, sample_size: int | None = None) -> torch.Tensor
 
 
 class SDXLPromptEncoder:
-    """Prompt embeddings from a ``StableDiffusionXLPipeline``'s two text encoders, cached per distinct prompt."""
+    """Prompt embeddings from a ``StableDiffusionXLPipeline``'s two text encoders, cached per distinct prompt;
+    ``negative_prompt`` is the prompt of classifier-free guidance's unconditional branch (empty by default)."""
+
+    negative_prompt: str = ""
 
     def __init__(self, pipeline: Any, device: torch.device | str, sample_size: int | None = None):
         self.pipeline = pipeline
@@ -69,9 +72,12 @@ class SDXLPromptEncoder:
         return PromptEmbeds(sequence, pooled, self.time_ids.to(sequence.dtype).repeat(len(prompts), 1))
 
     def unconditional(self) -> PromptEmbeds:
-        """The negative embeddings classifier-free guidance uses when no negative prompt is given: zeros
-        under the pipeline's ``force_zeros_for_empty_prompt``, else the encoded empty prompt; shape (1, ...)."""
-        empty = self([""])
+        """The negative embeddings classifier-free guidance uses: the encoded negative prompt, or without one
+        zeros under the pipeline's ``force_zeros_for_empty_prompt`` (as diffusers does), else the encoded empty
+        prompt; shape (1, ...)."""
+        empty = self([self.negative_prompt])
+        if self.negative_prompt:
+            return empty
         if not self.pipeline.config.get("force_zeros_for_empty_prompt", True):
             return empty
         return PromptEmbeds(torch.zeros_like(empty.sequence), torch.zeros_like(empty.pooled), empty.time_ids)

@@ -61,7 +61,11 @@ class Trajectories:
 
 
 class PromptEncoder:
-    """Text-encoder states for prompts, computed once per distinct prompt and cached."""
+    """Text-encoder states for prompts, computed once per distinct prompt and cached.
+
+    ``negative_prompt`` is the prompt of classifier-free guidance's unconditional branch (empty by default)."""
+
+    negative_prompt: str = ""
 
     def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device | str):
         self.tokenizer = tokenizer
@@ -73,21 +77,28 @@ class PromptEncoder:
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            tokens = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            states = self.text_encoder(tokens.input_ids.to(self.device))[0]
-            for prompt, state in zip(missing, states):
+            for prompt, state in zip(missing, self.encode_with_grad(missing)):
                 self._cache[prompt] = state
         return torch.stack([self._cache[p] for p in prompts])
 
+    def encode_with_grad(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The text encoder's states of ``prompts`` (N, L, D), uncached: with gradients when the encoder trains."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def clear(self) -> None:
+        """Forget the cached states (the text encoder's weights changed)."""
+        self._cache.clear()
+
     def unconditional(self) -> torch.Tensor:
-        """The empty-prompt states used by classifier-free guidance, shape (1, L, D)."""
-        return self([""])
+        """The negative prompt's states used by classifier-free guidance, shape (1, L, D)."""
+        return self([self.negative_prompt])
 
 
 def initial_latents(

@@ -2,8 +2,9 @@
 
 A checkpoint folder ``<run>/checkpoints/epoch_<N>/`` holds the trainable weights (safetensors: the whole UNet,
 or the LoRA adapter), the optimiser and LR-schedule state, the per-prompt stat tracker, the EMA of the weights
-(with ``training.ema_decay``), the RNG states and the epoch. Sampling and shuffling draw from generators seeded by (seed, epoch), so a resumed run on the CPU
-continues exactly as the uninterrupted one.
+(with ``training.ema_decay``), the text encoder's LoRA adapter (with ``model.train_text_encoder``), the RNG
+states and the epoch. Sampling and shuffling draw from generators seeded by (seed, epoch), so a resumed run on
+the CPU continues exactly as the uninterrupted one.
 
 A checkpoint is complete only once its ``manifest.json`` (each file's size and sha256) exists: it is written
 last, atomically by a rename, and removed first when the checkpoint is pruned. Loading verifies every file
@@ -66,6 +67,7 @@ class Resumable:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     tracker: Any  # PerPromptStatTracker or None
     ema: ParameterEMA | None = None
+    text_encoder: torch.nn.Module | None = None  # with LoRA adapters (model.train_text_encoder)
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
@@ -224,6 +226,8 @@ def save_checkpoint(
         "ema": ema,
         "rng": _rng_state(),
     }
+    if parts.text_encoder is not None:
+        state["text_encoder_lora"] = trainable_state_dict(parts.text_encoder, lora=True)
     torch.save(state, tmp / STATE)
     (tmp / INFO).write_text(json.dumps({"epoch": epoch, **extra}, indent=2))
     for name in FILES:
@@ -274,5 +278,9 @@ def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
             parts.ema.load_state_dict(state["ema"])
         except ValueError as error:
             raise CheckpointError(f"checkpoint {path}: {error}") from None
+    if parts.text_encoder is not None:
+        if state.get("text_encoder_lora") is None:
+            raise CheckpointError(f"checkpoint {path} holds no text-encoder LoRA, but model.train_text_encoder is set")
+        load_trainable_state_dict(parts.text_encoder, state["text_encoder_lora"], lora=True)
     _set_rng_state(state["rng"])
     return read_info(path)

@@ -1,4 +1,5 @@
-"""Per-epoch metrics to the console, a JSONL file in the run folder, TensorBoard and (optionally) wandb."""
+"""Per-epoch metrics to the console, a JSONL file in the run folder, TensorBoard and (optionally) wandb; image
+grids (evaluations, training samples) to TensorBoard and wandb."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 
@@ -101,6 +104,18 @@ class MetricsLogger:
         shown = "  ".join(f"{k.split('/')[0] if k.endswith('/mean') else k}={metrics[k]:.4g}"
                           for k in self.CONSOLE_KEYS if k in metrics)
         tqdm.write(f"epoch {epoch:4d}  {shown}  ({metrics.get('time/epoch', 0.0):.1f}s)")
+
+    def log_image(self, tag: str, image: Image.Image, epoch: int) -> None:
+        """``image`` (an image grid) under ``tag`` at ``epoch``, in TensorBoard and wandb (not the console)."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(image.convert("RGB")), epoch, dataformats="HWC")
+            self.writer.flush()
+        if self.wandb_run is not None:
+            import wandb as wandb_module
+
+            self.wandb_run.log({tag: wandb_module.Image(image)}, step=epoch)
 
     def close(self) -> None:
         if self.writer is not None:

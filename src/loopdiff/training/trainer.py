@@ -58,7 +58,14 @@ from loopdiff.training.best import (
     plot_trade_off,
     save_kept_weights,
 )
+from loopdiff.training.text_encoder_lora import (
+    add_text_encoder_lora,
+    check_text_encoder_training,
+    text_encoder_lora_layers,
+)
 from loopdiff.training.ema import ParameterEMA
+from loopdiff.training.hub import hub_repo_id, push_export
+from loopdiff.training.lr_schedule import epoch_lr_scheduler
 from loopdiff.training.guards import (
     check_engine_step,
     check_finite_weights,
@@ -102,6 +109,7 @@ from loopdiff.models import (
 
 
 LOSS_STATS = ("loss", "approx_kl", "clip_fraction", "kl_penalty")
+SHOWN_SAMPLES = 4  # training samples logged as images (output.log_images_every)
 
 
 @dataclass
@@ -163,6 +171,8 @@ class Trainer:
             raise ConfigError(f"output.keep_best={o.keep_best!r} needs unsharded weights; it is not available "
                               "under FSDP (use DDP or DeepSpeed ZeRO-2, or unset output.keep_best)")
         self.resumed = False
+        self.logger: MetricsLogger | None = None  # while train() runs
+        self.shown_samples: tuple[torch.Tensor, list[str]] | None = None  # the last epoch's first samples
 
     # ------------------------------------------------------------------ setup
 
@@ -198,6 +208,10 @@ class Trainer:
         configure_attention(self.unet, config.model.attention, self.device)
         configure_tf32(config.model.tf32, self.device)
         params = configure_trainable(self.unet, config.model)
+        self.text_encoder = pipe.text_encoder if config.model.train_text_encoder else None  # trained with LoRA
+        if self.text_encoder is not None:
+            check_text_encoder_training(config, pipe, self.accelerator.num_processes, self.estimator.kl_coef)
+            params += add_text_encoder_lora(self.text_encoder, config.model)
         if config.training.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # only in train mode with gradients: sampling is unchanged
         if config.model.compile:
@@ -213,8 +227,9 @@ class Trainer:
             weight_decay=train_cfg.weight_decay,
             **fused,
         )
-        warmup = max(1, train_cfg.warmup_epochs)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / warmup))
+        self.lr_scheduler = epoch_lr_scheduler(
+            optimizer, train_cfg.lr_scheduler, train_cfg.warmup_epochs, train_cfg.epochs
+        )
         self.train_unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         # FSDP2 shards the module in place (its parameters become DTensor shards): from here on it is the
         # sharded module, which sampling must call too so that its forward passes gather the weights.
@@ -227,6 +242,8 @@ class Trainer:
         # What the optimiser steps: the prepared module's parameters (FSDP2 replaced the ones above; under DDP
         # and DeepSpeed they are the same objects).
         self.params = [p for p in self.train_unet.parameters() if p.requires_grad]
+        if self.text_encoder is not None:
+            self.params += [p for p in self.text_encoder.parameters() if p.requires_grad]
         decay = train_cfg.ema_decay
         self.ema = ParameterEMA(self.unet, decay, train_cfg.ema_every) if decay else None
         # The same weights twice: sampled from without gradients, and trained through the accelerate wrapper.
@@ -247,6 +264,7 @@ class Trainer:
         rng = np.random.default_rng(_seed(self.config.training.seed, epoch, acc.process_index))
         generator = torch.Generator().manual_seed(_seed(self.config.training.seed, epoch, acc.process_index, 1))
         chosen = torch.tensor(self.train_prompts.sample(n_prompts, rng))
+        self._refresh_embeddings()
         prompt_ids = chosen.repeat_interleave(est.samples_per_prompt)
         group_ids = (torch.arange(n_prompts) + acc.process_index * n_prompts).repeat_interleave(est.samples_per_prompt)
         prompts = [self.train_prompts.prompts[i] for i in prompt_ids.tolist()]
@@ -271,6 +289,8 @@ class Trainer:
                 timings["time/decoding"] += t2 - t1
                 latents.append(lat)
                 log_probs.append(lp)
+                if start == 0:
+                    self.shown_samples = (images[:SHOWN_SAMPLES].cpu(), prompts[:SHOWN_SAMPLES])
                 self._monitor(monitored, images, prompts[start : start + chunk], metadata[start : start + chunk])
                 futures.append(scorer.submit(images, prompts[start : start + chunk], metadata[start : start + chunk]))
                 if not self.config.reward.asynchronous:
@@ -290,6 +310,12 @@ class Trainer:
             metadata=list(self.train_prompts.metadata),
         )
         return trajectories, rewards
+
+    def _refresh_embeddings(self) -> None:
+        """With a training text encoder, drop the cached prompt embeddings (its weights moved)."""
+        if self.text_encoder is not None:
+            self.encoder.clear()
+            self.uncond = self.encoder.unconditional()
 
     def _monitor(self, out: dict[str, list[torch.Tensor]], images: torch.Tensor, prompts: list[str], metadata: list) -> None:
         """Score ``images`` with each ``reward.monitor`` reward (logged only, never trained on)."""
@@ -468,9 +494,12 @@ class Trainer:
         traj, est = batch.trajectories, self.estimator
         i, j = to_device(micro[:, 0], self.device), to_device(micro[:, 1], self.device)
         latents, next_latents = traj.latents[i, j], traj.latents[i, j + 1]
-        timesteps, embeds = traj.timesteps[j], traj.prompt_embeds[i]
+        timesteps, embeds, uncond = traj.timesteps[j], traj.prompt_embeds[i], self.uncond
+        if self.text_encoder is not None:  # the embeddings again, with gradients into the text encoder's adapters
+            embeds = self.encoder.encode_with_grad([traj.prompts[k] for k in traj.prompt_ids[i.cpu()].tolist()])
+            uncond = self.encoder.encode_with_grad([self.encoder.negative_prompt])
         with self.accelerator.autocast():
-            out = self.train_policy.step(latents, timesteps, embeds, self.uncond, next_latents=next_latents)
+            out = self.train_policy.step(latents, timesteps, embeds, uncond, next_latents=next_latents)
             step_kl = None
             if self.reference is not None:
                 step_kl = self._reference_kl(out, latents, next_latents, timesteps, embeds)
@@ -526,7 +555,7 @@ class Trainer:
 
     def _checkpoint_parts(self) -> ckpt.Resumable:
         return ckpt.Resumable(self.unet, self.config.model.lora, self.optimizer, self.lr_scheduler, self.tracker,
-                              self.ema)
+                              self.ema, self.text_encoder)
 
     def check_weights(self, what: str) -> None:
         """Raise NonFiniteError (on every process) if a trainable weight or its EMA is non-finite, before
@@ -646,6 +675,7 @@ class Trainer:
         if prompt_set is None and self.config.prompts.val is None:
             raise ConfigError("prompts.val is unset: give a validation prompt file to evaluate on")
         prompt_set = prompt_set or load_prompt_set(self.config.prompts.val).head(e.max_prompts)
+        self._refresh_embeddings()
         self.unet.eval()
         with self.ema_weights(), self.accelerator.autocast():
             result = evaluate(
@@ -669,8 +699,27 @@ class Trainer:
             (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
             torch.save(result.grid_images, out / f"{tag}_grid.pt")
             n = len(result.grid_images)
-            save_grid(self.run_dir / "grids" / f"{tag}.png", list(result.grid_images[:, :4]), result.prompts[:n])
+            grid = save_grid(self.run_dir / "grids" / f"{tag}.png", list(result.grid_images[:, :4]), result.prompts[:n])
+            self._log_image(f"eval/{tag}", grid)
         return result
+
+    def _log_image(self, tag: str, path: Path | None) -> None:
+        """The image grid at ``path`` to TensorBoard and wandb (``output.log_images_every`` > 0), at this epoch."""
+        if self.logger is not None and path is not None and self.config.output.log_images_every > 0:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                self.logger.log_image(tag, image.convert("RGB"), self.epoch)
+
+    def _log_samples(self) -> None:
+        """Every ``output.log_images_every`` epochs, the epoch's first training samples with their prompts."""
+        every = self.config.output.log_images_every
+        if self.logger is None or self.shown_samples is None or not every or self.epoch % every:
+            return
+        from loopdiff.grids import image_grid
+
+        images, prompts = self.shown_samples
+        self.logger.log_image("train/samples", image_grid([image[None] for image in images], prompts), self.epoch)
 
     def comparison_grid(self, tags: tuple[str, str] = ("base", "final")) -> Path | None:
         """Side-by-side grid of two evaluations (same prompts, same seeds)."""
@@ -703,7 +752,8 @@ class Trainer:
                 tmp = path.with_name(path.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._write_export(tmp, gathered)
-                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path,
+                where = Path(hub_repo_id(self.config.output)) if self.config.output.push_to_hub else path
+                card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, where,
                                   pipeline_class_name(self.pipeline))
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)
@@ -711,6 +761,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.best is not None and (self.run_dir / BEST_DIR / BEST_WEIGHTS).is_file():
             self.export_best()
+        if self.config.output.push_to_hub and self.accelerator.is_main_process:
+            url = push_export(path, self.config.output)
+            print(f"uploaded {path} to {url}", flush=True)
         return path
 
     def save_best(self) -> None:
@@ -782,8 +835,11 @@ class Trainer:
                 )
                 return
             saver = StableDiffusionXLPipeline if is_sdxl(self.pipeline) else StableDiffusionPipeline
+            text = {} if self.text_encoder is None else {
+                "text_encoder_lora_layers": text_encoder_lora_layers(self.text_encoder),
+                "text_encoder_lora_adapter_metadata": self.text_encoder.peft_config["default"].to_dict()}
             saver.save_lora_weights(
-                path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+                path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True, **text
             )
             return
         name = "transformer" if is_flow_matching(self.pipeline) else "unet"
@@ -813,6 +869,7 @@ class Trainer:
             self.run_dir, c.output.tensorboard, c.output.wandb, c.output.wandb_project, c.to_dict(),
             enabled=self.accelerator.is_main_process,
         )
+        self.logger = logger
         try:
             if c.eval.before_training and not resumed and self._wants_eval():
                 self.evaluate("base")
@@ -825,6 +882,7 @@ class Trainer:
                 self.epoch = epoch + 1
                 self.history.append({"epoch": self.epoch, **metrics})
                 logger.log(self.epoch, metrics)
+                self._log_samples()
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
                 if self.best is not None and self.best.update(self.epoch, metrics):
                     self.save_best()
@@ -843,11 +901,12 @@ class Trainer:
                     with self.best_weights():
                         self.evaluate("best")
                 if self.accelerator.is_main_process:
-                    self.comparison_grid()
+                    self._log_image("eval/base_vs_final", self.comparison_grid())
                     if self.best is not None:
                         plot_trade_off(self.run_dir / "grids" / "fidelity.png", self.history, self.best)
         finally:
             logger.close()
+            self.logger = None
         return self.history
 
     def _wants_eval(self) -> bool:

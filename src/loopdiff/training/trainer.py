@@ -85,6 +85,7 @@ from loopdiff.training.zero import zero_optimizer
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
+    check_passed_pipeline,
     configure_attention,
     configure_trainable,
     denoiser,
@@ -134,6 +135,8 @@ class Trainer:
 
     def __init__(self, config: RunConfig, reward_fn: RewardFn | None = None, pipeline: Any = None):
         """``reward_fn`` (a reward callable) replaces ``reward.name``; ``pipeline`` replaces ``model.pretrained``."""
+        if pipeline is not None:
+            check_passed_pipeline(config.model, pipeline)
         self.config = complete(config)
         self.estimator = build_estimator(config)
         self.reward_name = training_reward_name(config, reward_fn)

@@ -550,8 +550,21 @@ class Trainer:
 
     def ema_weights(self) -> contextlib.AbstractContextManager:
         """Within the block the UNet holds the EMA of its trainable weights (``training.ema_decay``), its live
-        weights again afterwards; without an EMA, its live weights throughout."""
-        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        weights again afterwards; without an EMA, or before the EMA's first update (an average that still holds
+        the starting weights), its live weights throughout."""
+        return self.ema.swapped_in() if self._ema_updated() else contextlib.nullcontext()
+
+    def _ema_updated(self) -> bool:
+        return self.ema is not None and self.ema.updates > 0
+
+    def _warn_if_ema_unused(self, what: str) -> None:
+        """On the main process, say on stderr that ``what`` holds the live weights because the EMA had no update."""
+        if self.ema is not None and not self._ema_updated() and self.accelerator.is_main_process:
+            print(f"warning: {what} holds the trained weights, not their EMA: no EMA update happened in "
+                  f"{self.ema.steps} optimiser steps (training.ema_every={self.ema.every})", file=sys.stderr)
+
+    def _ema_updates(self) -> int | None:
+        return self.ema.updates if self.ema is not None else None
 
     def save(self) -> Path | None:
         """Checkpoint the finished epochs; refuses (NonFiniteError) when a trainable weight is non-finite.
@@ -687,12 +700,14 @@ class Trainer:
     def export(self) -> Path:
         """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``),
         with its model card (``README.md``: what it was trained from, how, on what, and how it evaluated).
-        With an EMA (``training.ema_decay``) the exported weights are the EMA's.
+        With an EMA (``training.ema_decay``) the exported weights are the EMA's; the live ones, with a warning,
+        when the EMA had no update yet.
 
         Call it on every process: the main one writes into a temporary folder renamed into place when
         complete, the others wait for it.
         """
         path = self.run_dir / ("final_lora" if self.config.model.lora else "final_pipeline")
+        self._warn_if_ema_unused(f"the export {path}")
         with self.ema_weights():
             self.check_weights("the exported model")
             gathered = self._gather_export() if self.sharded else None
@@ -701,7 +716,7 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._write_export(tmp, gathered)
                 card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, path,
-                                  pipeline_class_name(self.pipeline))
+                                  pipeline_class_name(self.pipeline), ema_updates=self._ema_updates())
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)
                 tmp.rename(path)
@@ -747,7 +762,8 @@ class Trainer:
                         f"(`{self.config.output.keep_best}`, mean over {self.best.window} epochs) peaked at "
                         f"{info['score']:.4f}.")
                 card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, info["epoch"], path,
-                                  pipeline_class_name(self.pipeline), final_tag="best", note=note)
+                                  pipeline_class_name(self.pipeline), final_tag="best", note=note,
+                                  ema_updates=self._ema_updates())
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)
                 tmp.rename(path)

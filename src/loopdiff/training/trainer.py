@@ -75,6 +75,7 @@ from loopdiff.training.preflight import (
     check_device,
     check_fsdp_version,
     check_launch,
+    check_logging,
     check_output_dir,
     check_reward_options,
     check_reward_prompts,
@@ -177,6 +178,7 @@ class Trainer:
         if self.accelerator.distributed_type.value == "DEEPSPEED":
             check_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, self.config)
         check_processes(self.config, self.accelerator.num_processes)
+        check_logging(self.config)
         check_output_dir(self.run_dir)
         self._resume_path = self.resume_point() if self.config.output.resume else None
 

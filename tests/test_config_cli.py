@@ -166,6 +166,17 @@ def test_config_show_prints_the_config_train_would_run(tmp_path, capsys) -> None
     assert default["reward"]["name"] == "embedded_vqa" and default["prompts"]["train"] == "embedded:color"
 
 
+def test_config_show_needs_no_prompt_file(capsys) -> None:
+    assert main(["config", "show", "--config", "sd2-compbench-attributes"]) == 0
+    captured = capsys.readouterr()
+    shown = yaml_load(captured.out)
+    assert shown["model"]["pretrained"] == "stabilityai/stable-diffusion-2-base" and shown["prompts"]["train"] is None
+    assert shown["reward"]["name"] == "blip_vqa"  # the packaged config's own values
+    assert "note: prompts.train is unset; loopdiff train needs it" in captured.err
+    assert main(["train", "--config", "sd2-compbench-attributes"]) == 2  # running it still needs the prompts
+    assert "prompts.train is required" in capsys.readouterr().err
+
+
 def yaml_load(text: str):
     import yaml
 

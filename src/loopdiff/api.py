@@ -16,19 +16,21 @@ from loopdiff.rewards.base import RewardFn
 ConfigLike = RunConfig | Mapping[str, Any] | Sequence[str] | None
 
 
-def run_config(config: ConfigLike = None, config_file: str | Path | None = None, pipeline: Any = None) -> RunConfig:
+def run_config(config: ConfigLike = None, config_file: str | Path | None = None, pipeline: Any = None,
+               require_prompts: bool = True) -> RunConfig:
     """The RunConfig that ``loopdiff train [--config config_file] overrides...`` would run.
 
     ``config``: a RunConfig (used as it is), a mapping of sections, or ``section.field=value`` overrides; both
     of the last two apply on top of ``config_file`` (a file or a packaged config's name), which defaults to the
     embedded main job for the embedded model and to none for any other model. A ``pipeline`` passed in is the
     model when ``model.pretrained`` is not given: its folder or Hub id becomes ``model.pretrained``, so a
-    pipeline other than the embedded one needs its own prompts, as any other model does.
+    pipeline other than the embedded one needs its own prompts, as any other model does. ``require_prompts``
+    false accepts an unset ``prompts.train`` (a config shown, not run).
     """
     from loopdiff.cli import requested_model, start_config
 
     if isinstance(config, RunConfig):
-        validate(complete(config))
+        validate(complete(config, require_prompts))
         return config
     values = dict(config) if isinstance(config, Mapping) else None
     overrides = list(config) if config is not None and values is None else []
@@ -40,7 +42,7 @@ def run_config(config: ConfigLike = None, config_file: str | Path | None = None,
         values = values or {}
         values["model"] = {**dict(values.get("model") or {}), "pretrained": model}
     path = start_config(str(config_file) if config_file is not None else None, model)
-    return load_config(path, overrides, values=values)
+    return load_config(path, overrides, values=values, require_prompts=require_prompts)
 
 
 def train(

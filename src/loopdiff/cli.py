@@ -127,8 +127,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "fields":
         print(format_fields())
     else:  # show: resolved as ``loopdiff train`` resolves it
-        config = run_config(args.overrides, config_file=args.config)
+        config = run_config(args.overrides, config_file=args.config, require_prompts=False)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        if config.prompts.train is None:
+            print("note: prompts.train is unset; loopdiff train needs it (a prompt file, one prompt per line)",
+                  file=sys.stderr)
     return 0
 
 

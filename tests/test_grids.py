@@ -25,3 +25,19 @@ def test_base_vs_final_titles_each_of_the_images_per_prompt_by_model(tmp_path) -
     assert (strips[0] < 128).any() and (strips[2] < 128).any()  # both titles are written
     assert np.array_equal(strips[0], strips[1]) and np.array_equal(strips[2], strips[3])  # base base, final final
     assert not np.array_equal(strips[1], strips[2])  # not base base base final
+
+
+def test_a_single_panel_curve_keeps_its_whole_title(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from loopdiff.study.curves import plot_table_curves
+
+    curve = np.array([[1, 0.1], [2, 0.3], [3, 0.2]])
+    spec = SimpleNamespace(label=lambda method: method.upper(), tasks={"only": SimpleNamespace(label="Only")})
+    results = SimpleNamespace(curves={("only", "loop"): {0: curve, 1: curve + [0, 0.1]}})
+    table = SimpleNamespace(methods=["base", "loop"], tasks=["only"], title="A table with a long enough title")
+    path = plot_table_curves(spec, results, table, tmp_path / "curves.png")
+    pixels = np.asarray(Image.open(path).convert("L"))
+    top = pixels[: pixels.shape[0] // 8]
+    assert (top < 128).any()  # the title is drawn in the top band
+    assert (top[:, 0] > 250).all() and (top[:, -1] > 250).all()  # and no letter is cut off at either edge

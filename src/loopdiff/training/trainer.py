@@ -82,7 +82,7 @@ from loopdiff.training.preflight import (
     check_sharding,
 )
 from loopdiff.sharding import full_model_state_dict, is_sharded, local, reshard, unsharded_copy
-from loopdiff.training.zero import zero_optimizer
+from loopdiff.training.zero import quiet_cpu_accelerator_notice, zero_optimizer
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
@@ -141,6 +141,7 @@ class Trainer:
         self.config = complete(config)
         self.estimator = build_estimator(config)
         self.reward_name = training_reward_name(config, reward_fn)
+        quiet_cpu_accelerator_notice()  # before accelerate imports DeepSpeed
         self.accelerator = Accelerator(
             mixed_precision=config.model.mixed_precision,
             cpu=config.model.device == "cpu",

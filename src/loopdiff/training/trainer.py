@@ -67,6 +67,7 @@ from loopdiff.training.guards import (
     nonfinite_names,
     refuse_nonfinite_weights,
 )
+from loopdiff.training.launches import precision_in_use, record_launch
 from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, reset_peak_memory, tensor_stats
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
@@ -822,6 +823,7 @@ class Trainer:
             self.start_over()
         if self.accelerator.is_main_process:  # the settings in force now (a resumed run may change some)
             (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+            record_launch(self.run_dir, self.launch_info(), resumed)
         if self.accelerator.is_main_process and c.prompts.val is None:
             print("note: prompts.val is unset, so the model is not evaluated before or after training", file=sys.stderr)
         reset_peak_memory(self.device)  # memory/peak_mb is this run's, not the process's earlier work's
@@ -865,6 +867,18 @@ class Trainer:
         finally:
             logger.close()
         return self.history
+
+    def launch_info(self) -> dict[str, Any]:
+        """How this launch runs (``run.json``): from which epoch, on how many processes, with which backend,
+        device and mixed precision in use; says on stderr when the precision asked for does not run here."""
+        acc, asked = self.accelerator, self.config.model.mixed_precision
+        used = precision_in_use(asked, acc.native_amp, acc.distributed_type.value)
+        if used != asked and acc.is_main_process:
+            print(f"note: model.mixed_precision={asked} runs in fp32 on {self.device.type} (accelerate has no "
+                  f"{asked} autocast there); run.json records it", file=sys.stderr)
+        return {"start_epoch": self.epoch, "processes": acc.num_processes,
+                "distributed_type": acc.distributed_type.value, "device": self.device.type,
+                "mixed_precision_asked": asked, "mixed_precision_used": used}
 
     def _wants_eval(self) -> bool:
         return self.config.eval.max_prompts != 0 and self.config.prompts.val is not None

@@ -252,3 +252,15 @@ def test_other_commands_take_their_defaults_from_the_config_schema() -> None:
     for command in ("sample --prompt p", "branch", "gradient-noise"):
         args = parser.parse_args(command.split())
         assert (args.steps, args.guidance_scale, args.eta, args.seed) == (s.num_steps, s.guidance_scale, s.eta, 0)
+
+
+def test_the_makefile_and_readme_name_the_task_make_run_trains() -> None:
+    from pathlib import Path
+
+    from loopdiff.cli import DEFAULT_CONFIG
+
+    root = Path(__file__).resolve().parents[1]
+    comment = next(line for line in (root / "Makefile").read_text().splitlines() if line.startswith("# make run"))
+    task = DEFAULT_CONFIG.removeprefix("embedded-").removesuffix(".yaml")  # aesthetic
+    assert f"{task} task" in comment and DEFAULT_CONFIG in comment, comment
+    assert f"on the embedded world's {task} task" in (root / "README.md").read_text()

@@ -197,3 +197,4 @@ def test_python_api_counts_a_passed_pipeline_as_its_own_model(tmp_path: Path, ti
     card = (run / "final_pipeline" / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["base_model"] == str(tiny_pipeline_dir)
     assert "embedded" not in card
+    assert f"<code>{tiny_pipeline_dir}</code>" in (run / "report.html").read_text()  # the run's report names it

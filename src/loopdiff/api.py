@@ -57,7 +57,8 @@ def train(
 
     ``reward_fn`` (``(images, prompts, metadata) -> (N,) tensor``) replaces ``reward.name``; ``pipeline`` (a
     loaded diffusers pipeline) replaces ``model.pretrained``, which then names its folder or Hub id (see
-    :func:`run_config`); ``export`` writes the final model with its model card into ``output.dir``.
+    :func:`run_config`); ``export`` writes the final model with its model card into ``output.dir``. The run's
+    ``report.html`` is written either way.
     """
     from loopdiff.training.trainer import Trainer
 
@@ -65,4 +66,8 @@ def train(
     history = trainer.train()
     if export:
         trainer.export()  # on every process: the main one writes, the others wait for it
+    if trainer.accelerator.is_main_process:
+        from loopdiff.reports.run import build_run_report
+
+        build_run_report(trainer.run_dir)
     return history

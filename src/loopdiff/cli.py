@@ -97,8 +97,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer.train()
     path = trainer.export()  # on every process: the main one writes, the others wait for it
     if trainer.accelerator.is_main_process:
+        from loopdiff.reports.run import build_run_report
+
         print(f"exported the fine-tuned model to {path}")
         _print_eval_summary(Path(config.output.dir))
+        print(f"report: {build_run_report(Path(config.output.dir))}")
     return 0
 
 

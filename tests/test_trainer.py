@@ -230,7 +230,18 @@ def test_monitor_rewards_are_logged_on_the_samples_and_never_trained_on(tmp_path
     torch.testing.assert_close(_weights(monitored.unet), _weights(plain.unet), rtol=0, atol=0)
 
 
-def test_run_json_records_the_precision_that_ran_and_the_processes_of_each_launch(tmp_path, capsys) -> None:
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one state per process, fixed by its first Accelerator: start and end with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_run_json_records_the_precision_that_ran_and_the_processes_of_each_launch(
+        tmp_path, capsys, fresh_accelerator_state) -> None:
     if torch.cuda.is_available():
         pytest.skip("on a GPU fp16 runs as asked")
     first = make_trainer(tmp_path, "loop", model={"device": "cpu", "mixed_precision": "fp16"},

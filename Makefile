@@ -1,4 +1,4 @@
-# make run : set up .venv and run the main job (LOOP, K=4, on the embedded world's color task)
+# make run : set up .venv and run the main job (LOOP, K=4, on the embedded world's aesthetic task: embedded-aesthetic.yaml)
 # make test: set up .venv and run the test suite
 .PHONY: setup setup-test run test bench
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment at .venv and install loopdiff into it, with the optional
 # dependency groups named in $1 (comma-separated, e.g. "test"; none by default).
-# torch is installed first as 2.13.0: on this project's CPU machines that is the local CPU build;
-# a plain "torch" requirement would pull a multi-GB CUDA build.
+# torch is installed first as ${TORCH_VERSION:-2.13.0}: on this project's CPU machines that is the local CPU
+# build; a plain "torch" requirement would pull a multi-GB CUDA build from PyPI (README: a CUDA machine).
+# Overrides: PYTHON (the interpreter creating .venv), TORCH_VERSION.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 extras="${1:-}"
 marker=".venv/.loopdiff-installed"
-stamp="$( (cat pyproject.toml scripts/setup.sh; echo "$extras") | sha256sum | cut -d' ' -f1)"
+# the stamp covers the overrides too: another PYTHON or TORCH_VERSION sets up again
+stamp="$( (cat pyproject.toml scripts/setup.sh; echo "$extras ${TORCH_VERSION:-} $PYTHON") | sha256sum | cut -d' ' -f1)"
 if [ -x .venv/bin/python ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$stamp" ]; then
   exit 0
 fi

@@ -15,11 +15,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import loopdiff as loopdiff_package
 from conftest import build_tiny_pipeline
 from loopdiff.training import checkpoint as ckpt
 from trainer_helpers import red_minus_blue
 
 EPOCHS = ("epoch_00001", "epoch_00002")
+PACKAGE_DIRS = tuple(dict.fromkeys(str(p) + os.sep for p in (
+    Path(loopdiff_package.__file__).parent, Path(loopdiff_package.__file__).resolve().parent)))
+
+
+def project_frames(stderr: str) -> list[str]:
+    """The traceback lines of ``stderr`` in loopdiff's own source files, found by the package's absolute path:
+    a checkout or a virtual environment under a folder named ``loopdiff`` is not the project's code."""
+    return [line for line in stderr.splitlines()
+            if line.lstrip().startswith("File ") and any(folder in line for folder in PACKAGE_DIRS)]
 
 
 def launch(config_file: str, *arguments: str, check: bool = True, cwd: Path | None = None

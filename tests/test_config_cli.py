@@ -166,6 +166,17 @@ def test_config_show_prints_the_config_train_would_run(tmp_path, capsys) -> None
     assert default["reward"]["name"] == "embedded_vqa" and default["prompts"]["train"] == "embedded:color"
 
 
+def test_config_show_needs_no_prompt_file(capsys) -> None:
+    assert main(["config", "show", "--config", "sd2-compbench-attributes"]) == 0
+    captured = capsys.readouterr()
+    shown = yaml_load(captured.out)
+    assert shown["model"]["pretrained"] == "stabilityai/stable-diffusion-2-base" and shown["prompts"]["train"] is None
+    assert shown["reward"]["name"] == "blip_vqa"  # the packaged config's own values
+    assert "note: prompts.train is unset; loopdiff train needs it" in captured.err
+    assert main(["train", "--config", "sd2-compbench-attributes"]) == 2  # running it still needs the prompts
+    assert "prompts.train is required" in capsys.readouterr().err
+
+
 def yaml_load(text: str):
     import yaml
 
@@ -241,3 +252,15 @@ def test_other_commands_take_their_defaults_from_the_config_schema() -> None:
     for command in ("sample --prompt p", "branch", "gradient-noise"):
         args = parser.parse_args(command.split())
         assert (args.steps, args.guidance_scale, args.eta, args.seed) == (s.num_steps, s.guidance_scale, s.eta, 0)
+
+
+def test_the_makefile_and_readme_name_the_task_make_run_trains() -> None:
+    from pathlib import Path
+
+    from loopdiff.cli import DEFAULT_CONFIG
+
+    root = Path(__file__).resolve().parents[1]
+    comment = next(line for line in (root / "Makefile").read_text().splitlines() if line.startswith("# make run"))
+    task = DEFAULT_CONFIG.removeprefix("embedded-").removesuffix(".yaml")  # aesthetic
+    assert f"{task} task" in comment and DEFAULT_CONFIG in comment, comment
+    assert f"on the embedded world's {task} task" in (root / "README.md").read_text()

@@ -167,3 +167,34 @@ def test_the_guides_reward_module_runs_from_the_cli_with_options(tmp_path: Path,
     means = json.loads((tmp_path / "run" / "eval" / "final.json").read_text())["means"]
     assert list(means) == [spec]
     sys.modules.pop("my_rewards", None)
+
+
+def test_python_api_counts_a_passed_pipeline_as_its_own_model(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
+    import yaml
+    from diffusers import StableDiffusionPipeline
+
+    from loopdiff import Trainer, run_config, train
+    from loopdiff.config import ConfigError
+
+    def blueness(images, prompts, metadata):
+        return images[:, 2].mean(dim=(1, 2))
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    overrides = [o for o in run_overrides(tmp_path, tiny_pipeline_dir, "unused")
+                 if not o.startswith(("reward.", "model.pretrained", "prompts."))]
+    with pytest.raises(ConfigError, match=f"prompts.train is required .*model.pretrained='{tiny_pipeline_dir}'"):
+        train(overrides, reward_fn=blueness, pipeline=pipe)  # not the embedded prompts and evaluators
+    with pytest.raises(ConfigError, match=f"loaded from '{tiny_pipeline_dir}': set model.pretrained="):
+        Trainer(run_config(overrides), reward_fn=blueness, pipeline=pipe)  # the embedded defaults, refused
+
+    prompts = tmp_path / "own.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    train([*overrides, f"prompts.train={prompts}", f"prompts.val={prompts}"], reward_fn=blueness, pipeline=pipe)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["model"]["pretrained"] == str(tiny_pipeline_dir)
+    final = json.loads((run / "eval" / "final.json").read_text())
+    assert final["prompts"] == ["a red circle", "a blue square"] and list(final["means"]) == ["blueness"]
+    card = (run / "final_pipeline" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == str(tiny_pipeline_dir)
+    assert "embedded" not in card
+    assert f"<code>{tiny_pipeline_dir}</code>" in (run / "report.html").read_text()  # the run's report names it

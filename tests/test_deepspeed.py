@@ -199,3 +199,33 @@ def test_a_deepspeed_launch_on_the_cpu_stops_at_once_without_the_stand_in(tmp_pa
     assert "WORLD_SIZE=2 processes were launched but accelerate runs 1 (accelerate runs DeepSpeed only on GPUs" \
         in errors[0], errors[0]
     assert not (run / "checkpoints").exists()
+
+
+QUIET_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from trainer_helpers import make_trainer
+trainer = make_trainer(Path({folder!r}), "loop")
+imported = "deepspeed" in sys.modules  # accelerate imported it while the trainer was built
+import deepspeed
+print(imported, deepspeed.accelerator.get_accelerator()._name)
+"""
+
+
+def test_a_cpu_run_does_not_print_deepspeeds_cpu_notice(tmp_path) -> None:
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("DeepSpeed prints the notice only without a CUDA device")
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ":".join(sys.path), "PATH": "/usr/bin:/bin"}
+    plain = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert "Setting accelerator to CPU" in plain.stderr + plain.stdout  # what the trainer hides
+    script = QUIET_RUN.format(tests=str(Path(__file__).parent), folder=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-2:] == ["True", "cpu"]  # DeepSpeed was imported and chose the CPU all the same
+    assert "Setting accelerator to CPU" not in run.stderr + run.stdout

@@ -274,3 +274,35 @@ def test_resuming_without_the_ema_state_is_refused(tmp_path) -> None:
     parts = with_ema._checkpoint_parts()
     with pytest.raises(ckpt.CheckpointError, match="holds no EMA state"):
         ckpt.load_checkpoint(ckpt.latest_checkpoint(plain.run_dir), parts)
+
+
+def test_an_ema_without_an_update_is_not_exported_and_the_card_says_so(tmp_path, capsys) -> None:
+    from conftest import build_tiny_pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    # 4 optimiser steps, an update every 8 (the SD3 and Flux configs' setting): the average never moved.
+    trainer = make_trainer(tmp_path, "loop", model={"lora": True, "lora_rank": 2},
+                           training={"ema_decay": 0.9, "ema_every": 8, "learning_rate": 1e-2})
+    trainer.train()
+    assert trainer.ema.steps == 4 and trainer.ema.updates == 0
+    path = trainer.export()
+    err = capsys.readouterr().err
+    assert "no EMA update happened in 4 optimiser steps (training.ema_every=8)" in err
+    live = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.unet).items()}
+    assert any(float(v.abs().max()) > 0 for k, v in live.items() if "lora_B" in k)  # the adapters trained
+    pipe = build_tiny_pipeline()
+    pipe.load_lora_weights(path)
+    x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 12, 16)
+    with torch.no_grad():
+        trained = trainer.unet(x, 10, encoder_hidden_states=emb).sample
+        loaded = pipe.unet(x, 10, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)  # not the all-zero starting adapters
+    card = (path / "README.md").read_text()
+    assert "trained weights themselves, not their exponential moving average" in card
+
+
+def test_the_card_counts_the_ema_updates(tmp_path, capsys) -> None:
+    trainer = make_trainer(tmp_path, "loop", training={"ema_decay": 0.9, "ema_every": 2})
+    trainer.train()
+    card = (trainer.export() / "README.md").read_text()
+    assert "updated every 2 optimiser steps; 2 updates)" in card and "no EMA update" not in capsys.readouterr().err

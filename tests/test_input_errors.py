@@ -158,3 +158,19 @@ def test_file_categories_are_hints_the_embedded_evaluator_checks() -> None:
     assert own.tolist() == [1.0] * 4  # clean renders of their own prompts score full marks
     assert evaluator(images, texts, [{"category": "my"}] * 4).tolist() == own.tolist()
     assert evaluator(images[:1], texts[:1], [{"category": "spatial"}]).tolist() == own[:1].tolist()
+
+
+def test_wandb_without_the_package_fails_at_start_up_writing_nothing(tmp_path, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb fails, as when not installed
+    monkeypatch.setattr("loopdiff.models.StableDiffusionPipeline.from_pretrained", lambda *a, **k: 1 / 0)
+    run = tmp_path / "run"
+    code = main(["train", "output.wandb=true", f"output.dir={run}", "model.device=cpu"])
+    lines = _our_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1, lines
+    assert "output.wandb=true needs the wandb package, which is not installed: pip install wandb" in lines[0]
+    assert not run.exists()  # no config.json, no tensorboard/

@@ -18,6 +18,7 @@ import pytest
 from loopdiff.config import ConfigError, check_processes, config_from_dict
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.preflight import LaunchError, check_launch
+from multiprocess_helpers import project_frames
 
 needs_torchrun = pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(),
                                     reason="torchrun not available")
@@ -100,8 +101,22 @@ def test_a_launch_without_a_distributed_backend_fails_at_once(tmp_path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("loopdiff train: error:")]
     assert errors and len(set(errors)) == 1, result.stderr[-3000:]  # torchrun may stop the other rank first
     assert "WORLD_SIZE=2" in errors[0] and "model.device=cpu" in errors[0], result.stderr[-3000:]
-    assert 'loopdiff/' not in "".join(l for l in result.stderr.splitlines() if l.lstrip().startswith("File "))
+    assert project_frames(result.stderr) == [], result.stderr[-3000:]  # torchrun's own frames may show
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_project_frames_are_found_by_the_package_path_not_by_a_folder_name() -> None:
+    import loopdiff
+
+    own = Path(loopdiff.__file__).parent / "cli.py"
+    stderr = "\n".join([
+        "Traceback (most recent call last):",
+        '  File "/home/me/loopdiff/.venv/lib/python3.12/site-packages/torch/distributed/run.py", line 9, in main',
+        f'  File "{own}", line 1, in main',
+        "loopdiff train: error: WORLD_SIZE=2",
+    ])
+    assert project_frames(stderr) == [f'  File "{own}", line 1, in main']
+    assert project_frames(stderr.replace(str(own), "/elsewhere/cli.py")) == []
 
 
 @pytest.mark.parametrize(

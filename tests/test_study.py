@@ -426,3 +426,25 @@ def test_cli_report_only_dry_run_and_errors(mini_study, tmp_path, capsys) -> Non
     bad.write_text(yaml.safe_dump(data))
     assert study_cli([str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "unknown reward 'no_such_reward'" in capsys.readouterr().err
+
+
+def test_a_users_module_function_reward_passes_the_preflight(tmp_path, tiny_pipeline_dir, monkeypatch) -> None:
+    from loopdiff.study.runner import preflight
+
+    (tmp_path / "study_user_reward.py").write_text("def greenness(images, prompts, metadata):\n"
+                                                   "    return images[:, 1].mean(dim=(1, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    for reward, error in [("study_user_reward:greenness", None),
+                          ("study_user_reward:greenness:1,jpeg_compressibility:0.5", None),
+                          ("study_user_reward:blueness", "module 'study_user_reward' has no attribute 'blueness'"),
+                          ("no_such_module_here:f", "cannot import module 'no_such_module_here'")]:
+        data = study_dict(tiny_pipeline_dir, prompts)
+        data["base"]["reward"]["name"] = reward
+        plan = plan_study(study_spec_from_dict(data), tmp_path / f"out{len(reward)}")
+        if error is None:
+            preflight(plan)
+        else:
+            with pytest.raises(StudyError, match=error):
+                preflight(plan)

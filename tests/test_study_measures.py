@@ -188,7 +188,7 @@ def test_study_workers_end_with_their_parent(tmp_path) -> None:
         f"    pool.submit(work, {str(pid_file)!r})\n"
         "    time.sleep(900)\n"
     )
-    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": "src"})
+    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         for _ in range(3000):  # a loaded machine may take minutes to start the worker
             if pid_file.is_file() and pid_file.read_text():

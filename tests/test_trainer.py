@@ -228,3 +228,32 @@ def test_monitor_rewards_are_logged_on_the_samples_and_never_trained_on(tmp_path
     plain.train()
     assert record["monitor/jpeg_compressibility/mean"] == pytest.approx(float(monitored.monitored["jpeg_compressibility"].mean()))
     torch.testing.assert_close(_weights(monitored.unet), _weights(plain.unet), rtol=0, atol=0)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one state per process, fixed by its first Accelerator: start and end with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_run_json_records_the_precision_that_ran_and_the_processes_of_each_launch(
+        tmp_path, capsys, fresh_accelerator_state) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU fp16 runs as asked")
+    first = make_trainer(tmp_path, "loop", model={"device": "cpu", "mixed_precision": "fp16"},
+                         output={"checkpoint_every": 1})
+    first.train()
+    assert "note: model.mixed_precision=fp16 runs in fp32 on cpu" in capsys.readouterr().err
+    assert json.loads((first.run_dir / "config.json").read_text())["model"]["mixed_precision"] == "fp16"  # asked
+    launch = {"processes": 1, "distributed_type": "NO", "device": "cpu", "mixed_precision_asked": "fp16",
+              "mixed_precision_used": "no"}
+    assert json.loads((first.run_dir / "run.json").read_text()) == {"launches": [{"start_epoch": 0, **launch}]}
+    resumed = make_trainer(tmp_path, "loop", model={"device": "cpu", "mixed_precision": "fp16"},
+                           training={"epochs": 2}, output={"checkpoint_every": 1})
+    resumed.train()
+    launches = json.loads((first.run_dir / "run.json").read_text())["launches"]
+    assert launches == [{"start_epoch": 0, **launch}, {"start_epoch": 1, **launch}]  # the resumed launch appended

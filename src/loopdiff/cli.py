@@ -98,8 +98,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer.train()
     path = trainer.export()  # on every process: the main one writes, the others wait for it
     if trainer.accelerator.is_main_process:
+        from loopdiff.reports.run import build_run_report
+
         print(f"exported the fine-tuned model to {path}")
         _print_eval_summary(Path(config.output.dir))
+        print(f"report: {build_run_report(Path(config.output.dir))}")
     return 0
 
 
@@ -128,8 +131,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "fields":
         print(format_fields())
     else:  # show: resolved as ``loopdiff train`` resolves it
-        config = run_config(args.overrides, config_file=args.config)
+        config = run_config(args.overrides, config_file=args.config, require_prompts=False)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        if config.prompts.train is None:
+            print("note: prompts.train is unset; loopdiff train needs it (a prompt file, one prompt per line)",
+                  file=sys.stderr)
     return 0
 
 

@@ -516,14 +516,15 @@ def load_config(
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
     values: Mapping[str, Any] | None = None,
+    require_prompts: bool = True,
 ) -> RunConfig:
     """Defaults <- ``base`` mapping <- config file <- ``values`` mapping <- command-line overrides,
-    completed and validated."""
+    completed and validated (``require_prompts``: see :func:`complete`)."""
     config = RunConfig()
     for layer in (base, read_config_file(path) if path is not None else None, values, parse_overrides(overrides)):
         if layer:
             _apply(config, upgrade_renamed_fields(layer), "")
-    complete(config)
+    complete(config, require_prompts)
     validate(config)
     return config
 
@@ -543,11 +544,12 @@ def check_fields(values: Mapping[str, Any]) -> None:
     _apply(RunConfig(), upgrade_renamed_fields(values, warn=False), "")
 
 
-def complete(config: RunConfig) -> RunConfig:
+def complete(config: RunConfig, require_prompts: bool = True) -> RunConfig:
     """Fill the unset fields a registered model has defaults for (the embedded model's prompts and reward);
     no other model gets them.
 
-    Raises ConfigError when ``prompts.train`` is unset and the model has no default for it.
+    Raises ConfigError when ``prompts.train`` is unset and the model has no default for it, unless
+    ``require_prompts`` is false (a config shown, not run).
     """
     models = registered_models()
     entry = models.get(config.model.pretrained)
@@ -555,7 +557,7 @@ def complete(config: RunConfig) -> RunConfig:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) is None:
             setattr(getattr(config, section), name, value)
-    if config.prompts.train is None:
+    if config.prompts.train is None and require_prompts:
         with_defaults = " or ".join(f"'{m.name}'" for m in models.values() if "prompts.train" in m.defaults)
         raise ConfigError(
             f"prompts.train is required for a model other than {with_defaults} "

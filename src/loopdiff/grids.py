@@ -66,7 +66,9 @@ def save_grid(path: Path, rows: Sequence[torch.Tensor], row_labels: Sequence[str
 
 
 def side_by_side(path: Path, prompts: Sequence[str], columns: dict[str, torch.Tensor], per_model: int = 2) -> Path:
-    """For each prompt, ``per_model`` images of each model (same seeds), models left to right."""
+    """For each prompt, ``per_model`` images of each model (same seeds), models left to right: at most the
+    images each model has (``columns[name]``: (prompts, images, 3, H, W)), one column title per image."""
+    per_model = min(per_model, *(images.shape[1] for images in columns.values()))
     rows, titles = [], []
     for name in columns:
         titles += [name] * per_model

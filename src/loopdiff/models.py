@@ -33,6 +33,39 @@ def resolve_pretrained(name: str) -> str:
     return str(entry.folder()) if entry is not None else name
 
 
+def pipeline_source(pipe: Any) -> str | None:
+    """The folder or Hub id ``pipe`` was loaded from (diffusers' ``_name_or_path``), or None for a pipeline built
+    in memory."""
+    source = getattr(pipe, "name_or_path", None)  # a str, or the Path from_pretrained was given
+    return str(source) if source else None
+
+
+def pipeline_model_name(pipe: Any) -> str:
+    """``model.pretrained`` for a pipeline passed in: the registered model whose folder it was loaded from
+    (``embedded``), else its folder or Hub id. Raises ConfigError for a pipeline built in memory (no name)."""
+    source = pipeline_source(pipe)
+    if source is None:
+        raise ConfigError(f"the {type(pipe).__name__} passed in was built in memory (it has no folder or Hub id): "
+                          "set model.pretrained to name it for config.json and the model card")
+    for name, entry in registered_models().items():
+        if Path(source).expanduser().resolve() == entry.folder().resolve():
+            return name
+    return source
+
+
+def check_passed_pipeline(model: ModelConfig, pipe: Any) -> None:
+    """Raise ConfigError when ``model.pretrained`` names a registered model (whose default prompts and rewards
+    the config then took) while the pipeline passed in was loaded from another folder or Hub id."""
+    source = pipeline_source(pipe)
+    if source is None or model.pretrained not in registered_models():
+        return
+    name = pipeline_model_name(pipe)
+    if name != model.pretrained:
+        raise ConfigError(f"model.pretrained={model.pretrained!r} but the pipeline passed in was loaded from "
+                          f"'{source}': set model.pretrained='{source}' with the run's own prompts.train and "
+                          "prompts.val (loopdiff.train does so when model.pretrained is unset)")
+
+
 def _model_index(source: str, looks_local: bool, revision: str | None) -> dict[str, Any]:
     """The pipeline's ``model_index.json`` (empty when a Hub id's cannot be read: the loader then reports)."""
     if looks_local:

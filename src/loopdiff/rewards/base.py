@@ -222,6 +222,17 @@ def import_reward(
     The attribute is the reward callable itself, or a factory called with ``options[name]`` as keyword
     arguments when ``options`` has an entry for ``name`` or the attribute is a class.
     """
+    target = import_reward_target(name, registry)
+    if name in options or inspect.isclass(target):
+        target = target(**_checked_options(name, target, options.get(name, {})))
+    if not callable(target):
+        raise RewardError(f"reward '{name}' is a {type(target).__name__}, not a callable (images, prompts, metadata)")
+    return CheckedReward(target, name)
+
+
+def import_reward_target(name: str, registry: Mapping[str, RewardInfo] | None = None) -> Any:
+    """The attribute ``package.module:attribute`` names, imported but not called (a RewardError names what
+    cannot be imported)."""
     module_name, _, attribute = name.partition(":")
     if registry is not None and module_name in registry:
         raise RewardError(f"reward spec {name!r}: weight {attribute!r} of '{module_name}' is not a number")
@@ -233,11 +244,7 @@ def import_reward(
         if not hasattr(target, part):
             raise RewardError(f"reward '{name}': module '{module_name}' has no attribute '{attribute}'")
         target = getattr(target, part)
-    if name in options or inspect.isclass(target):
-        target = target(**_checked_options(name, target, options.get(name, {})))
-    if not callable(target):
-        raise RewardError(f"reward '{name}' is a {type(target).__name__}, not a callable (images, prompts, metadata)")
-    return CheckedReward(target, name)
+    return target
 
 
 class CheckedReward:

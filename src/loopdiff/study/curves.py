@@ -88,7 +88,7 @@ def plot_table_curves(spec: StudySpec, results: StudyResults, table: TableSpec, 
                     fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # a single panel is narrower than the title
     plt.close(figure)
     return path
 

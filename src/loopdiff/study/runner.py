@@ -139,7 +139,7 @@ def _check_unchanged(job: Job) -> None:
 def preflight(jobs: Sequence[Job]) -> None:
     """Fail before anything runs if a prompt source, a reward or a local model folder is missing."""
     from loopdiff.prompts import PromptError, load_prompt_set
-    from loopdiff.rewards.base import parse_reward_spec, registered_rewards
+    from loopdiff.rewards.base import RewardError, import_reward_target, parse_reward_spec, registered_rewards
     from loopdiff.models import resolve_pretrained
 
     registry, checked = registered_rewards(), set()
@@ -156,9 +156,16 @@ def preflight(jobs: Sequence[Job]) -> None:
                 raise StudyError(f"task '{job.task}': {error}") from None
         for spec in (c.reward.name, *c.eval.rewards):
             for name, _ in parse_reward_spec(spec):
+                if ":" in name:  # the user's package.module:function
+                    try:
+                        import_reward_target(name, registry)
+                    except RewardError as error:
+                        raise StudyError(f"task '{job.task}': {error}") from None
+                    continue
                 info = registry.get(name)
                 if info is None:
-                    raise StudyError(f"task '{job.task}': unknown reward '{name}'; registered: {', '.join(registry)}")
+                    raise StudyError(f"task '{job.task}': unknown reward '{name}'; registered: {', '.join(registry)} "
+                                     "(or package.module:function)")
                 reason = info.unavailable_reason(c.reward.options.get(name, {}))
                 if reason is not None:
                     raise StudyError(f"task '{job.task}': reward '{name}' cannot run here: {reason}")

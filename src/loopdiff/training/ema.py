@@ -10,7 +10,9 @@ base model. The average starts at the weights training starts from and covers th
 ``requires_grad`` only: the LoRA adapters when LoRA is on, else what ``model.train_modules`` trains.
 Training and its samples use the live weights; evaluations and the export swap the average in
 (:meth:`ParameterEMA.swapped_in`) and the live weights back afterwards. The average and its step count are
-saved in every checkpoint, so a resumed run continues it exactly. Every process updates its own copy from
+saved in every checkpoint, so a resumed run continues it exactly. Before its first update (fewer than
+``training.ema_every`` optimiser steps) the average is the starting weights: evaluations and the export then
+use the live weights, with a warning (the model card says which weights it holds). Every process updates its own copy from
 the same synchronised weights, so the copies agree across processes. When FSDP shards the module, the average
 is sharded as its parameters are (each process averages its own shards), and :meth:`ParameterEMA.state_dict`
 gathers it.
@@ -57,6 +59,12 @@ class ParameterEMA:
         if is_sharded(module):
             reshard(module)
         self.average = {name: p.detach().clone() for name, p in trainable_parameters(module).items()}
+
+    @property
+    def updates(self) -> int:
+        """How many times the average was updated: until the first (optimiser step ``every``) it holds the
+        weights training started from, which :meth:`Trainer.ema_weights` then does not swap in."""
+        return self.steps // self.every
 
     def step(self) -> bool:
         """Count one optimiser step taken; update the average when the count is a multiple of ``every``.

@@ -106,22 +106,30 @@ def sampler_phrase(config: RunConfig, pipeline_class: str) -> str:
     return f"{s.num_steps} DDIM steps, eta {s.eta}, guidance {s.guidance_scale}"
 
 
-def ema_note(config: RunConfig) -> str:
-    """A sentence saying the weights are an EMA (with ``training.ema_decay``), else nothing."""
+def ema_note(config: RunConfig, ema_updates: int | None = None) -> str:
+    """A sentence saying which weights these are with an EMA (``training.ema_decay``): its average after
+    ``ema_updates`` updates, or, when it had none, the trained weights themselves; nothing without an EMA."""
     t = config.training
     if not t.ema_decay:
         return ""
     every = "optimiser step" if t.ema_every == 1 else f"{t.ema_every} optimiser steps"
+    if ema_updates == 0:
+        return (f" The weights are the trained weights themselves, not their exponential moving average: the "
+                f"average (decay {t.ema_decay}, updated every {every}) had no update in this run, so it still "
+                "held the starting weights.")
+    count = "" if ema_updates is None else f"; {ema_updates} update{'s' * (ema_updates != 1)}"
     return (f" The weights are the exponential moving average of the trained weights (decay {t.ema_decay}, "
-            f"updated every {every}), which the evaluation below used too.")
+            f"updated every {every}{count}), which the evaluation below used too.")
 
 
 def model_card(
     config: RunConfig, estimator: Estimator, reward_name: str, run_dir: Path, epochs: int, path: Path,
     pipeline_class: str = "StableDiffusionPipeline", final_tag: str = "final", note: str = "",
+    ema_updates: int | None = None,
 ) -> str:
     """The text of ``README.md`` for the model exported to ``path`` after ``epochs`` epochs (a fine-tune of a
-    diffusers ``pipeline_class`` pipeline), evaluated as ``eval/<final_tag>.json``; ``note`` ends the summary."""
+    diffusers ``pipeline_class`` pipeline), evaluated as ``eval/<final_tag>.json``; ``note`` ends the summary;
+    ``ema_updates``: how many updates the EMA had (see :func:`ema_note`)."""
     front = {
         "base_model": config.model.pretrained,
         "library_name": "diffusers",
@@ -138,7 +146,7 @@ def model_card(
         f"{kind} of `{config.model.pretrained}`, trained with loopdiff's `{estimator.name}` estimator "
         f"against the reward `{reward_name}` for {epochs} epoch{'s' * (epochs != 1)} of "
         f"{config.training.samples_per_epoch} samples "
-        f"on the prompts `{prompts}` ({sampler_phrase(config, pipeline_class)}).{ema_note(config)}{note}",
+        f"on the prompts `{prompts}` ({sampler_phrase(config, pipeline_class)}).{ema_note(config, ema_updates)}{note}",
         "## Use\n\n" + usage_snippet(config, path, pipeline_class),
         "## Evaluation\n\n" + evaluation_table(read_evaluations(run_dir, final_tag), config.eval.images_per_prompt),
         "## Estimator\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(estimator), sort_keys=False) + "```",

@@ -9,6 +9,7 @@ loopdiff has not run by :func:`check_deepspeed_config` (which also fills the one
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -145,6 +146,14 @@ def check_deepspeed_config(ds_config: dict[str, Any], config: RunConfig) -> None
                           "auto (as the shipped deepspeed-zero2.yaml does) or the same norm")
     if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds_config["train_micro_batch_size_per_gpu"] = config.training.micro_batch_size
+
+
+def check_logging(config: RunConfig) -> None:
+    """Raise ConfigError when ``output.wandb`` is on but the wandb package is not installed (checked before
+    the run writes anything)."""
+    if config.output.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("output.wandb=true needs the wandb package, which is not installed: pip install wandb "
+                          "(then wandb login), or set output.wandb=false")
 
 
 def check_output_dir(path: Path) -> None:

@@ -74,6 +74,7 @@ from loopdiff.training.guards import (
     nonfinite_names,
     refuse_nonfinite_weights,
 )
+from loopdiff.training.launches import precision_in_use, record_launch
 from loopdiff.training.metrics import MetricsLogger, peak_memory_mb, reset_peak_memory, tensor_stats
 from loopdiff.training.model_card import model_card
 from loopdiff.minibatches import shuffled_pairs, split_minibatches, steps_per_sample
@@ -82,17 +83,19 @@ from loopdiff.training.preflight import (
     check_device,
     check_fsdp_version,
     check_launch,
+    check_logging,
     check_output_dir,
     check_reward_options,
     check_reward_prompts,
     check_sharding,
 )
 from loopdiff.sharding import full_model_state_dict, is_sharded, local, reshard, unsharded_copy
-from loopdiff.training.zero import zero_optimizer
+from loopdiff.training.zero import quiet_cpu_accelerator_notice, zero_optimizer
 from loopdiff.transfer import to_device
 from loopdiff.models import (
     ReferencePolicy,
     build_policies,
+    check_passed_pipeline,
     compile_denoiser,
     configure_attention,
     configure_tf32,
@@ -145,9 +148,12 @@ class Trainer:
 
     def __init__(self, config: RunConfig, reward_fn: RewardFn | None = None, pipeline: Any = None):
         """``reward_fn`` (a reward callable) replaces ``reward.name``; ``pipeline`` replaces ``model.pretrained``."""
+        if pipeline is not None:
+            check_passed_pipeline(config.model, pipeline)
         self.config = complete(config)
         self.estimator = build_estimator(config)
         self.reward_name = training_reward_name(config, reward_fn)
+        quiet_cpu_accelerator_notice()  # before accelerate imports DeepSpeed
         self.accelerator = Accelerator(
             mixed_precision=config.model.mixed_precision,
             cpu=config.model.device == "cpu",
@@ -187,6 +193,7 @@ class Trainer:
         if self.accelerator.distributed_type.value == "DEEPSPEED":
             check_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, self.config)
         check_processes(self.config, self.accelerator.num_processes)
+        check_logging(self.config)
         check_output_dir(self.run_dir)
         self._resume_path = self.resume_point() if self.config.output.resume else None
 
@@ -582,8 +589,21 @@ class Trainer:
 
     def ema_weights(self) -> contextlib.AbstractContextManager:
         """Within the block the UNet holds the EMA of its trainable weights (``training.ema_decay``), its live
-        weights again afterwards; without an EMA, its live weights throughout."""
-        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        weights again afterwards; without an EMA, or before the EMA's first update (an average that still holds
+        the starting weights), its live weights throughout."""
+        return self.ema.swapped_in() if self._ema_updated() else contextlib.nullcontext()
+
+    def _ema_updated(self) -> bool:
+        return self.ema is not None and self.ema.updates > 0
+
+    def _warn_if_ema_unused(self, what: str) -> None:
+        """On the main process, say on stderr that ``what`` holds the live weights because the EMA had no update."""
+        if self.ema is not None and not self._ema_updated() and self.accelerator.is_main_process:
+            print(f"warning: {what} holds the trained weights, not their EMA: no EMA update happened in "
+                  f"{self.ema.steps} optimiser steps (training.ema_every={self.ema.every})", file=sys.stderr)
+
+    def _ema_updates(self) -> int | None:
+        return self.ema.updates if self.ema is not None else None
 
     def save(self) -> Path | None:
         """Checkpoint the finished epochs; refuses (NonFiniteError) when a trainable weight is non-finite.
@@ -739,12 +759,14 @@ class Trainer:
     def export(self) -> Path:
         """Final model: a diffusers pipeline folder (full fine-tune) or LoRA weights (``load_lora_weights``),
         with its model card (``README.md``: what it was trained from, how, on what, and how it evaluated).
-        With an EMA (``training.ema_decay``) the exported weights are the EMA's.
+        With an EMA (``training.ema_decay``) the exported weights are the EMA's; the live ones, with a warning,
+        when the EMA had no update yet.
 
         Call it on every process: the main one writes into a temporary folder renamed into place when
         complete, the others wait for it.
         """
         path = self.run_dir / ("final_lora" if self.config.model.lora else "final_pipeline")
+        self._warn_if_ema_unused(f"the export {path}")
         with self.ema_weights():
             self.check_weights("the exported model")
             gathered = self._gather_export() if self.sharded else None
@@ -754,7 +776,7 @@ class Trainer:
                 self._write_export(tmp, gathered)
                 where = Path(hub_repo_id(self.config.output)) if self.config.output.push_to_hub else path
                 card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, self.epoch, where,
-                                  pipeline_class_name(self.pipeline))
+                                  pipeline_class_name(self.pipeline), ema_updates=self._ema_updates())
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)
                 tmp.rename(path)
@@ -803,7 +825,8 @@ class Trainer:
                         f"(`{self.config.output.keep_best}`, mean over {self.best.window} epochs) peaked at "
                         f"{info['score']:.4f}.")
                 card = model_card(self.config, self.estimator, self.reward_name, self.run_dir, info["epoch"], path,
-                                  pipeline_class_name(self.pipeline), final_tag="best", note=note)
+                                  pipeline_class_name(self.pipeline), final_tag="best", note=note,
+                                  ema_updates=self._ema_updates())
                 (tmp / "README.md").write_text(card)
                 shutil.rmtree(path, ignore_errors=True)
                 tmp.rename(path)
@@ -862,6 +885,7 @@ class Trainer:
             self.start_over()
         if self.accelerator.is_main_process:  # the settings in force now (a resumed run may change some)
             (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+            record_launch(self.run_dir, self.launch_info(), resumed)
         if self.accelerator.is_main_process and c.prompts.val is None:
             print("note: prompts.val is unset, so the model is not evaluated before or after training", file=sys.stderr)
         reset_peak_memory(self.device)  # memory/peak_mb is this run's, not the process's earlier work's
@@ -908,6 +932,18 @@ class Trainer:
             logger.close()
             self.logger = None
         return self.history
+
+    def launch_info(self) -> dict[str, Any]:
+        """How this launch runs (``run.json``): from which epoch, on how many processes, with which backend,
+        device and mixed precision in use; says on stderr when the precision asked for does not run here."""
+        acc, asked = self.accelerator, self.config.model.mixed_precision
+        used = precision_in_use(asked, acc.native_amp, acc.distributed_type.value)
+        if used != asked and acc.is_main_process:
+            print(f"note: model.mixed_precision={asked} runs in fp32 on {self.device.type} (accelerate has no "
+                  f"{asked} autocast there); run.json records it", file=sys.stderr)
+        return {"start_epoch": self.epoch, "processes": acc.num_processes,
+                "distributed_type": acc.distributed_type.value, "device": self.device.type,
+                "mixed_precision_asked": asked, "mixed_precision_used": used}
 
     def _wants_eval(self) -> bool:
         return self.config.eval.max_prompts != 0 and self.config.prompts.val is not None

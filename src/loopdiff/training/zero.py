@@ -23,10 +23,30 @@ What the trainer does differently there (see :class:`loopdiff.training.trainer.T
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 import torch
+
+CPU_NOTICE = "Setting accelerator to CPU"  # what DeepSpeed logs on importing when torch sees no CUDA device
+
+
+class _DropCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return CPU_NOTICE not in record.getMessage()
+
+
+def quiet_cpu_accelerator_notice() -> None:
+    """Drop DeepSpeed's "[WARNING] Setting accelerator to CPU" from its logger (and nothing else it logs).
+
+    Once DeepSpeed is installed (the test extra installs it), accelerate imports it in every run, and without
+    a CUDA device it logs that notice, which says nothing a CPU run does not already know. A filter on the
+    logger survives DeepSpeed's own set-up of it (which sets its level and handler), so this works before
+    DeepSpeed is imported; calling it again adds nothing."""
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropCpuNotice) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_DropCpuNotice())
 
 
 def zero_optimizer(optimizer: Any) -> Any | None:

@@ -90,6 +90,8 @@ CASES = {
         ["'jpeg_compresibility'", "no reward of this run uses", "jpeg_compressibility"]),
     "infinite learning rate": (_fixed("training.learning_rate=inf"), ["training.learning_rate=inf", "finite"]),
     "negative LoRA alpha": (_fixed("model.lora=true", "model.lora_alpha=-1"), ["model.lora_alpha=-1", "> 0"]),
+    "more trained steps than sampling steps": (_fixed("sampling.num_steps=4", "training.train_denoising_steps=10"),
+                                               ["training.train_denoising_steps=10", "sampling.num_steps=4"]),
     "duplicate YAML key": (_config("training:\n  epochs: 3\n  epochs: 4\n", ".yaml"),
                            ["run.yaml", "'epochs' appears twice", "line 3"]),
     "config that is a directory": (lambda tmp: ["--config", str(tmp)], ["is a directory"]),

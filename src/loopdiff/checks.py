@@ -1,0 +1,53 @@
+"""What a setting allows beyond its type, declared with the setting: ``setting(..., check=at_least(1))``.
+
+A Check is a predicate and the allowed values in words; the code that reads the setting applies it and names
+the setting, the bad value and the allowed values in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Check:
+    """The values a field allows beyond its type: ``ok(value)`` and ``allowed``, those values in words (an error
+    names the field, the value and ``allowed``). ``ok`` may raise an error of its own, with a more precise message."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+    def or_none(self, meaning: str) -> "Check":
+        """The same check, with ``allowed`` telling what None (always allowed in an optional field) means."""
+        return Check(self.ok, f"{self.allowed}, or none {meaning}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: float, what: str = "an integer") -> Check:
+    """A number >= ``low`` (and finite)."""
+    return Check(lambda v: _finite(v) and v >= low, f"{what} >= {low}")
+
+
+def above(low: float) -> Check:
+    """A finite number > ``low``."""
+    return Check(lambda v: _finite(v) and v > low, f"a finite number > {low}")
+
+
+def fraction(low_open: bool = False, high_open: bool = False) -> Check:
+    """A number in [0, 1], each end excluded when asked."""
+    def ok(v: Any) -> bool:
+        return _finite(v) and (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1)
+    return Check(ok, f"a number in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+
+
+def up_to_inf(low: float) -> Check:
+    """A number > ``low``, infinity included (NaN is not)."""
+    return Check(lambda v: isinstance(v, (int, float)) and v > low, f"a number > {low} (inf allowed)")
+
+
+SEED = Check(lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")  # numpy takes no negative seed, torch none >= 2**64

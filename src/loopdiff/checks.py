@@ -1,27 +1,35 @@
-"""What a setting allows beyond its type, declared with the setting: ``setting(..., check=at_least(1))``.
+"""What a setting allows beyond its type, declared with the setting: ``setting(..., check=at_least(1))``, or
+with a command-line flag: ``add_argument("--steps", type=flag(int, at_least(1)))``.
 
 A Check is a predicate and the allowed values in words; the code that reads the setting applies it and names
-the setting, the bad value and the allowed values in one line.
+the setting, the bad value and the allowed values in one line (``OneLineParser`` for flags).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 
 @dataclass(frozen=True)
 class Check:
     """The values a field allows beyond its type: ``ok(value)`` and ``allowed``, those values in words (an error
-    names the field, the value and ``allowed``). ``ok`` may raise an error of its own, with a more precise message."""
+    names the field, the value and ``allowed``); ``none``: what None means where the field is optional. ``ok`` may
+    raise an error of its own, with a more precise message."""
 
     ok: Callable[[Any], bool]
     allowed: str
+    none: str = ""
 
     def or_none(self, meaning: str) -> "Check":
-        """The same check, with ``allowed`` telling what None (always allowed in an optional field) means."""
-        return Check(self.ok, f"{self.allowed}, or none {meaning}")
+        """The same check, telling what None (always allowed in an optional field) means."""
+        return replace(self, none=meaning)
+
+    def describe(self) -> str:
+        """The allowed values in words, None's meaning included."""
+        return f"{self.allowed}, or none {self.none}" if self.none else self.allowed
 
 
 def _finite(value: Any) -> bool:
@@ -51,3 +59,29 @@ def up_to_inf(low: float) -> Check:
 
 
 SEED = Check(lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")  # numpy takes no negative seed, torch none >= 2**64
+
+
+def flag(convert: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
+    """An argparse ``type=``: the flag's text read by ``convert`` (int, float, str, Path) and checked by ``check``;
+    a bad value is a usage error naming it and what is allowed."""
+    name = getattr(convert, "__name__", "value")
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {name}") from None
+        if not check.ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: {check.allowed}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, ``<prog>: error: <message>``, with exit code 2
+    (``--help`` still shows the usage); its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")

@@ -81,7 +81,8 @@ class SamplingConfig:
     resolution: int | None = setting(
         None, "image height and width in pixels; None: the denoiser's native size (its sample_size x the VAE's "
         "downscale, e.g. 512 for SD 2 base, 1024 for SDXL base and SD3 medium; FluxPipeline's 1024 for Flux)",
-        check=Check(at_least(1).ok, "an integer >= 1 (pixels)").or_none("for the denoiser's native size"),
+        check=Check(lambda v: 1 <= v <= 8192, "an integer in [1, 8192] (pixels)").or_none(
+            "for the denoiser's native size"),
     )
     max_sequence_length: int | None = setting(
         None, "T5 tokens per prompt (SD3 and Flux pipelines); None: the pipeline's default, 256 for SD3, 512 for "
@@ -362,7 +363,7 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
                 raise TypeError
             return dict(value)
     except (TypeError, ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{_named(path, value)} is not a valid {getattr(annotation, '__name__', annotation)}") from None
+        raise ConfigError(f"{path}={value!r} is not a valid {getattr(annotation, '__name__', annotation)}") from None
     return value
 
 
@@ -567,14 +568,9 @@ def _is_device(name: str) -> bool:
     return True
 
 
-def _named(path: str, value: Any) -> str:
-    """``path=value`` as an error names it; the bare value when there is no path (a flag's own error)."""
-    return f"{path}={value!r}" if path else repr(value)
-
-
 def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{_named(path, value)} is invalid; allowed: {allowed}")
+        raise ConfigError(f"{path}={value!r} is invalid; allowed: {allowed}")
 
 
 def _choice(path: str, value: Any, choices: Sequence[Any]) -> None:
@@ -600,26 +596,21 @@ def parse_trade_off(spec: str) -> dict[str, float]:
     return weights
 
 
-def check_field(path: str, value: Any, annotation: Any, check: Check | None, name: str | None = None) -> None:
+def check_field(path: str, value: Any, annotation: Any, check: Check | None) -> None:
     """Raise ConfigError unless ``value`` is one of the choices of a ``Literal`` ``annotation`` and passes
-    ``check`` (None passes in an optional field); the error names ``name`` (default ``path``) and the value."""
-    name = path if name is None else name
+    ``check`` (None passes in an optional field); the error names ``path`` and the value."""
     if value is None and _optional(annotation)[1]:
         return
     allowed = field_choices(annotation)
     if allowed is not None:
-        _choice(name, value, allowed)
+        _choice(path, value, allowed)
     if check is not None:
-        _check(check.ok(value), name, value, check.allowed)
+        _check(check.ok(value), path, value, check.describe())
 
 
-def read_field(path: str, text: str, check: Check | None = None, name: str = "") -> Any:
-    """``text`` read as a value of the config field ``path`` and checked by ``check`` (default: the field's own),
-    for a command-line flag that mirrors the field; a ConfigError names ``name`` (e.g. a flag) and the value."""
-    annotation, declared = next((a, f) for p, a, f in schema_fields() if p == path)
-    value = _coerce(name, text, annotation)
-    check_field(path, value, annotation, declared.metadata.get("check") if check is None else check, name)
-    return value
+def field_check(path: str) -> Check | None:
+    """The check the config field ``section.field`` declares (None: its type alone), e.g. for a flag mirroring it."""
+    return next(f.metadata.get("check") for p, _, f in schema_fields() if p == path)
 
 
 def validate(config: RunConfig) -> None:

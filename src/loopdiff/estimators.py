@@ -78,7 +78,7 @@ class Estimator:
             check: Check | None = declared.metadata.get("check")
             value = getattr(self, declared.name)
             if check is not None and value is not None and not check.ok(value):
-                raise ValueError(f"estimator.{declared.name}={value!r} is invalid; allowed: {check.allowed}")
+                raise ValueError(f"estimator.{declared.name}={value!r} is invalid; allowed: {check.describe()}")
         group_wise = self.advantage in ("leave_one_out", "group_zscore")
         if group_wise and self.samples_per_prompt < 2:
             raise ValueError(

@@ -45,7 +45,8 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callabl
 @dataclass
 class ModelConfig:
     pretrained: str = setting(EMBEDDED, "'embedded', a local pipeline folder, or a Hub id")
-    revision: str | None = setting(None, "the Hub revision (branch, tag or commit) of model.pretrained")
+    revision: str | None = setting(None, "the Hub revision (branch, tag or commit) of model.pretrained", check=Check(
+        lambda v: v.strip() != "", "a branch, tag or commit (not empty)").or_none("for the default branch"))
     train_modules: Literal["all", "cross_attention"] = setting(
         "all", "full fine-tuning: all UNet weights, or cross_attention (its keys and values only)"
     )
@@ -206,7 +207,8 @@ class OutputConfig:
     resume: bool = setting(True, "continue from the run folder's last checkpoint")
     tensorboard: bool = setting(True, "log to TensorBoard (in the run folder)")
     wandb: bool = setting(False, "log to Weights & Biases")
-    wandb_project: str = setting("loopdiff", "the Weights & Biases project")
+    wandb_project: str = setting("loopdiff", "the Weights & Biases project",
+                                 check=Check(lambda v: v.strip() != "", "a project name (not empty)"))
     progress: bool = setting(True, "show progress bars")
     keep_best: str | None = setting(
         None, "keep the weights where this weighted sum of logged metrics peaks, e.g. "

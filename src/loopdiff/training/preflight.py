@@ -43,6 +43,17 @@ def check_reward_options(config: RunConfig) -> None:
                               f"(reward.name, reward.monitor and eval.rewards name: {', '.join(sorted(used))})")
 
 
+def check_reward_names(config: RunConfig) -> None:
+    """Raise ConfigError when ``reward.monitor`` or ``eval.rewards`` names a reward nobody registered (an
+    evaluation reward is built at the first evaluation, which may come only after training)."""
+    registry = registered_rewards()
+    for field, specs in (("reward.monitor", config.reward.monitor), ("eval.rewards", config.eval.rewards)):
+        for name in (name for spec in specs for name, _ in parse_reward_spec(spec)):
+            if ":" not in name and name not in registry:  # package.module:function is imported when built
+                raise ConfigError(f"{field}: unknown reward {name!r}; registered rewards: {', '.join(registry)} "
+                                  "(or package.module:function)")
+
+
 def check_device(requested: str, running: Any) -> None:
     """Raise ConfigError unless ``model.device`` (``requested``) is where the run is placed (``running``, the
     accelerator's torch device): ``auto`` takes whatever that is; ``cuda:7`` needs eight CUDA devices."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -59,6 +60,43 @@ def up_to_inf(low: float) -> Check:
 
 
 SEED = Check(lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")  # numpy takes no negative seed, torch none >= 2**64
+
+
+def _device_here(name: str) -> bool:
+    """Whether ``name`` is a torch device this machine has (cuda:N needs N + 1 CUDA devices)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    if device.type == "cuda":
+        return (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True
+
+
+DEVICE_HERE = Check(_device_here, "cpu, or a torch device this machine has (cuda:N needs N + 1 CUDA devices)")
+FOLDER = Check(lambda v: v.strip() != "" and not Path(v).is_file(), "a folder path (not empty, not a file)")
+
+
+def ranged(default: Any = MISSING, check: Check | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field that declares the values it allows (``failed_field`` finds one that breaks them)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+def failed_field(instance: Any) -> tuple[str, Any, Check] | None:
+    """``(name, value, check)`` of the first field of the dataclass ``instance`` whose value fails the check
+    it declares (``metadata["check"]``; None passes); None when every field passes."""
+    for declared in fields(instance):
+        check: Check | None = declared.metadata.get("check")
+        value = getattr(instance, declared.name)
+        if check is not None and value is not None and not check.ok(value):
+            return declared.name, value, check
+    return None
 
 
 def flag(convert: Callable[[str], Any], check: Check) -> Callable[[str], Any]:

@@ -369,21 +369,6 @@ def _mirrors(path: str, convert: Callable[[str], object] = int) -> Callable[[str
     return flag(convert, field_check(path))
 
 
-def _device_here(name: str) -> bool:
-    """Whether ``name`` is a torch device this machine has (cuda:N needs N + 1 CUDA devices)."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        return False
-    if device.type == "cuda":
-        return (device.index or 0) < torch.cuda.device_count()
-    if device.type == "mps":
-        return torch.backends.mps.is_available()
-    return True
-
-
 LORA_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # what save_lora_weights writes
 
 
@@ -400,7 +385,7 @@ def _image_file(text: str) -> bool:
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_help: str = "default 0") -> None:
-    from loopdiff.checks import SEED, Check, at_least, flag
+    from loopdiff.checks import DEVICE_HERE, SEED, Check, at_least, flag
     from loopdiff.config import field_default
 
     parser.add_argument("--model", default=field_default("model.pretrained"),
@@ -426,8 +411,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_hel
                         help="image height and width in pixels (as sampling.resolution; default: the model's "
                         "native size)")
     parser.add_argument("--seed", type=flag(int, SEED), default=seed, help=f"seed of the sampling noise ({seed_help})")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)", type=flag(str, Check(
-        _device_here, "cpu, or a torch device this machine has (cuda:N needs N + 1 CUDA devices)")))
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)", type=flag(str, DEVICE_HERE))
 
 
 def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> None:

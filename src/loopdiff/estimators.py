@@ -25,7 +25,7 @@ with no reward-std normalisation, no KL penalty and no length normalisation.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -38,7 +38,7 @@ from loopdiff.advantages import (
     AdvantageKind,
     PerPromptStatTracker,
 )
-from loopdiff.checks import Check, above, at_least, up_to_inf
+from loopdiff.checks import above, at_least, failed_field, up_to_inf
 from loopdiff.objectives import LOSS_KINDS, LOSSES, LossFn, LossKind
 
 
@@ -74,11 +74,10 @@ class Estimator:
             raise ValueError(f"estimator.advantage={self.advantage!r}; allowed: {', '.join(ADVANTAGE_KINDS)}")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"estimator.loss={self.loss!r}; allowed: {', '.join(LOSS_KINDS)}")
-        for declared in fields(self):  # each field's range, declared with it
-            check: Check | None = declared.metadata.get("check")
-            value = getattr(self, declared.name)
-            if check is not None and value is not None and not check.ok(value):
-                raise ValueError(f"estimator.{declared.name}={value!r} is invalid; allowed: {check.describe()}")
+        failed = failed_field(self)  # each field's range, declared with it
+        if failed is not None:
+            name, value, check = failed
+            raise ValueError(f"estimator.{name}={value!r} is invalid; allowed: {check.describe()}")
         group_wise = self.advantage in ("leave_one_out", "group_zscore")
         if group_wise and self.samples_per_prompt < 2:
             raise ValueError(

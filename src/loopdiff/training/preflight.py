@@ -158,16 +158,17 @@ def check_deepspeed_config(ds_config: dict[str, Any], config: RunConfig) -> None
         ds_config["train_micro_batch_size_per_gpu"] = config.training.micro_batch_size
 
 
-def check_output_dir(path: Path) -> None:
-    """Raise ConfigError unless ``output.dir`` is (or can be made) a folder this process can write."""
+def check_output_dir(path: Path, name: str = "output.dir") -> None:
+    """Raise ConfigError unless ``path`` (the setting ``name``) is, or can be made, a folder this process can
+    write."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"output.dir='{path}' is a file; allowed: a folder (new or existing) that can be written")
+        raise ConfigError(f"{name}='{path}' is a file; allowed: a folder (new or existing) that can be written")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise ConfigError(f"output.dir='{path}' cannot be written ({error.strerror or error}); "
+        raise ConfigError(f"{name}='{path}' cannot be written ({error.strerror or error}); "
                           "allowed: a folder (new or existing) that can be written") from None
 
 

@@ -34,7 +34,7 @@ ROWS = {
     "misspelt option": ([*JPEG, "--option", "qualty=80"], ["no option 'qualty'", "quality"]),
     "option value of the wrong type": ([*JPEG, "--option", "quality=abc"], ["quality='abc'", "[1, 100]"]),
     "option value out of range": ([*JPEG, "--option", "quality=0"], ["quality=0", "[1, 100]"]),
-    "open interface without a token": ([*JPEG, "--host", "0.0.0.0"], ["--host 0.0.0.0", "--token"]),
+    "open interface without a token": ([*JPEG, "--host", "0.0.0.0"], ["--host '0.0.0.0'", "--token"]),
     "every interface without a token": ([*JPEG, "--host", ""], ["reachable from other machines"]),
     "host that does not resolve": ([*JPEG, "--host", "nosuch.invalid"], ["--host", "'nosuch.invalid'"]),
     "address of another machine": ([*JPEG, "--host", "192.0.2.1", "--token", "t"], ["cannot listen on 192.0.2.1"]),

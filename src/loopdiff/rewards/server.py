@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.token and not _is_loopback(args.host):
-        parser.error(f"--host {args.host} is reachable from other machines: give --token (or {TOKEN_ENV})")
+        parser.error(f"--host {args.host!r} is reachable from other machines: give --token (or {TOKEN_ENV})")
     try:
         options = _parse_options(args.option)
         reward_fn = build_reward(args.reward, {args.reward: options} if options else None)

@@ -191,7 +191,8 @@ def test_a_deepspeed_launch_on_the_cpu_stops_at_once_without_the_stand_in(tmp_pa
     """What the stand-in corrects: run as a user would, accelerate counts one process on each rank."""
     run = tmp_path / "run"
     result = launch(CONFIGS["deepspeed"], "-m", "loopdiff.cli", "train", "sampling.num_steps=2",
-                    "training.samples_per_epoch=8", "reward.name=jpeg_compressibility", f"output.dir={run}",
+                    "training.train_denoising_steps=2", "training.samples_per_epoch=8",
+                    "reward.name=jpeg_compressibility", f"output.dir={run}",
                     check=False, cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("loopdiff train: error:")]

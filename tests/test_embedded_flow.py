@@ -128,12 +128,6 @@ def test_resumed_pretraining_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert exported["max_sequence_length"] == 8 and exported["num_layers"] == 1
 
 
-def test_flow_pretrain_cli_rejects_bad_values(tmp_path):
-    for bad in (["--max-steps", "0"], ["--caption-dropout", "1.0"], ["--shift", "0"], ["--steps", "0"]):
-        with pytest.raises(SystemExit):
-            pretrain_cli(["--family", "flow", "--output-dir", str(tmp_path)] + bad)
-
-
 # ----------------------------------------------------------------------------- the shipped folder
 
 

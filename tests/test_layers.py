@@ -16,7 +16,7 @@ PERIPHERY = ("loopdiff.embedded", "loopdiff.diagnostics", "loopdiff.study", "loo
 ENTRY_POINTS = ("loopdiff", "loopdiff.api", "loopdiff.cli")  # compose everything, periphery included
 # Core layers, lowest first; a module belongs to the first layer with a prefix of its name.
 CORE_LAYERS = (
-    ("loopdiff.plugins", "loopdiff.transfer"),
+    ("loopdiff.plugins", "loopdiff.checks", "loopdiff.transfer"),
     ("loopdiff.prompts", "loopdiff.rewards", "loopdiff.sampling", "loopdiff.grids", "loopdiff.advantages",
      "loopdiff.objectives", "loopdiff.minibatches", "loopdiff.sharding"),
     ("loopdiff.estimators",),

@@ -22,10 +22,10 @@ from multiprocess_helpers import project_frames
 
 needs_torchrun = pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(),
                                     reason="torchrun not available")
-TINY_CLI_RUN = ["sampling.num_steps=2", "sampling.batch_size=4", "training.epochs=2", "training.samples_per_epoch=8",
-                "training.micro_batch_size=16", "estimator.samples_per_prompt=4", "eval.max_prompts=0",
-                "reward.name=jpeg_compressibility", "output.checkpoint_every=1", "output.progress=false",
-                "output.tensorboard=false"]
+TINY_CLI_RUN = ["sampling.num_steps=2", "training.train_denoising_steps=2", "sampling.batch_size=4",
+                "training.epochs=2", "training.samples_per_epoch=8", "training.micro_batch_size=16",
+                "estimator.samples_per_prompt=4", "eval.max_prompts=0", "reward.name=jpeg_compressibility",
+                "output.checkpoint_every=1", "output.progress=false", "output.tensorboard=false"]
 
 
 def _torchrun_train(run: Path, *overrides: str, use_cpu_env: bool = False) -> subprocess.CompletedProcess:

@@ -165,13 +165,26 @@ def _policy_parts(pipe, args: argparse.Namespace):
 
 
 def _reward_options(args: argparse.Namespace) -> dict:
-    """``--reward-options`` as a dict (``{}`` when absent); bad JSON is a user error naming the text."""
-    from loopdiff.rewards.base import RewardError
+    """``--reward-options`` as a dict (``{}`` when absent), for the rewards ``--reward`` names only; bad JSON, a
+    value that is no object of objects, or options for a reward not named are user errors naming the text."""
+    from loopdiff.rewards.base import RewardError, parse_reward_spec
 
+    if not args.reward_options:
+        return {}
+    text = args.reward_options
     try:
-        return json.loads(args.reward_options) if args.reward_options else {}
+        options = json.loads(text)
     except json.JSONDecodeError as error:
-        raise RewardError(f"--reward-options {args.reward_options!r} is not JSON: {error}") from None
+        raise RewardError(f"--reward-options {text!r} is not JSON: {error}") from None
+    if not isinstance(options, dict) or not all(isinstance(value, dict) for value in options.values()):
+        raise RewardError(f"--reward-options {text!r}: expected an object of options per reward, e.g. "
+                          '{"jpeg_compressibility": {"quality": 80}}')
+    used = {args.reward, *(name for name, _ in parse_reward_spec(args.reward))}
+    for name in options:
+        if name not in used:
+            raise RewardError(f"--reward-options has options for {name!r}, which --reward {args.reward!r} does not "
+                              "name")
+    return options
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -201,11 +214,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     missing = _model_defaults(args, "prompts.val")
     if missing:
         return _usage_error("eval", missing)
-    pipe = _load_for_inference(args.model, args.lora, args.device)
-    policy, encoder = _policy_parts(pipe, args)
-    prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)
+    prompt_set = load_prompt_set(args.prompts).head(args.max_prompts)  # bad prompts or rewards before the model loads
     options = _reward_options(args)
     rewards = {name: build_reward(name, options) for name, _ in parse_reward_spec(args.reward)}
+    pipe = _load_for_inference(args.model, args.lora, args.device)
+    policy, encoder = _policy_parts(pipe, args)
     result = evaluate(
         policy, encoder, pipe.vae, prompt_set, rewards, args.images_per_prompt, args.seed, batch_size=args.batch_size
     )
@@ -214,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (warning := result.nonfinite_warning()) is not None:
         print(f"loopdiff eval: warning: {warning}", file=sys.stderr)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result.record(), indent=1, allow_nan=False))
     return 0
 
@@ -354,31 +368,59 @@ def _as(path: str, what: str) -> str:
     return f"{what} (as {path}; default {field_default(path)})"
 
 
+def _mirrors(path: str, convert: Callable[[str], object] = int) -> Callable[[str], object]:
+    """A flag's ``type=`` for a flag that mirrors the config field ``path``: its type and its declared range."""
+    from loopdiff.checks import flag
+    from loopdiff.config import field_check
+
+    return flag(convert, field_check(path))
+
+
+LORA_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # what save_lora_weights writes
+
+
+def _lora_folder(text: str) -> bool:
+    """Whether ``text`` is a folder holding LoRA weights as training exports them (final_lora/)."""
+    return any((Path(text) / name).is_file() for name in LORA_WEIGHTS)
+
+
+def _image_file(text: str) -> bool:
+    """Whether ``text`` names an image file PIL can write (by its suffix), not a folder."""
+    from PIL import Image
+
+    return not Path(text).is_dir() and Path(text).suffix.lower() in Image.registered_extensions()
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser, seed: int = 0, seed_help: str = "default 0") -> None:
+    from loopdiff.checks import DEVICE_HERE, SEED, Check, at_least, flag
     from loopdiff.config import field_default
 
     parser.add_argument("--model", default=field_default("model.pretrained"),
                         help="'embedded', a pipeline folder or a Hub id (default embedded)")
-    parser.add_argument("--lora", default=None, help="LoRA weights folder saved by training (final_lora)")
-    parser.add_argument("--steps", type=int, default=field_default("sampling.num_steps"),
+    parser.add_argument("--lora", default=None, help="LoRA weights folder saved by training (final_lora)",
+                        type=flag(str, Check(_lora_folder, f"a folder holding {' or '.join(LORA_WEIGHTS)} (a run's "
+                                             "final_lora/)")))
+    parser.add_argument("--steps", type=_mirrors("sampling.num_steps"), default=field_default("sampling.num_steps"),
                         help=_as("sampling.num_steps", "denoising steps (DDIM, or the SD3 / Flux flow sampler)"))
-    parser.add_argument("--guidance-scale", type=float, default=field_default("sampling.guidance_scale"),
+    parser.add_argument("--guidance-scale", type=_mirrors("sampling.guidance_scale", float),
+                        default=field_default("sampling.guidance_scale"),
                         help=_as("sampling.guidance_scale", "classifier-free guidance (Flux: the embedded guidance)"))
     parser.add_argument("--negative-prompt", default=field_default("sampling.negative_prompt"),
                         help=_as("sampling.negative_prompt", "classifier-free guidance's unconditional prompt"))
-    parser.add_argument("--eta", type=float, default=field_default("sampling.eta"),
+    parser.add_argument("--eta", type=flag(float, at_least(0, "a number")), default=field_default("sampling.eta"),
                         help=_as("sampling.eta", "DDIM eta, or an SD3 / Flux pipeline's SDE noise level (0: its "
                                  "Euler ODE)"))
     parser.add_argument("--sde-type", choices=("sde", "cps"), default=field_default("sampling.sde_type"),
                         help=_as("sampling.sde_type", "SD3 and Flux pipelines only: the SDE form"))
-    parser.add_argument("--max-sequence-length", type=int, default=field_default("sampling.max_sequence_length"),
+    parser.add_argument("--max-sequence-length", type=_mirrors("sampling.max_sequence_length"),
+                        default=field_default("sampling.max_sequence_length"),
                         help="T5 tokens per prompt of SD3 and Flux pipelines (as sampling.max_sequence_length; "
                         "default: the pipeline's)")
-    parser.add_argument("--resolution", type=int, default=field_default("sampling.resolution"),
+    parser.add_argument("--resolution", type=_mirrors("sampling.resolution"), default=field_default("sampling.resolution"),
                         help="image height and width in pixels (as sampling.resolution; default: the model's "
                         "native size)")
-    parser.add_argument("--seed", type=int, default=seed, help=f"seed of the sampling noise ({seed_help})")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--seed", type=flag(int, SEED), default=seed, help=f"seed of the sampling noise ({seed_help})")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)", type=flag(str, DEVICE_HERE))
 
 
 def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> None:
@@ -390,10 +432,11 @@ def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loopdiff.checks import Check, OneLineParser, at_least, flag
     from loopdiff.config import field_default
     from loopdiff.estimators import PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="loopdiff",
         description="Reinforcement-learning fine-tuning of text-to-image diffusion models "
         "(LOOP, PPO/DDPO, RLOO, REINFORCE, GRPO) against black-box rewards.",
@@ -417,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="draw images into a grid PNG")
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
-    sample.add_argument("--num", type=int, default=4, help="images per prompt")
-    sample.add_argument("--out", default="samples.png", help="output PNG")
+    sample.add_argument("--num", type=flag(int, at_least(1)), default=4, help="images per prompt")
+    sample.add_argument("--out", default="samples.png", help="output PNG (or another image format, by suffix)",
+                        type=flag(str, Check(_image_file, "an image file path (.png, .jpg, ...), not a folder")))
     _add_sampling_flags(sample)
     sample.set_defaults(func=cmd_sample)
 
@@ -430,13 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward", default=None, help="reward name(s), comma separated; "
                           "default embedded_vqa for --model embedded")
     evaluate.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
-    evaluate.add_argument("--images-per-prompt", type=int, default=field_default("eval.images_per_prompt"),
+    evaluate.add_argument("--images-per-prompt", type=_mirrors("eval.images_per_prompt"),
+                          default=field_default("eval.images_per_prompt"),
                           help=_as("eval.images_per_prompt", "images per prompt"))
-    evaluate.add_argument("--max-prompts", type=int, default=field_default("eval.max_prompts"),
+    evaluate.add_argument("--max-prompts", type=flag(int, at_least(1)), default=field_default("eval.max_prompts"),
                           help="the first N prompts only (as eval.max_prompts; default all)")
-    evaluate.add_argument("--out", default=None, help="write per-prompt scores to this JSON file")
+    evaluate.add_argument("--out", default=None, help="write per-prompt scores to this JSON file",
+                          type=flag(str, Check(lambda text: not Path(text).is_dir(), "a file path, not a folder")))
     evaluate.add_argument(
-        "--batch-size", type=int, default=field_default("sampling.batch_size"),
+        "--batch-size", type=_mirrors("sampling.batch_size"), default=field_default("sampling.batch_size"),
         help=_as("sampling.batch_size", "images per sampling call; it fixes which noise each image gets, so equal "
                  "values (with --seed) reproduce a training run's evaluation"),
     )
@@ -450,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "each listed step, and print the reward's variance across these branches: what is still left to chance.",
     )
     _add_training_prompt_and_reward_flags(branch)
-    branch.add_argument("--max-prompts", type=int, default=32)
+    branch.add_argument("--max-prompts", type=flag(int, at_least(1)), default=32)
     branch.add_argument("--branches", type=int, default=4, help="continuations per prompt and step (>= 2)")
     branch.add_argument("--every", type=int, default=2, help="branch after every this many steps (default 2)")
     branch.add_argument("--at", type=_step_list, default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")

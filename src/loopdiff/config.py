@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, get_args, get_orig
 
 import yaml
 
+from loopdiff.checks import SEED, Check, above, at_least, fraction
 from loopdiff.minibatches import steps_per_sample
 from loopdiff.plugins import registered_models
 
@@ -31,27 +32,33 @@ class ConfigError(ValueError):
 EMBEDDED = "embedded"  # the default model, registered by the embedded plugin with its default prompts and reward
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callable[[], Any] | None = None) -> Any:
-    """A config field documented where it is declared (``loopdiff config fields`` shows ``help``)."""
+def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callable[[], Any] | None = None,
+            check: Check | None = None) -> Any:
+    """A config field declared once: its default, ``help`` (``loopdiff config fields`` shows it) and the values it
+    allows beyond its type (``check``; ``validate`` applies it, None passing in an optional field)."""
+    metadata = {"help": help, "check": check}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
     pretrained: str = setting(EMBEDDED, "'embedded', a local pipeline folder, or a Hub id")
-    revision: str | None = setting(None, "the Hub revision (branch, tag or commit) of model.pretrained")
+    revision: str | None = setting(None, "the Hub revision (branch, tag or commit) of model.pretrained", check=Check(
+        lambda v: v.strip() != "", "a branch, tag or commit (not empty)").or_none("for the default branch"))
     train_modules: Literal["all", "cross_attention"] = setting(
         "all", "full fine-tuning: all UNet weights, or cross_attention (its keys and values only)"
     )
     lora: bool = setting(False, "train LoRA adapters instead of the UNet's weights")
-    lora_rank: int = setting(4, "LoRA rank")
-    lora_alpha: float = setting(4.0, "LoRA alpha (the adapters are scaled by alpha / rank)")
-    lora_dropout: float = setting(0.0, "LoRA dropout (peft's lora_dropout) on the adapters' inputs while training")
+    lora_rank: int = setting(4, "LoRA rank", check=at_least(1))
+    lora_alpha: float = setting(4.0, "LoRA alpha (the adapters are scaled by alpha / rank)", check=above(0))
+    lora_dropout: float = setting(0.0, "LoRA dropout (peft's lora_dropout) on the adapters' inputs while training",
+                                  check=fraction(high_open=True))
     lora_target_modules: list[str] | None = setting(
         None, "the module names (peft target_modules) that get adapters; None: the family's default, the "
-        "attention projections to_q, to_k, to_v, to_out.0"
+        "attention projections to_q, to_k, to_v, to_out.0",
+        check=Check(lambda v: len(v) > 0, "a non-empty list of module names, or none for the family's default"),
     )
     train_text_encoder: bool = setting(
         False, "also train LoRA adapters on the text encoder (Stable Diffusion 1/2, one process; exported with the "
@@ -62,7 +69,8 @@ class ModelConfig:
         "final_lora/, or by peft's save_pretrained); it keeps its own rank, alpha, dropout and target modules"
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "accelerate's mixed precision")
-    device: str = setting("auto", "torch device; auto lets accelerate choose")
+    device: str = setting("auto", "torch device; auto lets accelerate choose", check=Check(
+        lambda v: v == "auto" or _is_device(v), "auto, cpu, cuda, cuda:N, mps or another torch device name"))
     attention: Literal["auto", "sdpa", "classic"] = setting(
         "auto", "auto: classic attention on the CPU (faster there), PyTorch SDPA elsewhere"
     )
@@ -73,30 +81,36 @@ class ModelConfig:
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = setting(20, "denoising steps per sample (DDIM, or the SD3 / Flux flow sampler)")
+    num_steps: int = setting(20, "denoising steps per sample (DDIM, or the SD3 / Flux flow sampler)",
+                             check=at_least(1))
     guidance_scale: float = setting(
         5.0, "classifier-free guidance scale; for a guidance-distilled Flux transformer (FLUX.1-dev) the guidance "
-        "it embeds, in one conditional call (FluxPipeline's default 3.5); ignored by Flux without guidance embeds"
+        "it embeds, in one conditional call (FluxPipeline's default 3.5); ignored by Flux without guidance embeds",
+        check=at_least(1, "a number"),
     )
     negative_prompt: str = setting(
         "", "the prompt of classifier-free guidance's unconditional branch, in sampling, the log-probabilities "
         "and evaluation alike (empty: the pipeline's default negative); not for Flux"
     )
-    eta: float = setting(1.0, "DDIM eta, the sampler's noise level (> 0: a deterministic step has no log-probability)")
+    eta: float = setting(1.0, "DDIM eta, the sampler's noise level (> 0: a deterministic step has no log-probability)",
+                         check=Check(above(0).ok, "a finite number > 0 (eta = 0 has no log-probability)"))
     logprob_reduction: Literal["mean", "sum"] = setting(
         "mean", "a step's log-probability over latent elements: mean (DDPO) or sum"
     )
-    batch_size: int = setting(32, "trajectories per sampling call")
+    batch_size: int = setting(32, "trajectories per sampling call", check=at_least(1))
     sde_type: Literal["sde", "cps"] = setting(
         "sde", "SD3 and Flux pipelines only: the SDE form; eta is then its noise level a"
     )
     resolution: int | None = setting(
         None, "image height and width in pixels; None: the denoiser's native size (its sample_size x the VAE's "
-        "downscale, e.g. 512 for SD 2 base, 1024 for SDXL base and SD3 medium; FluxPipeline's 1024 for Flux)"
+        "downscale, e.g. 512 for SD 2 base, 1024 for SDXL base and SD3 medium; FluxPipeline's 1024 for Flux)",
+        check=Check(lambda v: 1 <= v <= 8192, "an integer in [1, 8192] (pixels)").or_none(
+            "for the denoiser's native size"),
     )
     max_sequence_length: int | None = setting(
         None, "T5 tokens per prompt (SD3 and Flux pipelines); None: the pipeline's default, 256 for SD3, 512 for "
-        "Flux"
+        "Flux", check=Check(lambda v: 1 <= v <= 512, "an integer in [1, 512] (T5 tokens)").or_none(
+            "for the pipeline's default"),
     )
 
 
@@ -106,7 +120,8 @@ def _estimator_config() -> type:
 
     hints = get_type_hints(Estimator)
     overrides = [
-        (f.name, hints[f.name] | None, setting(None, f"{f.metadata['help']}; null: the preset's"))
+        (f.name, hints[f.name] | None,
+         setting(None, f"{f.metadata['help']}; null: the preset's", check=f.metadata.get("check")))
         for f in dataclasses.fields(Estimator) if f.name != "name"
     ]
     preset = ("preset", PresetName, setting("loop", "the estimator preset (a row of docs/method.md's table)"))
@@ -120,46 +135,57 @@ EstimatorConfig = _estimator_config()
 
 @dataclass
 class TrainingConfig:
-    epochs: int = setting(100, "epochs: each samples, scores and trains on one batch")
-    samples_per_epoch: int = setting(32, "trajectories sampled per epoch (a multiple of K)")
-    learning_rate: float = setting(1e-5, "AdamW learning rate")
-    weight_decay: float = setting(1e-4, "AdamW weight decay")
-    adam_beta1: float = setting(0.9, "AdamW beta1")
-    adam_beta2: float = setting(0.999, "AdamW beta2")
-    adam_eps: float = setting(1e-8, "AdamW epsilon")
-    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm")
+    epochs: int = setting(100, "epochs: each samples, scores and trains on one batch", check=at_least(0))
+    samples_per_epoch: int = setting(32, "trajectories sampled per epoch (a multiple of K)", check=at_least(1))
+    learning_rate: float = setting(1e-5, "AdamW learning rate", check=above(0))
+    weight_decay: float = setting(1e-4, "AdamW weight decay", check=at_least(0, "a number"))
+    adam_beta1: float = setting(0.9, "AdamW beta1", check=fraction(high_open=True))
+    adam_beta2: float = setting(0.999, "AdamW beta2", check=fraction(high_open=True))
+    adam_eps: float = setting(1e-8, "AdamW epsilon", check=above(0))
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", check=above(0))
     timestep_fraction: float = setting(
-        1.0, "fraction of each sample's (trained) denoising steps drawn into an epoch's objective"
+        1.0, "fraction of each sample's (trained) denoising steps drawn into an epoch's objective",
+        check=fraction(low_open=True),
     )
     train_denoising_steps: int | None = setting(
-        None, "only the first (noisiest) N denoising steps of each sample enter the objective; None: all of them"
+        None, "only the first (noisiest) N denoising steps of each sample enter the objective (at most "
+        "sampling.num_steps); None: all of them", check=at_least(1).or_none("for every sampling step"),
     )
-    micro_batch_size: int = setting(64, "(sample, step) pairs per UNet call while training")
+    micro_batch_size: int = setting(64, "(sample, step) pairs per UNet call while training", check=at_least(1))
     gradient_checkpointing: bool = setting(
         False, "recompute UNet activations in backward: less memory, more compute"
     )
-    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up (the schedule's num_warmup_steps)")
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up (the schedule's num_warmup_steps)",
+                                 check=at_least(0))
     lr_scheduler: Literal[
         "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = setting(
         "constant_with_warmup", "diffusers' get_scheduler schedule, stepped once per epoch over training.epochs "
         "(epoch n trains at its step n of epochs + 1); constant_with_warmup: the warm-up, then constant"
     )
-    seed: int = setting(0, "the training run's random seed")
+    seed: int = setting(0, "the training run's random seed", check=SEED)
     max_nonfinite_fraction: float = setting(
         0.25, "a sample with a NaN/inf reward is dropped with its prompt group; more than this fraction of an "
-        "epoch's rewards non-finite stops the run (README, 'Non-finite rewards and losses')"
+        "epoch's rewards non-finite stops the run (README, 'Non-finite rewards and losses')", check=fraction(),
     )
     max_skipped_fraction: float = setting(
         0.5, "an optimiser step with a non-finite loss or gradient norm is skipped; more than this fraction of "
-        "an epoch's steps skipped stops the run"
+        "an epoch's steps skipped stops the run", check=fraction(),
     )
     ema_decay: float | None = setting(
         None, "keep an exponential moving average (EMA) of the trainable weights with this decay d in (0, 1) "
         "(at optimiser step n the decay is min(d, (1 + n) / (10 + n))); evaluations and the export use it; "
-        "None or 0: no EMA"
+        "None or 0: no EMA", check=fraction(high_open=True).or_none("for no EMA (0 also turns it off)"),
     )
-    ema_every: int = setting(1, "update the EMA every N optimiser steps")
+    ema_every: int = setting(1, "update the EMA every N optimiser steps", check=at_least(1))
+
+
+def _options_per_reward(options: Mapping[str, Any]) -> bool:
+    """True when each reward's options are a mapping; else a ConfigError naming the reward's entry."""
+    for name, values in options.items():
+        _check(isinstance(values, Mapping), f"reward.options.{name}", values,
+               'a mapping of option names to values, e.g. {"%s": {"device": "cpu"}}' % name)
+    return True
 
 
 @dataclass
@@ -169,7 +195,8 @@ class RewardConfig:
         "registered default (the embedded model's), required for any other model unless a reward_fn is passed"
     )
     options: dict[str, dict[str, Any]] = setting(
-        help="options per reward, e.g. {\"jpeg_compressibility\": {\"quality\": 80}}", factory=dict
+        help="options per reward, e.g. {\"jpeg_compressibility\": {\"quality\": 80}}", factory=dict,
+        check=Check(lambda v: _options_per_reward(v), "a mapping of reward names to mappings of options"),
     )
     asynchronous: bool = setting(True, "score in a worker thread while the next batch samples")
     monitor: list[str] = setting(help="rewards logged on each epoch's samples, never trained on", factory=list)
@@ -183,34 +210,38 @@ class PromptConfig:
     )
     val: str | None = setting(None, "validation prompts, as prompts.train; None: the model's default (without one: "
                               "no evaluation)")
-    max_train: int | None = setting(None, "train on the first N training prompts only (None: all of them)")
+    max_train: int | None = setting(None, "train on the first N training prompts only (None: all of them)",
+                                    check=at_least(1).or_none("for every training prompt"))
 
 
 @dataclass
 class EvalConfig:
-    every: int = setting(0, "evaluate every N epochs (0: only before and after training)")
+    every: int = setting(0, "evaluate every N epochs (0: only before and after training)", check=at_least(0))
     before_training: bool = setting(True, "evaluate the base model first (eval/base.json)")
-    images_per_prompt: int = setting(10, "images per validation prompt")
-    max_prompts: int | None = setting(None, "evaluate on the first N validation prompts (None: all of them)")
-    seed: int = setting(1234, "seed of the evaluation's sampling noise")
+    images_per_prompt: int = setting(10, "images per validation prompt", check=at_least(1))
+    max_prompts: int | None = setting(None, "evaluate on the first N validation prompts (None: all of them)", check=Check(
+        at_least(0).ok, "an integer >= 0 (0: no evaluation)").or_none("for all"))
+    seed: int = setting(1234, "seed of the evaluation's sampling noise", check=SEED)
     rewards: list[str] = setting(help="extra rewards to report (e.g. the held-out evaluator)", factory=list)
-    grid_prompts: int = setting(8, "validation prompts shown in the image grids")
+    grid_prompts: int = setting(8, "validation prompts shown in the image grids", check=at_least(0))
     deterministic: bool = setting(False, "also evaluate the base and final models with the deterministic sampler "
                                          "(DDIM eta = 0, or the flow ODE), as eval/<tag>_deterministic.json")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = setting("runs/loop", "the run folder: config, metrics, checkpoints, evaluations, the export")
-    checkpoint_every: int = setting(5, "save a checkpoint every N epochs")
+    dir: str = setting("runs/loop", "the run folder: config, metrics, checkpoints, evaluations, the export",
+                       check=Check(lambda v: v.strip() != "", "a folder path (not empty)"))
+    checkpoint_every: int = setting(5, "save a checkpoint every N epochs", check=at_least(1))
     resume: bool = setting(True, "continue from the run folder's last checkpoint")
     tensorboard: bool = setting(True, "log to TensorBoard (in the run folder)")
     wandb: bool = setting(False, "log to Weights & Biases")
-    wandb_project: str = setting("loopdiff", "the Weights & Biases project")
+    wandb_project: str = setting("loopdiff", "the Weights & Biases project",
+                                 check=Check(lambda v: v.strip() != "", "a project name (not empty)"))
     progress: bool = setting(True, "show progress bars")
     log_images_every: int = setting(
         5, "log the evaluation grids and, every N epochs, a grid of the first training samples with their prompts "
-        "as images in TensorBoard and wandb (0: no images)"
+        "as images in TensorBoard and wandb (0: no images)", check=at_least(0)
     )
     push_to_hub: bool = setting(False, "upload the export (final_lora/ or final_pipeline/, with its model card) to a "
                                        "Hugging Face Hub model repository (huggingface_hub's login or HF_TOKEN)")
@@ -220,8 +251,8 @@ class OutputConfig:
     keep_best: str | None = setting(
         None, "keep the weights where this weighted sum of logged metrics peaks, e.g. "
               "'reward/mean:1,monitor/embedded_eval/mean:2' (with reward.monitor); exported as best_pipeline/ "
-              "or best_lora/ beside the final model")
-    keep_best_window: int = setting(10, "epochs over which output.keep_best's sum is averaged")
+              "or best_lora/ beside the final model", check=Check(lambda v: bool(parse_trade_off(v)), "metric:weight,..."))
+    keep_best_window: int = setting(10, "epochs over which output.keep_best's sum is averaged", check=at_least(1))
 
 
 @dataclass
@@ -607,66 +638,34 @@ def parse_trade_off(spec: str) -> dict[str, float]:
     return weights
 
 
+def check_field(path: str, value: Any, annotation: Any, check: Check | None) -> None:
+    """Raise ConfigError unless ``value`` is one of the choices of a ``Literal`` ``annotation`` and passes
+    ``check`` (None passes in an optional field); the error names ``path`` and the value."""
+    if value is None and _optional(annotation)[1]:
+        return
+    allowed = field_choices(annotation)
+    if allowed is not None:
+        _choice(path, value, allowed)
+    if check is not None:
+        _check(check.ok(value), path, value, check.describe())
+
+
+def field_check(path: str) -> Check | None:
+    """The check the config field ``section.field`` declares (None: its type alone), e.g. for a flag mirroring it."""
+    return next(f.metadata.get("check") for p, _, f in schema_fields() if p == path)
+
+
 def validate(config: RunConfig) -> None:
-    """Raise ConfigError for the first invalid value."""
-    m, s, t, o = config.model, config.sampling, config.training, config.output
-    for path, annotation, _ in schema_fields():  # the Literal[...] fields
-        allowed, value = field_choices(annotation), field_value(config, path)
-        if allowed is not None and not (value is None and _optional(annotation)[1]):
-            _choice(path, value, allowed)
+    """Raise ConfigError for the first invalid value: each field against its declaration (type, choices,
+    ``check``), then what fields require of each other."""
+    m, s, t = config.model, config.sampling, config.training
+    for path, annotation, declared in schema_fields():
+        check_field(path, field_value(config, path), annotation, declared.metadata.get("check"))
     _check(not (m.lora and m.train_modules != "all"), "model.train_modules", m.train_modules,
            "'all' with model.lora=true (LoRA chooses its own target modules)")
-    _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
-    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", m.lora_dropout, "a number in [0, 1)")
     _check(m.lora or m.lora_init is None, "model.lora_init", m.lora_init, "none without model.lora=true")
-    _check(m.lora_target_modules is None or len(m.lora_target_modules) > 0, "model.lora_target_modules",
-           m.lora_target_modules, "a non-empty list of module names, or none for the family's default")
-    _check(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "a number > 0")
-    _check(m.device == "auto" or _is_device(m.device), "model.device", m.device,
-           "auto, cpu, cuda, cuda:N, mps or another torch device name")
-    _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
-    _check(s.eta > 0, "sampling.eta", s.eta, "a number > 0 (eta = 0 has no log-probability)")
-    _check(s.guidance_scale >= 1.0, "sampling.guidance_scale", s.guidance_scale, "a number >= 1")
-    _check(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
-    _check(s.resolution is None or s.resolution >= 1, "sampling.resolution", s.resolution,
-           "an integer >= 1 (pixels), or none for the denoiser's native size")
-    _check(s.max_sequence_length is None or 1 <= s.max_sequence_length <= 512, "sampling.max_sequence_length",
-           s.max_sequence_length, "an integer in [1, 512] (T5 tokens), or none for the pipeline's default")
-    _check(t.epochs >= 0, "training.epochs", t.epochs, "an integer >= 0")
-    _check(t.samples_per_epoch >= 1, "training.samples_per_epoch", t.samples_per_epoch, "an integer >= 1")
-    _check(math.isfinite(t.learning_rate) and t.learning_rate > 0, "training.learning_rate", t.learning_rate,
-           "a finite number > 0")
-    _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "a number >= 0")
-    _check(t.max_grad_norm > 0, "training.max_grad_norm", t.max_grad_norm, "a number > 0")
-    _check(0 < t.timestep_fraction <= 1, "training.timestep_fraction", t.timestep_fraction, "a number in (0, 1]")
-    _check(
-        t.train_denoising_steps is None or t.train_denoising_steps >= 1,
-        "training.train_denoising_steps",
-        t.train_denoising_steps,
-        "an integer >= 1, or none for every sampling step",
-    )
-    for name in ("max_nonfinite_fraction", "max_skipped_fraction"):
-        value = getattr(t, name)
-        _check(0 <= value <= 1, f"training.{name}", value, "a number in [0, 1]")
-    _check(t.ema_decay is None or 0 <= t.ema_decay < 1, "training.ema_decay", t.ema_decay,
-           "a number in [0, 1), or none for no EMA (0 also turns it off)")
-    _check(t.ema_every >= 1, "training.ema_every", t.ema_every, "an integer >= 1")
-    _check(t.micro_batch_size >= 1, "training.micro_batch_size", t.micro_batch_size, "an integer >= 1")
-    for name, options in config.reward.options.items():
-        _check(isinstance(options, Mapping), f"reward.options.{name}", options,
-               'a mapping of option names to values, e.g. {"%s": {"device": "cpu"}}' % name)
-    n = config.prompts.max_train
-    _check(n is None or n >= 1, "prompts.max_train", n, "an integer >= 1, or none for every training prompt")
-    _check(config.eval.images_per_prompt >= 1, "eval.images_per_prompt", config.eval.images_per_prompt, ">= 1")
-    mp = config.eval.max_prompts
-    _check(mp is None or mp >= 0, "eval.max_prompts", mp, "an integer >= 0 (0: no evaluation), or none for all")
-    _check(o.dir.strip() != "", "output.dir", o.dir, "a folder path (not empty)")
-    _check(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0")
-    _check(o.checkpoint_every >= 1, "output.checkpoint_every", o.checkpoint_every, "an integer >= 1")
-    _check(o.log_images_every >= 0, "output.log_images_every", o.log_images_every, "an integer >= 0 (0: no images)")
-    _check(o.keep_best_window >= 1, "output.keep_best_window", o.keep_best_window, "an integer >= 1")
-    if o.keep_best is not None:
-        parse_trade_off(o.keep_best)
+    _check(t.train_denoising_steps is None or t.train_denoising_steps <= s.num_steps, "training.train_denoising_steps",
+           t.train_denoising_steps, f"at most sampling.num_steps={s.num_steps}, or none for every sampling step")
     estimator = build_estimator(config)
     k = estimator.samples_per_prompt
     _check(

@@ -38,6 +38,7 @@ from loopdiff.advantages import (
     AdvantageKind,
     PerPromptStatTracker,
 )
+from loopdiff.checks import above, at_least, failed_field, up_to_inf
 from loopdiff.objectives import LOSS_KINDS, LOSSES, LossFn, LossKind
 
 
@@ -48,19 +49,24 @@ class Estimator:
     name: str = field(metadata={"help": "the preset's name, recorded with the run"})
     advantage: AdvantageKind = field(metadata={"help": "how rewards become advantages (docs/method.md)"})
     loss: LossKind = field(metadata={"help": "the per-(sample, step) loss: score_function (REINFORCE) or ppo_clip"})
-    samples_per_prompt: int = field(default=1, metadata={"help": "K: trajectories sampled per prompt"})
-    inner_epochs: int = field(default=1, metadata={"help": "passes over each batch of samples"})
-    minibatches: int = field(default=1, metadata={"help": "optimiser steps per pass over a batch"})
-    clip_range: float = field(default=1e-4, metadata={"help": "ppo_clip: the ratio is clipped to 1 +- this"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "K: trajectories sampled per prompt",
+                                                         "check": at_least(1)})
+    inner_epochs: int = field(default=1, metadata={"help": "passes over each batch of samples", "check": at_least(1)})
+    minibatches: int = field(default=1, metadata={"help": "optimiser steps per pass over a batch", "check": at_least(1)})
+    clip_range: float = field(default=1e-4, metadata={"help": "ppo_clip: the ratio is clipped to 1 +- this",
+                                                         "check": above(0)})
     advantage_clip: float | None = field(
-        default=None, metadata={"help": "advantages are clipped to +- this, if set (inf: not clipped)"}
+        default=None, metadata={"help": "advantages are clipped to +- this, if set (inf: not clipped)",
+                                "check": up_to_inf(0)}
     )
-    kl_coef: float = field(default=0.0, metadata={"help": "weight of the KL penalty to the reference (base) policy"})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of the KL penalty to the reference (base) policy",
+                                                   "check": at_least(0, "a number")})
     tracker_buffer_size: int = field(
-        default=32, metadata={"help": "prompt_mean, stat_tracker: rewards buffered per prompt"}
+        default=32, metadata={"help": "prompt_mean, stat_tracker: rewards buffered per prompt", "check": at_least(1)}
     )
     tracker_min_count: int = field(
-        default=16, metadata={"help": "prompt_mean, stat_tracker: with fewer buffered, the batch's statistics"}
+        default=16, metadata={"help": "prompt_mean, stat_tracker: with fewer buffered, the batch's statistics",
+                               "check": at_least(0)}
     )
 
     def __post_init__(self) -> None:
@@ -68,19 +74,16 @@ class Estimator:
             raise ValueError(f"estimator.advantage={self.advantage!r}; allowed: {', '.join(ADVANTAGE_KINDS)}")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"estimator.loss={self.loss!r}; allowed: {', '.join(LOSS_KINDS)}")
+        failed = failed_field(self)  # each field's range, declared with it
+        if failed is not None:
+            name, value, check = failed
+            raise ValueError(f"estimator.{name}={value!r} is invalid; allowed: {check.describe()}")
         group_wise = self.advantage in ("leave_one_out", "group_zscore")
         if group_wise and self.samples_per_prompt < 2:
             raise ValueError(
                 f"estimator.samples_per_prompt={self.samples_per_prompt} but advantage '{self.advantage}' "
                 "needs K >= 2 samples per prompt"
             )
-        for field_name in ("samples_per_prompt", "inner_epochs", "minibatches"):
-            if getattr(self, field_name) < 1:
-                raise ValueError(f"estimator.{field_name}={getattr(self, field_name)}; must be >= 1")
-        if not self.clip_range > 0:
-            raise ValueError(f"estimator.clip_range={self.clip_range}; must be > 0")
-        if self.kl_coef < 0:
-            raise ValueError(f"estimator.kl_coef={self.kl_coef}; must be >= 0")
 
     @property
     def reuses_samples(self) -> bool:

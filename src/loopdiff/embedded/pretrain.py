@@ -41,6 +41,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from loopdiff.checks import (
+    DEVICE_HERE, FOLDER, SEED, OneLineParser, above, at_least, failed_field, flag, fraction, ranged,
+)
 from loopdiff.embedded import prompts, world
 from loopdiff.embedded.pipeline import (
     NOISE_SCHEDULE,
@@ -56,38 +59,38 @@ STATE_FILE = "state.pt"
 class PretrainConfig:
     """Everything that determines the pretrained weights."""
 
-    output_dir: str
-    seed: int = 0
-    vae_steps: int = 2000
-    vae_batch_size: int = 32
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-4
-    decoder_steps: int = 0  # the shipped 4x VAE needs none; the 8x, 16-channel trial used 2000
-    decoder_lr: float = 5e-4
-    decoder_l1_weight: float = 0.5
-    decoder_latent_noise: float = 0.5  # latents = posterior mean + this x posterior std x N(0, I)
-    unet_steps: int = 12000
-    unet_batch_size: int = 32
-    unet_lr: float = 5e-4
-    warmup_steps: int = 200
-    weight_decay: float = 1e-4
-    caption_dropout: float = 0.1
-    single_object_prob: float = 0.2
-    drop_attribute_prob: float = 0.2
-    noisy_caption_steps: int = 1500
-    noisy_caption_lr: float = 2e-4
-    swap_colors_prob: float = 0.3
-    wrong_color_prob: float = 0.3
-    neglect_prob: float = 0.0
-    leak_color_prob: float = 0.0
-    snr_gamma: float = 5.0
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    checkpoint_every: int = 250
+    output_dir: str = ranged(check=FOLDER)
+    seed: int = ranged(0, SEED)
+    vae_steps: int = ranged(2000, at_least(1))
+    vae_batch_size: int = ranged(32, at_least(1))
+    vae_lr: float = ranged(1e-3, above(0))
+    vae_kl_weight: float = ranged(1e-4, at_least(0, "a number"))
+    decoder_steps: int = ranged(0, at_least(0))  # the shipped 4x VAE needs none; the 8x, 16-channel trial used 2000
+    decoder_lr: float = ranged(5e-4, above(0))
+    decoder_l1_weight: float = ranged(0.5, at_least(0, "a number"))
+    decoder_latent_noise: float = ranged(0.5, at_least(0, "a number"))  # latents = mean + this x std x N(0, I)
+    unet_steps: int = ranged(12000, at_least(1))
+    unet_batch_size: int = ranged(32, at_least(1))
+    unet_lr: float = ranged(5e-4, above(0))
+    warmup_steps: int = ranged(200, at_least(0))
+    weight_decay: float = ranged(1e-4, at_least(0, "a number"))
+    caption_dropout: float = ranged(0.1, fraction(high_open=True))
+    single_object_prob: float = ranged(0.2, fraction())
+    drop_attribute_prob: float = ranged(0.2, fraction())
+    noisy_caption_steps: int = ranged(1500, at_least(0))
+    noisy_caption_lr: float = ranged(2e-4, above(0))
+    swap_colors_prob: float = ranged(0.3, fraction())
+    wrong_color_prob: float = ranged(0.3, fraction())
+    neglect_prob: float = ranged(0.0, fraction())
+    leak_color_prob: float = ranged(0.0, fraction())
+    snr_gamma: float = ranged(5.0, above(0))
+    ema_decay: float = ranged(0.999, fraction(high_open=True))
+    grad_clip: float = ranged(1.0, above(0))
+    checkpoint_every: int = ranged(250, at_least(1))
     # Idle 2-core machine: 3.3 UNet steps/s with 2 threads, 2.8 with 1; when other jobs hold the cores,
     # pass --threads 1 (2 threads then waited on each other and ran 2-4x slower).
-    threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    device: str = "cpu"
+    threads: int = ranged(check=at_least(1), factory=lambda: min(4, os.cpu_count() or 1))
+    device: str = ranged("cpu", DEVICE_HERE)
 
 
 # ----------------------------------------------------------------------------- data
@@ -521,7 +524,7 @@ def pretrain(config: PretrainConfig, resume: bool = True) -> Trainer:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig(output_dir="")
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="loopdiff pretrain",
         description="Pretrain the embedded base pipeline (VAE, then text encoder + UNet) on the miniature world. "
         "'loopdiff pretrain --family flow --help': the SD3-format flow-matching base instead.",
@@ -556,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=flag(int, at_least(1)), default=None,
                         help="cap every stage at this many steps (quick trials and tests)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--device", default=defaults.device)
@@ -570,30 +573,26 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None
     }
     config = PretrainConfig(**values)
+    check_flags(config)
     if args.max_steps is not None:
-        if args.max_steps < 1:
-            raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
         config.vae_steps = min(config.vae_steps, args.max_steps)
         config.decoder_steps = min(config.decoder_steps, args.max_steps)
         config.unet_steps = min(config.unet_steps, args.max_steps)
         config.noisy_caption_steps = min(config.noisy_caption_steps, args.max_steps)
         config.warmup_steps = min(config.warmup_steps, args.max_steps)
-    for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every", "threads"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if not 0.0 <= config.caption_dropout < 1.0:
-        raise ValueError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
-    if config.decoder_steps < 0:
-        raise ValueError(f"--decoder-steps must be at least 0, got {config.decoder_steps}")
-    if config.noisy_caption_steps < 0:
-        raise ValueError(f"--noisy-caption-steps must be at least 0, got {config.noisy_caption_steps}")
-    for name in (
-        "single_object_prob", "drop_attribute_prob", "swap_colors_prob", "wrong_color_prob", "neglect_prob",
-        "leak_color_prob",
-    ):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
     return config
+
+
+def check_flags(config: Any) -> None:
+    """Raise ValueError naming the flag of the first field of ``config`` outside the range it declares, or
+    ``--output-dir`` when it cannot be written (before any stage runs)."""
+    from loopdiff.training.preflight import check_output_dir
+
+    failed = failed_field(config)
+    if failed is not None:
+        name, value, check = failed
+        raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid; allowed: {check.describe()}")
+    check_output_dir(Path(config.output_dir), "--output-dir")
 
 
 def pretrain_cli(argv: list[str] | None = None) -> int:
@@ -601,7 +600,7 @@ def pretrain_cli(argv: list[str] | None = None) -> int:
 
     ``--family flow`` pretrains the SD3-format base ``embedded-flow`` instead (``pretrain_flow.py``).
     """
-    family = argparse.ArgumentParser(add_help=False)
+    family = OneLineParser(prog="loopdiff pretrain", add_help=False)
     family.add_argument("--family", choices=("unet", "flow"), default="unet")
     known, rest = family.parse_known_args(argv)
     if known.family == "flow":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -41,10 +42,14 @@ from diffusers import (
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from loopdiff.checks import (
+    DEVICE_HERE, FOLDER, SEED, Check, OneLineParser, above, at_least, flag, fraction, ranged,
+)
 from loopdiff.embedded.pipeline import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN, embedded_pipeline_path
 from loopdiff.embedded.pretrain import (
     STATE_DIR,
     PretrainStateError,
+    check_flags,
     draw_batch,
     ema_decay,
     load_state_file,
@@ -64,36 +69,37 @@ JOINT_DIM = 2 * TEXT_HIDDEN  # the two CLIP encoders' hidden states side by side
 # shift grows with resolution, and these are 64 tokens, so any shift > 1 would spend the sampler's steps
 # at noise levels where nothing of the 16x16 image is left.
 SHIFT = 1.0
+BASE = Check(lambda v: (Path(v) / "model_index.json").is_file(), "an embedded SD pipeline folder (with model_index.json)")
 
 
 @dataclass
 class FlowPretrainConfig:
     """Everything that determines the flow-matching base's weights."""
 
-    output_dir: str
-    base: str | None = None  # the embedded SD pipeline to take the VAE, tokenizer and text encoder from
-    seed: int = 0
-    steps: int = 7000
-    batch_size: int = 32
-    lr: float = 1e-3
-    text_lr: float = 2e-4  # the text encoders are pretrained already: a smaller rate keeps their features
-    warmup_steps: int = 200
-    weight_decay: float = 1e-4
-    caption_dropout: float = 0.1
-    single_object_prob: float = 0.2
-    drop_attribute_prob: float = 0.2
-    shift: float = SHIFT
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    num_layers: int = 4
-    num_heads: int = 4
-    head_dim: int = 24
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    checkpoint_every: int = 250
-    threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    device: str = "cpu"
+    output_dir: str = ranged(check=FOLDER)
+    base: str | None = ranged(None, BASE)  # the embedded SD pipeline to take the VAE, tokenizer and text encoder from
+    seed: int = ranged(0, SEED)
+    steps: int = ranged(7000, at_least(1))
+    batch_size: int = ranged(32, at_least(1))
+    lr: float = ranged(1e-3, above(0))
+    text_lr: float = ranged(2e-4, above(0))  # the text encoders are pretrained already: a smaller rate keeps them
+    warmup_steps: int = ranged(200, at_least(0))
+    weight_decay: float = ranged(1e-4, at_least(0, "a number"))
+    caption_dropout: float = ranged(0.1, fraction(high_open=True))
+    single_object_prob: float = ranged(0.2, fraction())
+    drop_attribute_prob: float = ranged(0.2, fraction())
+    shift: float = ranged(SHIFT, above(0))
+    logit_mean: float = ranged(0.0, Check(math.isfinite, "a finite number"))
+    logit_std: float = ranged(1.0, above(0))
+    num_layers: int = ranged(4, at_least(1))
+    num_heads: int = ranged(4, at_least(1))
+    head_dim: int = ranged(24, at_least(1))
+    max_sequence_length: int = ranged(MAX_SEQUENCE_LENGTH, at_least(0))
+    ema_decay: float = ranged(0.999, fraction(high_open=True))
+    grad_clip: float = ranged(1.0, above(0))
+    checkpoint_every: int = ranged(250, at_least(1))
+    threads: int = ranged(check=at_least(1), factory=lambda: min(4, os.cpu_count() or 1))
+    device: str = ranged("cpu", DEVICE_HERE)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -362,7 +368,7 @@ def pretrain_flow(config: FlowPretrainConfig, resume: bool = True, stop_at: int 
 
 def build_parser() -> argparse.ArgumentParser:
     d = FlowPretrainConfig(output_dir="")
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="loopdiff pretrain --family flow",
         description="Pretrain the embedded flow-matching base (SD3 format) on the miniature world.",
     )
@@ -375,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "shift", "logit_mean", "logit_std", "ema_decay", "grad_clip"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     parser.add_argument("--device", default=d.device)
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=flag(int, at_least(1)), default=None,
                         help="stop at this step (a smoke run; the schedule still spans --steps)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the output")
     return parser
@@ -385,15 +391,7 @@ def config_from_args(args: argparse.Namespace) -> FlowPretrainConfig:
     """Parsed arguments -> a validated ``FlowPretrainConfig``."""
     values = {k: v for k, v in vars(args).items() if k in FlowPretrainConfig.__dataclass_fields__}
     config = FlowPretrainConfig(**values)
-    for name in ("steps", "batch_size", "num_layers", "num_heads", "head_dim", "checkpoint_every", "threads"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
-    if not 0.0 <= config.caption_dropout < 1.0:
-        raise ValueError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
-    if config.shift <= 0 or config.max_sequence_length < 0:
-        raise ValueError("--shift must be > 0 and --max-sequence-length >= 0")
+    check_flags(config)
     return config
 
 

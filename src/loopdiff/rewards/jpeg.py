@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loopdiff.rewards.base import register_reward
+from loopdiff.rewards.base import RewardError, register_reward
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -31,6 +31,9 @@ class JpegSize:
     """``sign * size_kB``: sign -1 rewards compressibility, +1 incompressibility."""
 
     def __init__(self, sign: float, quality: int = 95):
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            name = "jpeg_compressibility" if sign < 0 else "jpeg_incompressibility"
+            raise RewardError(f"reward '{name}': quality={quality!r} is invalid; allowed: an integer in [1, 100]")
         self.sign = sign
         self.quality = quality
 

@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from loopdiff.checks import Check, OneLineParser, at_least, flag
 from loopdiff.rewards.base import RewardError, RewardFn, as_scores, build_reward, register_reward
 
 ENCODINGS = ("uint8", "float32")
@@ -353,12 +354,13 @@ def remote(
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["model=/w/blip", "batch_size=8"]`` -> ``{"model": "/w/blip", "batch_size": 8}`` (JSON values when valid)."""
+    """``["model=/w/blip", "batch_size=8"]`` -> ``{"model": "/w/blip", "batch_size": 8}`` (JSON values when valid);
+    RewardError for a pair that is not key=value."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--option expects key=value, got {pair!r}")
+            raise RewardError(f"--option expects key=value, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except ValueError:
@@ -366,28 +368,44 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a registered loopdiff reward over HTTP.")
+def _resolves(host: str) -> bool:
+    """Whether ``host`` is an address, or a name that resolves to one ("" is every interface)."""
+    if host == "":
+        return True
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The reward server's flags, each checked as it is parsed (one-line errors, exit code 2)."""
+    parser = OneLineParser(prog="python -m loopdiff.rewards.server",
+                           description="Serve a registered loopdiff reward over HTTP.")
     parser.add_argument("--reward", required=True, help="registered reward name, or a weighted sum 'a:1,b:0.1'")
-    parser.add_argument("--port", type=int, default=8085)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
+    parser.add_argument("--port", type=flag(int, Check(lambda v: 0 <= v <= 65535, "a TCP port, 0-65535 (0 picks a "
+                                                       "free one)")), default=8085)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)",
+                        type=flag(str, Check(_resolves, "an address or host name of this machine")))
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="reward factory option")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"shared token clients must send (default ${TOKEN_ENV}); required beyond loopback")
-    parser.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+    parser.add_argument("--max-bytes", type=flag(int, at_least(1)), default=MAX_BYTES,
                         help="largest request body, and largest size its arrays may decode to (default 512 MiB)")
-    parser.add_argument("--max-images", type=int, default=MAX_IMAGES, help=f"images per request (default {MAX_IMAGES})")
+    parser.add_argument("--max-images", type=flag(int, at_least(1)), default=MAX_IMAGES,
+                        help=f"images per request (default {MAX_IMAGES})")
     parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.token and not _is_loopback(args.host):
-        parser.error(f"--host {args.host} is reachable from other machines: give --token (or {TOKEN_ENV})")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port {args.port} is not a TCP port (0-65535; 0 picks a free one)")
-    for flag, value in (("--max-bytes", args.max_bytes), ("--max-images", args.max_images)):
-        if value < 1:
-            parser.error(f"{flag} {value} must be at least 1")
-    options = _parse_options(args.option)
+        parser.error(f"--host {args.host!r} is reachable from other machines: give --token (or {TOKEN_ENV})")
     try:
+        options = _parse_options(args.option)
         reward_fn = build_reward(args.reward, {args.reward: options} if options else None)
         server = RewardServer(reward_fn, args.host, args.port, args.reward, args.verbose, token=args.token,
                               max_bytes=args.max_bytes, max_images=args.max_images)

@@ -44,6 +44,17 @@ def check_reward_options(config: RunConfig) -> None:
                               f"(reward.name, reward.monitor and eval.rewards name: {', '.join(sorted(used))})")
 
 
+def check_reward_names(config: RunConfig) -> None:
+    """Raise ConfigError when ``reward.monitor`` or ``eval.rewards`` names a reward nobody registered (an
+    evaluation reward is built at the first evaluation, which may come only after training)."""
+    registry = registered_rewards()
+    for field, specs in (("reward.monitor", config.reward.monitor), ("eval.rewards", config.eval.rewards)):
+        for name in (name for spec in specs for name, _ in parse_reward_spec(spec)):
+            if ":" not in name and name not in registry:  # package.module:function is imported when built
+                raise ConfigError(f"{field}: unknown reward {name!r}; registered rewards: {', '.join(registry)} "
+                                  "(or package.module:function)")
+
+
 def check_device(requested: str, running: Any) -> None:
     """Raise ConfigError unless ``model.device`` (``requested``) is where the run is placed (``running``, the
     accelerator's torch device): ``auto`` takes whatever that is; ``cuda:7`` needs eight CUDA devices."""
@@ -156,16 +167,17 @@ def check_logging(config: RunConfig) -> None:
                           "(then wandb login), or set output.wandb=false")
 
 
-def check_output_dir(path: Path) -> None:
-    """Raise ConfigError unless ``output.dir`` is (or can be made) a folder this process can write."""
+def check_output_dir(path: Path, name: str = "output.dir") -> None:
+    """Raise ConfigError unless ``path`` (the setting ``name``) is, or can be made, a folder this process can
+    write."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"output.dir='{path}' is a file; allowed: a folder (new or existing) that can be written")
+        raise ConfigError(f"{name}='{path}' is a file; allowed: a folder (new or existing) that can be written")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise ConfigError(f"output.dir='{path}' cannot be written ({error.strerror or error}); "
+        raise ConfigError(f"{name}='{path}' cannot be written ({error.strerror or error}); "
                           "allowed: a folder (new or existing) that can be written") from None
 
 

@@ -85,6 +85,7 @@ from loopdiff.training.preflight import (
     check_launch,
     check_logging,
     check_output_dir,
+    check_reward_names,
     check_reward_options,
     check_reward_prompts,
     check_sharding,
@@ -187,6 +188,7 @@ class Trainer:
         check_launch(self.accelerator.num_processes)
         check_device(self.config.model.device, self.accelerator.device)
         check_reward_options(self.config)
+        check_reward_names(self.config)
         check_sharding(self.accelerator.distributed_type.value)
         if self.accelerator.distributed_type.value == "FSDP":
             check_fsdp_version(self.accelerator.state.fsdp_plugin.fsdp_version)

@@ -1,4 +1,5 @@
-"""Bad inputs to ``loopdiff train``: one line naming the input, exit code 2, before any model loads."""
+"""Bad inputs to ``loopdiff train``: one line naming the input, exit code 2, before any model loads. A new config
+field or check gets its rows by adding lines to CASES."""
 
 from __future__ import annotations
 
@@ -90,9 +91,76 @@ CASES = {
         ["'jpeg_compresibility'", "no reward of this run uses", "jpeg_compressibility"]),
     "infinite learning rate": (_fixed("training.learning_rate=inf"), ["training.learning_rate=inf", "finite"]),
     "negative LoRA alpha": (_fixed("model.lora=true", "model.lora_alpha=-1"), ["model.lora_alpha=-1", "> 0"]),
+    "more trained steps than sampling steps": (_fixed("sampling.num_steps=4", "training.train_denoising_steps=10"),
+                                               ["training.train_denoising_steps=10", "sampling.num_steps=4"]),
     "duplicate YAML key": (_config("training:\n  epochs: 3\n  epochs: 4\n", ".yaml"),
                            ["run.yaml", "'epochs' appears twice", "line 3"]),
     "config that is a directory": (lambda tmp: ["--config", str(tmp)], ["is a directory"]),
+    "config that does not exist": (lambda tmp: ["--config", str(tmp / "none.yaml")], ["none.yaml", "does not exist"]),
+    "config that is a list": (_config("- 1\n- 2\n", ".yaml"), ["run.yaml", "mapping of sections"]),
+    "config with a section that is a number": (_config("training: 3\n", ".yaml"), ["'training' is a section"]),
+    "config of another format": (_config("{}", ".json"), ["run.json", "'.json'", ".toml"]),
+    "override without a value": (_fixed("training.epochs"), ["'training.epochs'", "section.field=value"]),
+    "unknown section": (_fixed("nosuch.field=1"), ["unknown config field 'nosuch'"]),
+    "unknown field": (_fixed("training.nosuch=1"), ["unknown config field 'training.nosuch'", "epochs"]),
+    "negative epochs": (_fixed("training.epochs=-1"), ["training.epochs=-1", ">= 0"]),
+    "fractional epochs": (_fixed("training.epochs=1.5"), ["training.epochs=1.5", "not a valid int"]),
+    "learning rate that is text": (_fixed("training.learning_rate=1e-5x"), ["'1e-5x'", "not a valid float"]),
+    "NaN learning rate": (_fixed("training.learning_rate=nan"), ["training.learning_rate=nan", "finite"]),
+    "infinite weight decay": (_fixed("training.weight_decay=inf"), ["training.weight_decay=inf", ">= 0"]),
+    "AdamW beta1 of 1": (_fixed("training.adam_beta1=1"), ["training.adam_beta1=1.0", "[0, 1)"]),
+    "negative AdamW beta2": (_fixed("training.adam_beta2=-0.1"), ["training.adam_beta2=-0.1", "[0, 1)"]),
+    "AdamW epsilon 0": (_fixed("training.adam_eps=0"), ["training.adam_eps=0.0", "> 0"]),
+    "timestep fraction 0": (_fixed("training.timestep_fraction=0"), ["training.timestep_fraction=0.0", "(0, 1]"]),
+    "no trained steps": (_fixed("training.train_denoising_steps=0"), ["training.train_denoising_steps=0", ">= 1"]),
+    "negative warm-up": (_fixed("training.warmup_epochs=-2"), ["training.warmup_epochs=-2", ">= 0"]),
+    "negative seed": (_fixed("training.seed=-1"), ["training.seed=-1", "[0, 2**63)"]),
+    "EMA decay 1": (_fixed("training.ema_decay=1"), ["training.ema_decay=1.0", "[0, 1)"]),
+    "non-finite fraction above 1": (_fixed("training.max_nonfinite_fraction=2"), ["max_nonfinite_fraction=2.0"]),
+    "no sampling steps": (_fixed("sampling.num_steps=0"), ["sampling.num_steps=0", ">= 1"]),
+    "eta 0 in training": (_fixed("sampling.eta=0"), ["sampling.eta=0.0", "no log-probability"]),
+    "guidance below 1": (_fixed("sampling.guidance_scale=0.5"), ["sampling.guidance_scale=0.5", ">= 1"]),
+    "resolution that would not fit in memory": (_fixed("sampling.resolution=100000"),
+                                                ["sampling.resolution=100000", "[1, 8192]"]),
+    "T5 length out of range": (_fixed("sampling.max_sequence_length=1000"), ["max_sequence_length=1000", "[1, 512]"]),
+    "unknown SDE form": (_fixed("sampling.sde_type=ode"), ["sampling.sde_type='ode'", "sde, cps"]),
+    "LoRA rank 0": (_fixed("model.lora_rank=0"), ["model.lora_rank=0", ">= 1"]),
+    "bool that is no bool": (_fixed("model.lora=maybe"), ["model.lora='maybe'", "not a valid bool"]),
+    "unknown mixed precision": (_fixed("model.mixed_precision=fp8"), ["'fp8'", "no, fp16, bf16"]),
+    "LoRA on the cross-attention only": (_fixed("model.lora=true", "model.train_modules=cross_attention"),
+                                         ["model.train_modules='cross_attention'", "'all' with model.lora=true"]),
+    "empty revision": (_fixed("model.revision="), ["model.revision=''", "not empty"]),
+    "empty device": (_fixed("model.device="), ["model.device=''"]),
+    "unknown estimator preset": (_fixed("estimator.preset=dpo"), ["estimator.preset='dpo'", "loop"]),
+    "no samples per prompt": (_fixed("estimator.samples_per_prompt=0"), ["estimator.samples_per_prompt=0", ">= 1"]),
+    "clip range 0": (_fixed("estimator.clip_range=0"), ["estimator.clip_range=0.0", "> 0"]),
+    "negative KL weight": (_fixed("estimator.kl_coef=-1"), ["estimator.kl_coef=-1.0", ">= 0"]),
+    "negative advantage clip": (_fixed("estimator.advantage_clip=-1"), ["estimator.advantage_clip=-1.0", "> 0"]),
+    "more minibatches than pairs": (_fixed("estimator.minibatches=100000"), ["estimator.minibatches=100000", "pairs"]),
+    "no tracked rewards": (_fixed("estimator.tracker_buffer_size=0"), ["estimator.tracker_buffer_size=0", ">= 1"]),
+    "no images per prompt in evaluation": (_fixed("eval.images_per_prompt=0"), ["eval.images_per_prompt=0", ">= 1"]),
+    "negative evaluation interval": (_fixed("eval.every=-1"), ["eval.every=-1", ">= 0"]),
+    "negative evaluation seed": (_fixed("eval.seed=-5"), ["eval.seed=-5"]),
+    "negative grid prompts": (_fixed("eval.grid_prompts=-1"), ["eval.grid_prompts=-1", ">= 0"]),
+    "unknown evaluation reward": (_fixed("eval.rewards=nosuch"), ["eval.rewards", "unknown reward 'nosuch'"]),
+    "unknown monitored reward": (_fixed("reward.monitor=nosuch"), ["unknown reward 'nosuch'"]),
+    "unknown reward": (_fixed("reward.name=nosuch"), ["unknown reward 'nosuch'"]),
+    "reward weight that is text": (_fixed("reward.name=jpeg_compressibility:abc"), ["weight 'abc'", "not a number"]),
+    "reward module that does not exist": (_fixed("reward.name=nosuch_module:fn"), ["cannot import module 'nosuch_module'"]),
+    "reward.options a list": (_fixed("reward.options=[1]"), ["reward.options=[1]", "not a valid dict"]),
+    "no checkpoint interval": (_fixed("output.checkpoint_every=0"), ["output.checkpoint_every=0", ">= 1"]),
+    "keep_best naming no metric": (_fixed("output.keep_best="), ["output.keep_best", "names no metric"]),
+    "keep_best weight that is text": (_fixed("output.keep_best=reward/mean:x"), ["weight 'x'", "not a number"]),
+    "keep_best window 0": (_fixed("output.keep_best_window=0"), ["output.keep_best_window=0", ">= 1"]),
+    "empty W&B project": (_fixed("output.wandb=true", "output.wandb_project="), ["output.wandb_project=''"]),
+    "no training prompts": (_fixed("prompts.max_train=0"), ["prompts.max_train=0", ">= 1"]),
+    "unknown embedded category": (_fixed("prompts.train=embedded:nosuch"), ["'embedded:nosuch'", "color"]),
+    "prompt file that does not exist": (lambda tmp: [f"prompts.train={tmp / 'none.txt'}"], ["none.txt", "does not exist"]),
+    "prompt file without prompts": (_prompt_file("blank.txt", b"\n\n"), ["blank.txt", "holds no prompts"]),
+    "validation prompt file that does not exist": (lambda tmp: [f"prompts.val={tmp / 'none.txt'}"], ["none.txt"]),
+    "output folder under /proc": (_fixed("output.dir=/proc/loopdiff/run"), ["output.dir='/proc/loopdiff/run'",
+                                                                          "cannot be written"]),
+    "empty model name": (_fixed("model.pretrained="), ["model.pretrained=''", "model_index.json"]),
     "prompt file that is a directory": (lambda tmp: [f"prompts.train={tmp}"], ["is a directory"]),
 }
 
@@ -158,6 +226,30 @@ def test_file_categories_are_hints_the_embedded_evaluator_checks() -> None:
     assert own.tolist() == [1.0] * 4  # clean renders of their own prompts score full marks
     assert evaluator(images, texts, [{"category": "my"}] * 4).tolist() == own.tolist()
     assert evaluator(images[:1], texts[:1], [{"category": "spatial"}]).tolist() == own[:1].tolist()
+
+
+def test_every_number_field_declares_its_range() -> None:
+    """A numeric config field is declared with a check, so a new one cannot go without a range."""
+    from loopdiff.config import _optional, schema_fields
+
+    unchecked = [path for path, annotation, declared in schema_fields()
+                 if _optional(annotation)[0] in (int, float) and declared.metadata.get("check") is None]
+    assert unchecked == []
+
+
+@pytest.mark.parametrize("path, good, bad", [
+    ("training.adam_beta1", 0.0, 1.0), ("training.adam_eps", 1e-12, 0.0), ("sampling.resolution", 8192, 8193),
+    ("training.seed", 2**63 - 1, 2**63), ("estimator.advantage_clip", float("inf"), float("nan")),
+    ("eval.max_prompts", 0, -1), ("training.ema_decay", 0.0, 1.0),
+])
+def test_a_declared_range_includes_its_ends_as_it_says(path, good, bad) -> None:
+    """The edge of each range, read from the declaration: ``good`` passes, ``bad`` is refused in words."""
+    from loopdiff.config import ConfigError, config_from_dict
+
+    section, name = path.split(".")
+    assert getattr(getattr(config_from_dict({section: {name: good}}), section), name) == good
+    with pytest.raises(ConfigError, match=rf"^{path}=.* is invalid; allowed: "):
+        config_from_dict({section: {name: bad}})
 
 
 def test_wandb_without_the_package_fails_at_start_up_writing_nothing(tmp_path, capsys, monkeypatch) -> None:

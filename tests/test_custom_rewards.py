@@ -115,6 +115,7 @@ def run_overrides(tmp_path: Path, pipeline_dir: Path, reward: str) -> list[str]:
     prompts.write_text("a red circle\na blue square\n")
     return [f"model.pretrained={pipeline_dir}", "model.device=cpu", f"prompts.train={prompts}",
             f"prompts.val={prompts}", "eval.images_per_prompt=2", f"reward.name={reward}", "sampling.num_steps=2",
+            "training.train_denoising_steps=2",
             "training.epochs=1", "training.samples_per_epoch=8", f"output.dir={tmp_path / 'run'}",
             "output.progress=false", "output.tensorboard=false"]
 

@@ -1,20 +1,18 @@
 """Keeping the prompt while optimising the aesthetic score: the trade-off figures and the packaged setting's verdict.
 
-    .venv/bin/python scripts/main_job_acceptance.py --task aesthetic --runs runs/aes-fid \
-        --override "reward.monitor=[embedded_vqa]" "output.keep_best=reward/mean:1,monitor/embedded_vqa/mean:2"
-    .venv/bin/python scripts/main_job_acceptance.py --task aesthetic --runs runs/aes-fid --kept best \
-        --override "reward.monitor=[embedded_vqa]" "output.keep_best=reward/mean:1,monitor/embedded_vqa/mean:2" \
-        --results docs/results/aesthetic-fidelity/keep-best
-    .venv/bin/python scripts/aesthetic_fidelity.py --runs runs/aes-fid --sweep runs/aes-sweep
+    .venv/bin/python scripts/main_job_acceptance.py --task aesthetic --runs runs/aes-mix \
+        --config embedded-aesthetic-fidelity --results docs/results/aesthetic-fidelity/packaged
+    .venv/bin/python scripts/aesthetic_fidelity.py --sweep runs/aes-sweep
 
-The first command is the main job's acceptance (its final models: the unconstrained job, verdict in
-docs/results/main-job); the second judges the same LOOP runs by the weights `output.keep_best` kept. This
-script reads both verdicts and writes docs/results/aesthetic-fidelity/verdict.json: ``gain_ratio`` (the
-kept model's held-out colourfulness gain over the final model's, both over the base, same seeds and
-draws) and ``binding_minus_control`` (+- its standard error over the training seeds; the bar: a gain ratio >= 0.7 with
-binding no more than one standard error below the control's), and ``trade_off.png``:
-held-out colourfulness against colour binding for the base, the control, the final and kept models of
-training seed 0 and each single-seed setting under ``--sweep`` (its evaluation at the run's own seed).
+The first command judges the packaged setting (`embedded-aesthetic-fidelity`) as the main job is judged: 3
+training seeds x 2 evaluation draws, each against a `random_control` run of the same seeds. This script reads
+its verdict beside the unconstrained main job's (docs/results/main-job) and writes
+docs/results/aesthetic-fidelity/verdict.json: ``gain_ratio`` (the setting's held-out colourfulness gain over
+the unconstrained job's, both over the base, same seeds and draws) and ``binding_minus_control`` (+- its
+standard error over the training seeds; the bar: a gain ratio >= 0.7 with binding no more than one standard
+error below the control's), and ``trade_off.png``: held-out colourfulness against colour binding at training
+seed 0 and evaluation seed 1234 for the base, the control, the unconstrained job, each judged setting and
+each single-seed run under ``--sweep`` (its final and, where `output.keep_best` kept one, its kept model).
 """
 
 from __future__ import annotations
@@ -34,14 +32,23 @@ def means(path: Path) -> tuple[float, float]:
     return float(np.mean(per_prompt[HELD_OUT])), float(np.mean(per_prompt[BINDING]))
 
 
-def points(runs: Path, sweep: Path) -> dict[str, tuple[float, float]]:
+def seed0(summary: Path) -> dict:
+    """The row of training seed 0 at the run's own evaluation seed (1234) of an acceptance summary."""
+    return next(r for r in json.loads(summary.read_text()) if r["train_seed"] == 0 and r["eval_seed"] == 1234)
+
+
+def points(judged: dict[str, Path], sweep: Path) -> dict[str, tuple[float, float]]:
     """Every model of training seed 0 at evaluation seed 1234, by label."""
-    out = {"base": means(runs / "loop-s0/eval/base.json"),
-           "random_control": means(runs / "control-s0/eval/final.json"),
-           "LOOP, final (unconstrained)": means(runs / "loop-s0/eval/final.json"),
-           "LOOP, output.keep_best": means(runs / "loop-s0/eval/best.json")}
-    for run in sorted(p for p in sweep.iterdir() if (p / "eval/final.json").is_file()):
-        out[f"LOOP, {run.name}"] = means(run / "eval/final.json")
+    unconstrained = seed0(judged["unconstrained"] / "summary.json")
+    out = {"base": (unconstrained["base"], unconstrained["binding_base"]),
+           "random_control": (unconstrained["control_final"], unconstrained["binding_control_final"])}
+    for label, folder in judged.items():
+        row = seed0(folder / "summary.json")
+        out[f"LOOP, {label}"] = (row["final"], row["binding_final"])
+    for run in sorted(p for p in sweep.iterdir() if (p / "eval/final.json").is_file()) if sweep.is_dir() else []:
+        out[f"{run.name}, final"] = means(run / "eval/final.json")
+        if (run / "eval/best.json").is_file():
+            out[f"{run.name}, kept"] = means(run / "eval/best.json")
     return out
 
 
@@ -52,10 +59,12 @@ def plot(figures: dict[str, tuple[float, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, (colour, binding) in figures.items():
         ax.scatter(binding, colour, s=30, color="tab:gray" if label in ("base", "random_control") else "tab:blue")
-        ax.annotate(label, (binding, colour), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        below = label.endswith("kept")  # a run's two models sit close together: one label above, one below
+        ax.annotate(label, (binding, colour), textcoords="offset points", xytext=(5, -10 if below else 3), fontsize=8)
+    ax.margins(x=0.25, y=0.08)
     ax.set_xlabel(f"colour binding ({BINDING}, strict; not optimised)")
     ax.set_ylabel(f"held-out colourfulness ({HELD_OUT})")
     ax.set_title("Aesthetic job, training seed 0: what each setting buys and costs\n"
@@ -65,33 +74,48 @@ def plot(figures: dict[str, tuple[float, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def judged_figures(verdict: dict, unconstrained: dict) -> dict:
+    """A setting's gain over the base as a share of the unconstrained job's, and its binding against the control."""
+    figures = {"train_seeds": verdict["train_seeds"], "eval_seeds": verdict["eval_seeds"],
+               "gain_ratio": verdict["held_out"]["gain"] / unconstrained["held_out"]["gain"],
+               "gain": verdict["held_out"]["gain"], "gain_se": verdict["held_out"]["gain_se"],
+               "held_out_minus_control": verdict["held_out"]["final_minus_control"],
+               "held_out_minus_control_se": verdict["held_out"]["final_minus_control_se"],
+               "binding_minus_control": verdict["binding"]["final_minus_control"],
+               "binding_minus_control_se": verdict["binding"]["final_minus_control_se"]}
+    figures["bar_holds"] = bool(figures["gain_ratio"] >= 0.7
+                                and figures["binding_minus_control"] >= -figures["binding_minus_control_se"])
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=Path("runs/aes-fid"))
     parser.add_argument("--sweep", type=Path, default=Path("runs/aes-sweep"))
-    parser.add_argument("--unconstrained", type=Path, default=Path("docs/results/main-job/verdict.json"))
-    parser.add_argument("--kept", type=Path, default=Path("docs/results/aesthetic-fidelity/keep-best/verdict.json"))
+    parser.add_argument("--unconstrained", type=Path, default=Path("docs/results/main-job"))
+    parser.add_argument("--judged", nargs="*", default=["packaged=docs/results/aesthetic-fidelity/packaged",
+                                                        "keep_best=docs/results/aesthetic-fidelity/keep-best"],
+                        help="LABEL=FOLDER of acceptance results; the first is the packaged setting")
+    parser.add_argument("--setting", default="--config embedded-aesthetic-fidelity",
+                        help="how the first judged setting is run, for the record")
     parser.add_argument("--results", type=Path, default=Path("docs/results/aesthetic-fidelity"))
     args = parser.parse_args(argv)
-    final, kept = json.loads(args.unconstrained.read_text()), json.loads(args.kept.read_text())
-    figures = points(args.runs, args.sweep)
-    verdict = {
-        "setting": "output.keep_best=reward/mean:1,monitor/embedded_vqa/mean:2 (reward.monitor=[embedded_vqa])",
-        "train_seeds": kept["train_seeds"], "eval_seeds": kept["eval_seeds"],
-        "gain_ratio": kept["held_out"]["gain"] / final["held_out"]["gain"],
-        "kept_gain": kept["held_out"]["gain"], "kept_gain_se": kept["held_out"]["gain_se"],
-        "unconstrained_gain": final["held_out"]["gain"], "unconstrained_gain_se": final["held_out"]["gain_se"],
-        "binding_minus_control": kept["binding"]["final_minus_control"],
-        "binding_minus_control_se": kept["binding"]["final_minus_control_se"],
-        "unconstrained_binding_minus_control": final["binding"]["final_minus_control"],
-        "unconstrained_binding_minus_control_se": final["binding"]["final_minus_control_se"],
-        "trade_off_seed0": {label: {"held_out": c, "binding": b} for label, (c, b) in figures.items()},
-    }
-    verdict["bar_holds"] = bool(verdict["gain_ratio"] >= 0.7
-                                and verdict["binding_minus_control"] >= -verdict["binding_minus_control_se"])
+    judged = dict(item.split("=", 1) for item in args.judged)
+    judged = {label: Path(folder) for label, folder in judged.items()}
+    unconstrained = json.loads((args.unconstrained / "verdict.json").read_text())
+    figures = {label: judged_figures(json.loads((folder / "verdict.json").read_text()), unconstrained)
+               for label, folder in judged.items()}
+    packaged = next(iter(figures))
+    verdict = {"setting": args.setting, **figures[packaged],
+               "unconstrained_gain": unconstrained["held_out"]["gain"],
+               "unconstrained_gain_se": unconstrained["held_out"]["gain_se"],
+               "unconstrained_binding_minus_control": unconstrained["binding"]["final_minus_control"],
+               "unconstrained_binding_minus_control_se": unconstrained["binding"]["final_minus_control_se"],
+               "others": {label: f for label, f in figures.items() if label != packaged}}
+    points_seed0 = points({"unconstrained": args.unconstrained, **judged}, args.sweep)
+    verdict["trade_off_seed0"] = {label: {"held_out": c, "binding": b} for label, (c, b) in points_seed0.items()}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "verdict.json").write_text(json.dumps(verdict, indent=1) + "\n")
-    plot(figures, args.results / "trade_off.png")
+    plot(points_seed0, args.results / "trade_off.png")
     print(json.dumps(verdict, indent=1))
     return 0
 

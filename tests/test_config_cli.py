@@ -53,7 +53,8 @@ def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
     from loopdiff.cli import DEFAULT_CONFIG, packaged_config_names, resolve_config
 
     assert packaged_config_names() == [
-        "embedded-aesthetic", "embedded-color", "embedded-flow-aesthetic", "flux-compbench-attributes",
+        "embedded-aesthetic", "embedded-aesthetic-fidelity", "embedded-color", "embedded-flow-aesthetic",
+        "flux-compbench-attributes",
         "sd15-ddpo-aesthetic", "sd15-ddpo-compressibility", "sd2-compbench-attributes", "sd2-compbench-numeracy",
         "sd2-compbench-spatial", "sd3-compbench-attributes", "sdxl-compbench-attributes",
     ]  # the Stable Diffusion and Flux ones are tested in test_real_runs.py
@@ -66,6 +67,19 @@ def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
     local = tmp_path / "embedded-color"
     local.write_text("training:\n  epochs: 3\n")
     assert resolve_config(str(local)) == local  # a file of that name wins over the packaged config
+
+
+def test_the_fidelity_job_is_the_aesthetic_job_with_a_weighted_vqa_term() -> None:
+    """Its noise control is then the aesthetic job's (the control replaces the reward), as its results assume."""
+    from loopdiff.cli import resolve_config
+
+    plain = load_config(resolve_config("embedded-aesthetic")).to_dict()
+    fidelity = load_config(resolve_config("embedded-aesthetic-fidelity")).to_dict()
+    differ = {(section, key) for section in plain for key in plain[section]
+              if plain[section][key] != fidelity[section][key]}
+    assert differ == {("reward", "name"), ("reward", "monitor"), ("output", "dir")}
+    assert fidelity["reward"]["name"] == "embedded_aesthetic:1,embedded_vqa:0.15"
+    assert fidelity["reward"]["monitor"] == ["embedded_vqa"]
 
 
 @pytest.mark.parametrize(

@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="how the first judged setting is run, for the record")
     parser.add_argument("--results", type=Path, default=Path("docs/results/aesthetic-fidelity"))
     args = parser.parse_args(argv)
-    judged = dict(item.split("=", 1) for item in args.judged)
-    judged = {label: Path(folder) for label, folder in judged.items()}
+    judged = {label: Path(folder) for label, folder in (item.split("=", 1) for item in args.judged)}
     unconstrained = json.loads((args.unconstrained / "verdict.json").read_text())
     figures = {label: judged_figures(json.loads((folder / "verdict.json").read_text()), unconstrained)
                for label, folder in judged.items()}

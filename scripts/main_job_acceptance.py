@@ -19,7 +19,7 @@ Writes into ``--results`` (default docs/results/main-job): ``summary.json`` (one
 seed x evaluation seed: held-out evaluator and training reward of the base, the fine-tuned model and
 the control, and the commands), ``training_reward.png`` (the training reward over the epochs against
 the control's, both with 80% prediction bands over seeds) and ``base_vs_final.png`` (the first seed's
-grid), and ``verdict.json`` (the acceptance figures, and how often the training reward orders pairs of
+grid; ``base_vs_best.png`` with ``--kept best``), and ``verdict.json`` (the acceptance figures, and how often the training reward orders pairs of
 each model's images as the held-out evaluator does). The run folders go to ``--runs`` (default
 runs/main-job). ``--config`` / ``--base-model`` / ``--eval-args`` / ``--override`` run the same protocol on
 another config (the flow-matching base's, docs/results/embedded-flow); ``--no-agreement`` skips the scorer
@@ -154,6 +154,23 @@ def plot_curves(runs: Path, seeds: list[int], path: Path, window: int = 10) -> d
     above = loop_low > control_high
     return {"first_epoch_loop_band_above_control_band": int(epochs[above][0]) if above.any() else None,
             "final_loop_mean": float(loop_mean[-1]), "final_control_band_high": float(control_high[-1])}
+
+
+def comparison_grid(run_dir: Path, results: Path) -> None:
+    """The base beside the model the run is judged by (the same prompts and seeds, three images each):
+    the run's own ``base_vs_final.png``, or ``base_vs_best.png`` drawn from its evaluation grids."""
+    kept = kept_tag("loop")
+    if kept == "final":
+        shutil.copy(run_dir / "grids/base_vs_final.png", results / "base_vs_final.png")
+        return
+    import torch
+
+    from loopdiff.grids import side_by_side
+
+    grids = {tag: torch.load(run_dir / f"eval/{tag}_grid.pt", weights_only=True) for tag in ("base", kept)}
+    prompts = json.loads((run_dir / "eval/base.json").read_text())["prompts"]
+    n = min(len(g) for g in grids.values())
+    side_by_side(results / f"base_vs_{kept}.png", prompts[:n], {t: g[:n] for t, g in grids.items()}, per_model=3)
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -329,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_agreement:
         figures["scorer_agreement"] = scorer_agreement(models)
     (args.results / "verdict.json").write_text(json.dumps(figures, indent=1) + "\n")
-    shutil.copy(args.runs / f"loop-s{args.seeds[0]}/grids/base_vs_final.png", args.results / "base_vs_final.png")
+    comparison_grid(args.runs / f"loop-s{args.seeds[0]}", args.results)
     fidelity = args.runs / f"loop-s{args.seeds[0]}/grids/fidelity.png"
     if fidelity.is_file():
         shutil.copy(fidelity, args.results / "fidelity.png")

@@ -60,10 +60,13 @@ def plot(figures: dict[str, tuple[float, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    placed: list[tuple[float, float]] = []
     for label, (colour, binding) in figures.items():
         ax.scatter(binding, colour, s=30, color="tab:gray" if label in ("base", "random_control") else "tab:blue")
-        below = label.endswith("kept")  # a run's two models sit close together: one label above, one below
+        # a point close to one already labelled (a run's final and kept models) takes its label below
+        below = any(abs(binding - b) < 0.06 and abs(colour - c) < 0.015 for c, b in placed)
         ax.annotate(label, (binding, colour), textcoords="offset points", xytext=(5, -10 if below else 3), fontsize=8)
+        placed.append((colour, binding))
     ax.margins(x=0.25, y=0.08)
     ax.set_xlabel(f"colour binding ({BINDING}, strict; not optimised)")
     ax.set_ylabel(f"held-out colourfulness ({HELD_OUT})")

@@ -56,7 +56,7 @@ class CPUCountedDeepSpeed(Accelerator):
 def inject(trainer, kind: str) -> None:
     """Make rank 1's loss (``loss``: its gradient stays finite) or its gradient (``gradient``) infinite in the
     first micro-batch of epoch 1."""
-    real, calls = trainer.minibatch_loss, [0]
+    real, calls = trainer.loop.minibatch_loss, [0]
 
     def loss(batch, micro):
         out = real(batch, micro)
@@ -68,7 +68,7 @@ def inject(trainer, kind: str) -> None:
                 out.loss.register_hook(lambda grad: grad * math.inf)
         return out
 
-    trainer.minibatch_loss = loss
+    trainer.loop.minibatch_loss = loss
 
 
 def main() -> None:

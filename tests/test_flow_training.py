@@ -220,8 +220,7 @@ def test_sd3_trains_at_another_resolution_and_refuses_sizes_it_cannot_sample(tmp
     trainer = _trainer(tmp_path, sd3_dir, sampling={"num_steps": 2, "resolution": 48},
                        training={"epochs": 1, "samples_per_epoch": 4})
     assert trainer.rollout_policy.latent_shape == trainer.train_policy.latent_shape == (4, 12, 12)
-    timings = dict.fromkeys(("time/sampling", "time/decoding", "time/reward_wait"), 0.0)
-    trajectories, rewards = trainer.collect(0, timings)
+    trajectories, rewards = trainer.loop.collect(0)[:2]
     assert trajectories.latents.shape == (4, 3, 4, 12, 12) and bool(torch.isfinite(trajectories.log_probs).all())
     assert np.isfinite(trainer.train()[0]["loss"])
     from loopdiff.config import ConfigError

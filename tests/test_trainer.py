@@ -150,13 +150,13 @@ def test_bf16_autocast_epoch_keeps_ratios_near_one(tmp_path) -> None:
 
 def _bf16_epoch(tmp_path) -> None:
     trainer = make_trainer(tmp_path, "loop", model={"mixed_precision": "bf16"})
-    traj, rewards = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, rewards = trainer.loop.collect(0)[:2]
     assert traj.log_probs.dtype == torch.float32  # log-probabilities stay float32 under autocast
-    from loopdiff.training.trainer import Batch
+    from loopdiff.training.loop import Batch
 
     pairs = torch.stack(torch.meshgrid(torch.arange(len(traj)), torch.arange(3), indexing="ij"), -1).reshape(-1, 2)
     with torch.no_grad():
-        out = trainer.minibatch_loss(Batch(traj, rewards, trainer.advantages(traj, rewards)), pairs)
+        out = trainer.loop.minibatch_loss(Batch(traj, rewards, trainer.loop.advantages(rewards, traj.group_ids, traj.prompt_ids)), pairs)
     assert torch.isfinite(out.loss)
     assert out.approx_kl < 1e-3  # same weights: bf16 rounding only
     history = trainer.train()
@@ -194,7 +194,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path) -> None:
 def test_max_train_keeps_the_first_training_prompts(tmp_path) -> None:
     trainer = make_trainer(tmp_path, "loop", prompts={"max_train": 2})
     assert list(trainer.train_prompts.prompts) == PROMPTS[:2]
-    traj, _ = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, _ = trainer.loop.collect(0)[:2]
     assert set(traj.prompt_ids.tolist()) <= {0, 1}
 
 

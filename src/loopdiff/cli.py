@@ -190,16 +190,15 @@ def _reward_options(args: argparse.Namespace) -> dict:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from loopdiff.generation import generate, repeat_each
     from loopdiff.grids import save_grid
-    from loopdiff.sampling.trajectories import decode_latents, sample_trajectories
 
     pipe = _load_for_inference(args.model, args.lora, args.device)
     policy, encoder = _policy_parts(pipe, args)
     prompts = args.prompt
-    repeated = [p for p in prompts for _ in range(args.num)]
+    repeated = repeat_each(prompts, args.num)
     generator = torch.Generator().manual_seed(args.seed)
-    latents, _ = sample_trajectories(policy, encoder(repeated), encoder.unconditional(), generator, progress=True)
-    images = decode_latents(pipe.vae, latents[:, -1])
+    images = generate(policy, pipe.vae, encoder(repeated), encoder.unconditional(), generator, progress=True).images
     rows = list(images.view(len(prompts), args.num, *images.shape[1:]))
     path = save_grid(Path(args.out), rows, prompts)
     print(f"wrote {path}")

@@ -109,7 +109,8 @@ def _kill_then_resume(tmp_path) -> None:
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = make_trainer(tmp_path / "b", "ppo", training={"epochs": 4}, output={"checkpoint_every": 1})
     assert resumed.resume() and resumed.epoch == 2
-    assert resumed.tracker is not None and sum(len(b) for b in resumed.tracker.buffers.values()) == 16
+    tracker = resumed.loop.advantage_fn  # PPO: the per-prompt stat tracker, restored with its reward history
+    assert sum(len(b) for b in tracker.buffers.values()) == 16
     resumed.train()
     torch.testing.assert_close(_weights(resumed.unet), _weights(straight.unet), rtol=0, atol=0)
     a = [h["reward/mean"] for h in straight.history]
@@ -212,7 +213,7 @@ def test_monitor_rewards_are_logged_on_the_samples_and_never_trained_on(tmp_path
     from loopdiff.sampling.trajectories import decode_latents
 
     monitored = make_trainer(tmp_path / "m", "loop", reward_section={"monitor": ["jpeg_compressibility"]})
-    traj, _ = monitored.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, _ = monitored.loop.collect(0)[:2]
     images = decode_latents(monitored.pipeline.vae, traj.latents[:, -1])
     prompts = [traj.prompts[i] for i in traj.prompt_ids.tolist()]
     expected = build_reward("jpeg_compressibility")(images, prompts, [{}] * len(prompts))

@@ -353,7 +353,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from loopdiff.study import study_cli
+    from loopdiff.reports.study_command import study_cli
 
     return study_cli(args.rest)
 

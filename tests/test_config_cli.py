@@ -50,7 +50,8 @@ def test_resume_check_reads_a_run_saved_under_the_old_field_name() -> None:
 
 
 def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
-    from loopdiff.cli import DEFAULT_CONFIG, packaged_config_names, resolve_config
+    from loopdiff.cli import packaged_config_names, resolve_config
+    from loopdiff.embedded.plugin import DEFAULT_CONFIG
 
     assert packaged_config_names() == [
         "embedded-aesthetic", "embedded-aesthetic-fidelity", "embedded-color", "embedded-flow-aesthetic",
@@ -271,7 +272,7 @@ def test_other_commands_take_their_defaults_from_the_config_schema() -> None:
 def test_the_makefile_and_readme_name_the_task_make_run_trains() -> None:
     from pathlib import Path
 
-    from loopdiff.cli import DEFAULT_CONFIG
+    from loopdiff.embedded.plugin import DEFAULT_CONFIG
 
     root = Path(__file__).resolve().parents[1]
     comment = next(line for line in (root / "Makefile").read_text().splitlines() if line.startswith("# make run"))

@@ -21,7 +21,7 @@ import yaml
 
 from loopdiff.checks import SEED, Check, above, at_least, fraction
 from loopdiff.minibatches import steps_per_sample
-from loopdiff.plugins import registered_models
+from loopdiff.plugins import registered_default, registered_models
 
 
 
@@ -29,7 +29,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is allowed."""
 
 
-EMBEDDED = "embedded"  # the default model, registered by the embedded plugin with its default prompts and reward
+def default_model() -> str:
+    """``model.pretrained``'s default: the model the installed plugin registers as the default ('' if none)."""
+    default = registered_default()
+    return default.model if default is not None else ""
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callable[[], Any] | None = None,
@@ -44,7 +47,7 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callabl
 
 @dataclass
 class ModelConfig:
-    pretrained: str = setting(EMBEDDED, "'embedded', a local pipeline folder, or a Hub id")
+    pretrained: str = setting(help="'embedded', a local pipeline folder, or a Hub id", factory=default_model)
     revision: str | None = setting(None, "the Hub revision (branch, tag or commit) of model.pretrained", check=Check(
         lambda v: v.strip() != "", "a branch, tag or commit (not empty)").or_none("for the default branch"))
     train_modules: Literal["all", "cross_attention"] = setting(

@@ -13,7 +13,7 @@ import torch
 
 from loopdiff.advantages import ADVANTAGE_KINDS, BATCH_ADVANTAGES, TRACKED_ADVANTAGES, leave_one_out
 from loopdiff.estimators import PRESETS, loop_loss
-from loopdiff.objectives import LOSS_KINDS, LOSSES, ppo_clip_loss
+from loopdiff.objectives import LOSS_INPUTS, LOSS_KINDS, LOSSES, loss_inputs, ppo_clip_loss, score_function_loss
 from loopdiff.training.trainer import Batch
 from trainer_helpers import make_trainer
 
@@ -127,6 +127,13 @@ def test_loop_runs_eq_14_and_eq_13_and_every_kind_has_its_function() -> None:
     assert PRESETS["loop"].advantage_fn is leave_one_out and PRESETS["loop"].loss_fn is ppo_clip_loss
     assert set(BATCH_ADVANTAGES) | set(TRACKED_ADVANTAGES) == set(ADVANTAGE_KINDS)
     assert set(LOSSES) == set(LOSS_KINDS)
+
+
+def test_each_loss_takes_only_the_inputs_it_uses() -> None:
+    """REINFORCE's surrogate has no importance ratio, so it takes neither pi_old nor a clip range."""
+    assert loss_inputs(score_function_loss) == ("log_probs", "advantages")
+    assert loss_inputs(ppo_clip_loss) == LOSS_INPUTS
+    assert all(set(loss_inputs(fn)) <= set(LOSS_INPUTS) for fn in LOSSES.values())
 
 
 def test_trainer_loop_minibatch_loss_is_loop_loss(tmp_path) -> None:

@@ -97,7 +97,7 @@ class Estimator:
 
     @property
     def loss_fn(self) -> LossFn:
-        """``(log_probs, old_log_probs, advantages, clip_range) -> loss`` of the loss kind."""
+        """The loss kind's function; ``objectives.apply_loss`` passes it the inputs it takes."""
         return LOSSES[self.loss]
 
     def new_tracker(self) -> PerPromptStatTracker | None:

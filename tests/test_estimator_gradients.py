@@ -13,7 +13,7 @@ import torch
 
 from loopdiff.advantages import ADVANTAGE_KINDS, BATCH_ADVANTAGES, TRACKED_ADVANTAGES, leave_one_out
 from loopdiff.estimators import PRESETS
-from loopdiff.objectives import LOSS_KINDS, LOSSES, ppo_clip_loss
+from loopdiff.objectives import LOSS_INPUTS, LOSS_KINDS, LOSSES, loss_inputs, ppo_clip_loss, score_function_loss
 from loopdiff.training.loop import Batch
 from trainer_helpers import make_trainer
 
@@ -127,6 +127,13 @@ def test_loop_runs_eq_14_and_eq_13_and_every_kind_has_its_function() -> None:
     assert set(LOSSES) == set(LOSS_KINDS)
     rewards, groups = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0]), torch.tensor([0, 0, 0, 1, 1])
     torch.testing.assert_close(advantage_fn(rewards, groups, ["a"] * 5), torch.tensor([-3.0, -1.5, 4.5, -4.0, 4.0]))
+
+
+def test_each_loss_takes_only_the_inputs_it_uses() -> None:
+    """REINFORCE's surrogate has no importance ratio, so it takes neither pi_old nor a clip range."""
+    assert loss_inputs(score_function_loss) == ("log_probs", "advantages")
+    assert loss_inputs(ppo_clip_loss) == LOSS_INPUTS
+    assert all(set(loss_inputs(fn)) <= set(LOSS_INPUTS) for fn in LOSSES.values())
 
 
 def test_the_trainers_loop_loss_is_eq_13_14_written_out(tmp_path) -> None:

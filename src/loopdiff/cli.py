@@ -7,11 +7,12 @@ import json
 import math
 import os
 import sys
-from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
-DEFAULT_CONFIG = "embedded-aesthetic.yaml"
+# packaged_config, requested_model, resolve_config and start_config stay importable from here
+from loopdiff.config_files import packaged_config, packaged_config_names, requested_model, resolve_config, start_config
+from loopdiff.plugins import registered_commands
 
 TRAIN_EPILOG = """\
 examples:
@@ -30,41 +31,6 @@ training, reward, prompts, eval, output. Presets: reinforce, reinforce_bc, rloo,
 Every field with its type, choices, default and help: loopdiff config fields; the config a run would use:
 loopdiff config show [--config X] [section.field=value ...].
 """
-
-
-def packaged_config(name: str) -> Path:
-    """A config file shipped with the package (``loopdiff/configs/<name>``)."""
-    return Path(str(resources.files("loopdiff") / "configs" / name))
-
-
-def packaged_config_names() -> list[str]:
-    """Names of the training configs shipped with the package (without ``.yaml``; study specs left out)."""
-    files = resources.files("loopdiff").joinpath("configs").iterdir()
-    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml") and not p.name.startswith("study-"))
-
-
-def resolve_config(name_or_path: str) -> Path:
-    """A config file path as given, else the packaged config of that name (with or without ``.yaml``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    packaged = packaged_config(name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
-    return packaged if packaged.is_file() else path
-
-
-def start_config(config: str | None, model: object = None) -> Path | None:
-    """The config file a run starts from: ``config`` (a file or packaged name) if given; else the embedded
-    main job's (DEFAULT_CONFIG) when ``model`` is unset or embedded, and none for any other model, which
-    then starts from the dataclass defaults and never inherits the embedded world's prompts or rewards."""
-    if config:
-        return resolve_config(config)
-    return resolve_config(DEFAULT_CONFIG) if model in (None, "embedded") else None
-
-
-def requested_model(values: object) -> object:
-    """``model.pretrained`` in a nested mapping of config values, or None when it is not set there."""
-    model = values.get("model") if isinstance(values, Mapping) else None
-    return model.get("pretrained") if isinstance(model, Mapping) else None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -242,12 +208,13 @@ def _model_defaults(args: argparse.Namespace, prompts: str) -> str | None:
     missing flag (None when nothing is missing)."""
     from loopdiff.plugins import registered_models
 
-    entry = registered_models().get(args.model)
-    defaults = entry.defaults if entry is not None else {}
+    models = registered_models()
+    defaults = models[args.model].defaults if args.model in models else {}
     for flag, key in (("prompts", prompts), ("reward", "reward.name")):
         if getattr(args, flag) is None:
             if key not in defaults:
-                return f"--{flag} is required for a model other than 'embedded' (--model {args.model})"
+                with_defaults = " or ".join(f"'{m.name}'" for m in models.values() if key in m.defaults)
+                return f"--{flag} is required for a model other than {with_defaults} (--model {args.model})"
             setattr(args, flag, defaults[key])
     return None
 
@@ -345,14 +312,8 @@ def cmd_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from loopdiff.embedded.pretrain import pretrain_cli
-
-    return pretrain_cli(args.rest)
-
-
 def cmd_study(args: argparse.Namespace) -> int:
-    from loopdiff.study import study_cli
+    from loopdiff.reports.study_command import study_cli
 
     return study_cli(args.rest)
 
@@ -534,11 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     rewards = sub.add_parser("rewards", help="list registered rewards and whether they can run here")
     rewards.set_defaults(func=cmd_rewards)
 
-    pretrain = sub.add_parser(
-        "pretrain", help="pretrain the embedded base pipeline from scratch", add_help=False,
-        description="Pretrain the embedded base pipeline; run 'loopdiff pretrain --help' for its options.",
-    )
-    pretrain.set_defaults(func=cmd_pretrain)
+    for command in registered_commands().values():  # e.g. pretrain: they parse their own options
+        sub.add_parser(command.name, help=command.help, add_help=False, description=command.description)
 
     study = sub.add_parser(
         "study", help="run a grid of training runs; tables, curves and an HTML report", add_help=False,
@@ -550,7 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEBUG_ENV = "LOOPDIFF_DEBUG"  # set to 1: errors propagate with their traceback instead of one line
-PASSTHROUGH: dict[str, Callable[[argparse.Namespace], int]] = {"pretrain": cmd_pretrain, "study": cmd_study}
+PASSTHROUGH: dict[str, Callable[[argparse.Namespace], int]] = {"study": cmd_study}
+
+
+def _passthrough(command: str) -> Callable[[argparse.Namespace], int] | None:
+    """The function of a command that parses its own options (including --help): a plugin's, or ``study``;
+    None for any other."""
+    plugin = registered_commands().get(command)
+    if plugin is not None:
+        return lambda args: plugin.run(args.rest)
+    return PASSTHROUGH.get(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -558,8 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:  # these parse their own options (including --help)
-        args = argparse.Namespace(command=argv[0], func=PASSTHROUGH[argv[0]], rest=argv[1:])
+    passthrough = _passthrough(argv[0]) if argv else None
+    if passthrough is not None:  # these parse their own options (including --help)
+        args = argparse.Namespace(command=argv[0], func=passthrough, rest=argv[1:])
     else:
         args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

@@ -101,8 +101,8 @@ class Estimator:
 
     @property
     def loss_fn(self) -> LossFn:
-        """``(log_probs, old_log_probs, advantages, clip_range) -> loss`` of the loss kind (LOOP: ``ppo_clip_loss``,
-        Eq. 13)."""
+        """The loss kind's function (LOOP: ``ppo_clip_loss``, Eq. 13); ``objectives.apply_loss`` passes it the
+        inputs it takes."""
         return LOSSES[self.loss]
 
     def to_dict(self) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from loopdiff.models import (
     text_encoders,
     trainable_state_dict,
 )
+from loopdiff.plugins import registered_models
 from loopdiff.prompts import PromptSet, load_prompt_set
 from loopdiff.rewards.base import RewardFn, build_reward
 from loopdiff.sharding import is_sharded
@@ -74,12 +75,14 @@ from loopdiff.training.zero import quiet_cpu_accelerator_notice, zero_optimizer
 
 def training_reward_name(config: RunConfig, reward_fn: RewardFn | None) -> str:
     """The training reward's name in logs and evaluations: a passed ``reward_fn``'s own (the function's, or
-    its class's), else ``reward.name``, which a model other than the embedded one must set."""
+    its class's), else ``reward.name``, which a model without a registered default reward must set."""
     if reward_fn is not None:
         return getattr(reward_fn, "__name__", type(reward_fn).__name__)
     if config.reward.name is None:
+        models = registered_models().values()
+        with_defaults = " or ".join(f"'{m.name}'" for m in models if "reward.name" in m.defaults) or "a registered one"
         raise ConfigError(
-            f"reward.name is required for a model other than 'embedded' (model.pretrained="
+            f"reward.name is required for a model other than {with_defaults} (model.pretrained="
             f"{config.model.pretrained!r}); allowed: a registered reward (loopdiff rewards) or package.module:function"
         )
     return config.reward.name

@@ -21,7 +21,7 @@ CORE_LAYERS = (
     ("loopdiff.plugins", "loopdiff.checks", "loopdiff.transfer"),
     ("loopdiff.prompts", "loopdiff.rewards", "loopdiff.sampling", "loopdiff.grids", "loopdiff.advantages",
      "loopdiff.objectives", "loopdiff.minibatches", "loopdiff.sharding"),
-    ("loopdiff.estimators",),
+    ("loopdiff.estimators", "loopdiff.generation"),
     ("loopdiff.config", "loopdiff.config_files"),
     ("loopdiff.models", "loopdiff.lora", "loopdiff.evaluation"),
     ("loopdiff.training",),

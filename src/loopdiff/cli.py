@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 # packaged_config, requested_model, resolve_config and start_config stay importable from here
 from loopdiff.config_files import packaged_config, packaged_config_names, requested_model, resolve_config, start_config
@@ -391,18 +391,8 @@ def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> No
     parser.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from loopdiff.checks import Check, OneLineParser, at_least, flag
-    from loopdiff.config import field_default
-    from loopdiff.estimators import PRESETS
-
-    parser = OneLineParser(
-        prog="loopdiff",
-        description="Reinforcement-learning fine-tuning of text-to-image diffusion models "
-        "(LOOP, PPO/DDPO, RLOO, REINFORCE, GRPO) against black-box rewards.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_train(sub: Any) -> None:
+    """The train command: a config (file or packaged name) and overrides."""
     train = sub.add_parser(
         "train", help="fine-tune a pipeline with RL", epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -418,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     train.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub: Any) -> None:
+    """The sample command: prompts into a grid image."""
+    from loopdiff.checks import Check, at_least, flag
+
     sample = sub.add_parser("sample", help="draw images into a grid PNG")
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
     sample.add_argument("--num", type=flag(int, at_least(1)), default=4, help="images per prompt")
@@ -425,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                         type=flag(str, Check(_image_file, "an image file path (.png, .jpg, ...), not a folder")))
     _add_sampling_flags(sample)
     sample.set_defaults(func=cmd_sample)
+
+
+def _add_eval(sub: Any) -> None:
+    """The eval command: the evaluation protocol of docs/method.md."""
+    from loopdiff.checks import Check, at_least, flag
+    from loopdiff.config import field_default
 
     evaluate = sub.add_parser(
         "eval", help="score a model on a prompt set (the evaluation protocol of docs/method.md)"
@@ -450,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --batch-size as the run's sampling.batch_size it reproduces the run's own evaluation")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _add_branch(sub: Any) -> None:
+    """The branch command: where in sampling the reward is decided."""
+    from loopdiff.checks import at_least, flag
+
     branch = sub.add_parser(
         "branch", help="at which sampling step the reward is decided (to choose training.train_denoising_steps)",
         description="Sample one trajectory per prompt, restart the remaining steps several times from after "
@@ -462,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--at", type=_step_list, default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")
     _add_sampling_flags(branch)
     branch.set_defaults(func=cmd_branch)
+
+
+def _add_gradient_noise(sub: Any) -> None:
+    """The gradient-noise command: signal against noise over prompt groups."""
+    from loopdiff.config import field_default
+    from loopdiff.estimators import PRESETS
 
     noise = sub.add_parser(
         "gradient-noise", help="how much of the policy gradient is signal, over prompt groups",
@@ -480,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(noise)
     noise.set_defaults(func=cmd_gradient_noise)
 
+
+def _add_config(sub: Any) -> None:
+    """The config command: its fields, or the config a run would use."""
     config = sub.add_parser(
         "config", help="the config fields, or the config a run would use",
         description="'fields': every config field with its type, choices, default and help. 'show': the config "
@@ -492,6 +507,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     config.set_defaults(func=cmd_config)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from loopdiff.checks import OneLineParser
+
+    parser = OneLineParser(
+        prog="loopdiff",
+        description="Reinforcement-learning fine-tuning of text-to-image diffusion models "
+        "(LOOP, PPO/DDPO, RLOO, REINFORCE, GRPO) against black-box rewards.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for add_command in (_add_train, _add_sample, _add_eval, _add_branch, _add_gradient_noise, _add_config):
+        add_command(sub)
     rewards = sub.add_parser("rewards", help="list registered rewards and whether they can run here")
     rewards.set_defaults(func=cmd_rewards)
 

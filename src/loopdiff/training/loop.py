@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopdiff.advantages import AdvantageFunction, clip_advantages, finite_groups
+from loopdiff.advantages import AdvantageFunction, clip_advantages
 from loopdiff.config import RunConfig
 from loopdiff.estimators import Estimator
 from loopdiff.generation import generate
@@ -33,7 +33,7 @@ from loopdiff.rewards.async_reward import AsyncReward
 from loopdiff.rewards.base import RewardFn
 from loopdiff.sampling.trajectories import Trajectories
 from loopdiff.training.distributed import LOSS_STATS, Backend
-from loopdiff.training.guards import check_nonfinite_rewards, check_skipped_steps
+from loopdiff.training.guards import check_skipped_steps, finite_sample_mask
 from loopdiff.training.metrics import peak_memory_mb, tensor_stats
 from loopdiff.transfer import to_device
 
@@ -161,36 +161,16 @@ class EpochLoop:
 
     def finite_samples(self, rewards: torch.Tensor, group_ids: torch.Tensor,
                        epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mask over all processes' samples of the groups with only finite rewards, and the counts as metrics.
-
-        Warns when it drops a group; raises NonFiniteError when too many rewards are non-finite or too few
-        samples remain."""
-        keep = finite_groups(rewards, group_ids)
-        nonfinite, dropped = int((~torch.isfinite(rewards)).sum()), int(group_ids[~keep].unique().numel())
-        counts = {"nonfinite_rewards": float(nonfinite), "dropped_groups": float(dropped)}
-        if nonfinite == 0:
-            return keep, counts
-        check_nonfinite_rewards(self.reward_name, nonfinite, len(rewards), self.config.training.max_nonfinite_fraction,
-                                epoch + 1, self._too_few_left(keep))
-        if self.backend.accelerator.is_main_process:
-            print(f"warning: reward '{self.reward_name}' was non-finite for {nonfinite} of {len(rewards)} images in "
-                  f"epoch {epoch + 1}; dropped their {dropped} prompt group(s) ({int((~keep).sum())} images)",
-                  file=sys.stderr)
-        return keep, counts
-
-    def _too_few_left(self, keep: torch.Tensor) -> str | None:
-        """Why the kept samples cannot fill the epoch's optimiser steps on some process, or None."""
-        if not bool(keep.any()):
-            return "no prompt group with only finite rewards remains"
+        """Mask over all processes' samples of the groups with only finite rewards, and the counts as metrics
+        (:func:`~loopdiff.training.guards.finite_sample_mask`); the main process prints its warning."""
         t = self.config.training
-        per_process = keep.view(self.backend.accelerator.num_processes, -1).sum(1)
-        pairs = per_process * steps_per_sample(self.config.sampling.num_steps, t.timestep_fraction,
-                                               t.train_denoising_steps)
-        short = (pairs < self.estimator.minibatches).nonzero().flatten().tolist()
-        if not short:
-            return None
-        return (f"process {short[0]} keeps {int(pairs[short[0]])} (sample, step) pairs, fewer than "
-                f"estimator.minibatches={self.estimator.minibatches}")
+        pairs = steps_per_sample(self.config.sampling.num_steps, t.timestep_fraction, t.train_denoising_steps)
+        keep, counts, warning = finite_sample_mask(
+            rewards, group_ids, self.reward_name, epoch + 1, t.max_nonfinite_fraction,
+            self.backend.accelerator.num_processes, pairs, self.estimator.minibatches)
+        if warning is not None and self.backend.accelerator.is_main_process:
+            print(warning, file=sys.stderr)
+        return keep, counts
 
     def optimise(self, batch: Batch, epoch: int) -> dict[str, float]:
         """Inner epochs of shuffled minibatches over (sample, step) pairs, one optimiser step per minibatch;

@@ -26,18 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from loopdiff.rewards.base import register_reward
-from loopdiff.rewards.hf_models import (
-    ImageSettings,
-    check_images,
-    chunks,
-    image_processor_settings,
-    load_model,
-    load_pretrained,
-    model_device,
-    model_dtype,
-    quantize_8bit,
-    weights_check,
-)
+from loopdiff.rewards.hf_models import HuggingFaceScorer, ImageSettings, check_images, quantize_8bit, weights_check
 from loopdiff.rewards.phrases import DETERMINERS, split_noun_phrases
 
 DEFAULT_MODEL = "google/owlv2-base-patch16-ensemble"
@@ -260,7 +249,7 @@ def pad_to_square(images: torch.Tensor, value: float = 0.5) -> torch.Tensor:
     return F.pad(images, (0, side - width, 0, side - height), value=value)
 
 
-class OwlDetector:
+class OwlDetector(HuggingFaceScorer):
     """OWLv2 zero-shot detection of named objects (query ``template.format(name)``), with per-label NMS."""
 
     def __init__(
@@ -274,13 +263,10 @@ class OwlDetector:
         template: str = "a photo of a {}",
         name: str = "detection",
     ):
-        from transformers import AutoTokenizer, Owlv2ForObjectDetection
+        from transformers import Owlv2ForObjectDetection
 
-        self.name = name
-        self.model = load_model(Owlv2ForObjectDetection, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
-        self.settings: ImageSettings = image_processor_settings(model, self.model.config.vision_config.image_size)
-        self.batch_size = batch_size
+        super().__init__(Owlv2ForObjectDetection, model, device, dtype, batch_size, name)
+        self.settings: ImageSettings
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou
         self.template = template
@@ -314,25 +300,22 @@ class OwlDetector:
     @torch.no_grad()
     def raw_outputs(self, images: torch.Tensor, names: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image and box: class logits ``(N, boxes, max_queries)`` and boxes ``(N, boxes, 4)`` (cx, cy, w, h)."""
-        device = model_device(self.model)
-        pixels = self.pixels(images.to(device)).to(model_dtype(self.model))
-        output = self.model(pixel_values=pixels, **self.query_tokens(names, device))
+        pixels = self.pixels(images.to(self.device)).to(self.dtype)
+        output = self.model(pixel_values=pixels, **self.query_tokens(names, self.device))
         return output.logits.float().cpu(), output.pred_boxes.float().cpu()
 
     def __call__(self, images: torch.Tensor, names: Sequence[Sequence[str]]) -> list[list[Detection]]:
         images = check_images(images, self.name)
-        results: list[list[Detection]] = []
-        for batch in chunks(len(names), self.batch_size):
-            batch_names = [list(dict.fromkeys(n)) for n in names[batch]]
-            if not any(batch_names):
-                results.extend([] for _ in batch_names)
-                continue
-            padded = [n or [""] for n in batch_names]
-            logits, boxes = self.raw_outputs(images[batch], padded)
-            side = float(max(images.shape[-2:]))
-            for image_names, image_logits, image_boxes in zip(batch_names, logits, boxes):
-                results.append(self._detections(image_names, image_logits, image_boxes, side))
-        return results
+        return [found for part in self.in_chunks(self._detect_chunk, images, names) for found in part]
+
+    def _detect_chunk(self, images: torch.Tensor, names: Sequence[Sequence[str]]) -> list[list[Detection]]:
+        """The detections of one chunk of images, each queried for its names (repeats dropped)."""
+        chunk_names = [list(dict.fromkeys(n)) for n in names]
+        if not any(chunk_names):
+            return [[] for _ in chunk_names]
+        logits, boxes = self.raw_outputs(images, [n or [""] for n in chunk_names])
+        side = float(max(images.shape[-2:]))
+        return [self._detections(*found, side) for found in zip(chunk_names, logits, boxes)]
 
     def _detections(self, names: list[str], logits: torch.Tensor, boxes: torch.Tensor, side: float) -> list[Detection]:
         if not names:

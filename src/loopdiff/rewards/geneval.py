@@ -26,17 +26,7 @@ import torch
 
 from loopdiff.rewards.base import RewardError, register_reward
 from loopdiff.rewards.detection import DEFAULT_MODEL, Detection, Detector, OwlDetector
-from loopdiff.rewards.hf_models import (
-    check_images,
-    image_processor_settings,
-    load_model,
-    load_pretrained,
-    model_device,
-    model_dtype,
-    pooled_features,
-    resize_normalize,
-    weights_check,
-)
+from loopdiff.rewards.hf_models import HuggingFaceScorer, check_images, pooled_features, weights_check
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -56,27 +46,24 @@ def relative_position(box: Sequence[float], other: Sequence[float]) -> set[str]:
                                      ("below", dy > 0.5)) if holds}
 
 
-class ColourClassifier:
+class ColourClassifier(HuggingFaceScorer):
     """CLIP zero-shot colour of a box crop among :data:`COLORS`."""
 
     def __init__(self, model: str, device: str | torch.device, dtype: Any, name: str):
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import CLIPModel
 
-        self.clip = load_model(CLIPModel, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
-        self.settings = image_processor_settings(model, self.clip.config.vision_config.image_size)
+        super().__init__(CLIPModel, model, device, dtype, batch_size=1, name=name)
+        self.clip = self.model
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, box: Sequence[float], name: str) -> str:
         height, width = image.shape[-2:]
         x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
         x1, y1 = min(width, max(x0 + 1, math.ceil(box[2]))), min(height, max(y0 + 1, math.ceil(box[3])))
-        device = model_device(self.clip)
-        crop = image[None, :, y0:y1, x0:x1].to(device)
-        pixels = resize_normalize(crop, self.settings, mode="bicubic", crop=True).to(model_dtype(self.clip))
+        pixels = self.model_pixels(image[None, :, y0:y1, x0:x1], mode="bicubic", crop=True)
         features = pooled_features(self.clip.get_image_features(pixel_values=pixels))
         texts = [f"a photo of a {colour} {name}" for colour in COLORS]
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         text = pooled_features(self.clip.get_text_features(**tokens))
         similarity = torch.nn.functional.cosine_similarity(features, text)
         return COLORS[int(similarity.argmax())]

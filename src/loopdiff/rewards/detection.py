@@ -334,52 +334,84 @@ class OwlDetector(HuggingFaceScorer):
 # ----------------------------------------------------------------------------- the rewards
 
 
-class SpatialScore:
-    """Callable reward: T2I-CompBench's 2D-spatial formula over ``detector``'s boxes."""
+class DetectionScore:
+    """Base of the rewards scored from ``detector``'s boxes of the objects each prompt asks for.
 
-    def __init__(self, detector: Detector, iou_threshold: float = 0.1, distance_threshold: float = 150.0):
-        self.detector = detector
-        self.iou_threshold = iou_threshold
-        self.distance_threshold = distance_threshold
-
-    def __call__(
-        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-    ) -> torch.Tensor:
-        objects = [spatial_objects(prompt) for prompt in prompts]
-        detections = self.detector(images, [list(pair) if pair else [] for pair in objects])
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        scores = [
-            spatial_score(found, *pair, spatial_relation(prompt), size, self.iou_threshold, self.distance_threshold)
-            if pair
-            else 0.0
-            for prompt, pair, found in zip(prompts, objects, detections)
-        ]
-        return torch.tensor(scores, dtype=torch.float32)
-
-
-class NumeracyScore:
-    """Callable reward: T2I-CompBench's numeracy formula over ``detector``'s boxes."""
+    A subclass says what a prompt (and its metadata) asks for (:meth:`target`), which object names that
+    queries (:meth:`names`) and what one image scores given its detections (:meth:`image_score`).
+    """
 
     def __init__(self, detector: Detector):
         self.detector = detector
 
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def names(self, target: Any) -> list[str]:
+        raise NotImplementedError
+
+    def image_score(self, image: torch.Tensor, detections: Sequence[Detection], target: Any, prompt: str) -> float:
+        raise NotImplementedError
+
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        objects = [counted_objects(prompt) for prompt in prompts]
-        detections = self.detector(images, [[name for name, _ in pairs] for pairs in objects])
-        return torch.tensor([numeracy_score(d, o) for d, o in zip(detections, objects)], dtype=torch.float32)
+        targets = [self.target(prompt, meta) for prompt, meta in zip(prompts, metadata)]
+        detections = self.detector(images, [self.names(target) for target in targets])
+        scores = [self.image_score(*item) for item in zip(images, detections, targets, prompts)]
+        return torch.tensor(scores, dtype=torch.float32)
 
 
-_NEEDS = f"Owlv2ForObjectDetection weights (default '{DEFAULT_MODEL}'; option model=<folder or Hub id>)"
+class SpatialScore(DetectionScore):
+    """Callable reward: T2I-CompBench's 2D-spatial formula over ``detector``'s boxes."""
+
+    def __init__(self, detector: Detector, iou_threshold: float = 0.1, distance_threshold: float = 150.0):
+        super().__init__(detector)
+        self.iou_threshold = iou_threshold
+        self.distance_threshold = distance_threshold
+
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> tuple[str, str] | None:
+        return spatial_objects(prompt)
+
+    def names(self, target: tuple[str, str] | None) -> list[str]:
+        return list(target) if target else []
+
+    def image_score(
+        self, image: torch.Tensor, detections: Sequence[Detection], target: tuple[str, str] | None, prompt: str
+    ) -> float:
+        if not target:
+            return 0.0
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        relation = spatial_relation(prompt)
+        return spatial_score(detections, *target, relation, size, self.iou_threshold, self.distance_threshold)
 
 
-@register_reward(
+class NumeracyScore(DetectionScore):
+    """Callable reward: T2I-CompBench's numeracy formula over ``detector``'s boxes."""
+
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> list[tuple[str, int]]:
+        return counted_objects(prompt)
+
+    def names(self, target: list[tuple[str, int]]) -> list[str]:
+        return [name for name, _ in target]
+
+    def image_score(
+        self, image: torch.Tensor, detections: Sequence[Detection], target: list[tuple[str, int]], prompt: str
+    ) -> float:
+        return numeracy_score(detections, target)
+
+
+def _register_owl_reward(name: str, description: str) -> Any:
+    """``register_reward`` for a reward over :class:`OwlDetector` (its weights, its check)."""
+    needs = f"Owlv2ForObjectDetection weights (default '{DEFAULT_MODEL}'; option model=<folder or Hub id>)"
+    return register_reward(
+        name, description=description, needs=needs, extras=("transformers",), check=weights_check(DEFAULT_MODEL)
+    )
+
+
+@_register_owl_reward(
     "spatial",
     description="T2I-CompBench 2D-spatial formula (0.25 s1 + 0.25 s2 + 0.5 pos, < 0.5 -> 0) over OWLv2 boxes",
-    needs=_NEEDS,
-    extras=("transformers",),
-    check=weights_check(DEFAULT_MODEL),
 )
 def spatial(
     model: str = DEFAULT_MODEL,
@@ -396,12 +428,9 @@ def spatial(
     return SpatialScore(detector, iou_threshold, distance_threshold)
 
 
-@register_reward(
+@_register_owl_reward(
     "numeracy",
     description="T2I-CompBench numeracy formula (+0.5 found, +0.5 right count, mean over objects) over OWLv2 boxes",
-    needs=_NEEDS,
-    extras=("transformers",),
-    check=weights_check(DEFAULT_MODEL),
 )
 def numeracy(
     model: str = DEFAULT_MODEL,

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from loopdiff.rewards.base import RewardError, register_reward
-from loopdiff.rewards.detection import DEFAULT_MODEL, Detection, Detector, OwlDetector
+from loopdiff.rewards.detection import DEFAULT_MODEL, Detection, DetectionScore, Detector, OwlDetector
 from loopdiff.rewards.hf_models import HuggingFaceScorer, check_images, pooled_features, weights_check
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -102,28 +102,33 @@ def _classes(metadata: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(e["class"] for e in [*metadata["include"], *metadata.get("exclude", [])]))
 
 
-class GenevalScore:
+class GenevalScore(DetectionScore):
     """Callable reward: GenEval's correctness (or the fraction of requirements met) over ``detector``'s boxes."""
 
     def __init__(self, detector: Detector, colour_of: ColourClassifier | None = None, partial: bool = False):
-        self.detector = detector
+        super().__init__(detector)
         self.colour_of = colour_of
         self.partial = partial
+
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not isinstance(metadata.get("include"), list) or not metadata["include"]:
+            raise RewardError(f"reward 'geneval' needs GenEval metadata with an 'include' list for each prompt "
+                              f"(a .jsonl prompt file); prompt {prompt!r} has {dict(metadata)}")
+        return metadata
+
+    def names(self, target: Mapping[str, Any]) -> list[str]:
+        return _classes(target)
+
+    def image_score(
+        self, image: torch.Tensor, detections: Sequence[Detection], target: Mapping[str, Any], prompt: str
+    ) -> float:
+        met = requirements_met(image, detections, target, self.colour_of)
+        return sum(met) / len(met) if self.partial else float(all(met))
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        images = check_images(images, "geneval")
-        for prompt, meta in zip(prompts, metadata):
-            if not isinstance(meta.get("include"), list) or not meta["include"]:
-                raise RewardError(f"reward 'geneval' needs GenEval metadata with an 'include' list for each prompt "
-                                  f"(a .jsonl prompt file); prompt {prompt!r} has {dict(meta)}")
-        detections = self.detector(images, [_classes(meta) for meta in metadata])
-        scores = []
-        for image, found, meta in zip(images, detections, metadata):
-            met = requirements_met(image, found, meta, self.colour_of)
-            scores.append(sum(met) / len(met) if self.partial else float(all(met)))
-        return torch.tensor(scores, dtype=torch.float32)
+        return super().__call__(check_images(images, "geneval"), prompts, metadata)
 
 
 @register_reward(

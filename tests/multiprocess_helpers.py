@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import loopdiff as loopdiff_package
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.training import checkpoint as ckpt
 from trainer_helpers import red_minus_blue
 

@@ -23,36 +23,35 @@ from tiny_pipelines import (  # noqa: F401  (some test modules import the builde
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def _saved(tmp_path_factory: pytest.TempPathFactory, name: str, pipeline) -> Path:
+    """``pipeline`` saved with save_pretrained into a new folder ``name`` (load it back with from_pretrained)."""
+    path = tmp_path_factory.mktemp(name)
+    pipeline.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pipeline saved with save_pretrained (load it back with from_pretrained)."""
-    path = tmp_path_factory.mktemp("tiny-sd")
-    build_tiny_pipeline().save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory, "tiny-sd", build_tiny_pipeline())
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny StableDiffusionXLPipeline saved with save_pretrained (tiny_pipelines.build_tiny_sdxl_pipeline)."""
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    build_tiny_sdxl_pipeline().save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory, "tiny-sdxl", build_tiny_sdxl_pipeline())
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny StableDiffusion3Pipeline saved with save_pretrained (tiny_pipelines.build_tiny_sd3_pipeline)."""
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    build_tiny_sd3_pipeline().save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory, "tiny-sd3", build_tiny_sd3_pipeline())
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FluxPipeline saved with save_pretrained (tiny_pipelines.build_tiny_flux_pipeline)."""
-    path = tmp_path_factory.mktemp("tiny-flux")
-    build_tiny_flux_pipeline().save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory, "tiny-flux", build_tiny_flux_pipeline())
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import pytest
 import torch
@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import loopdiff as loopdiff_package
 from tiny_pipelines import build_tiny_pipeline
 from loopdiff.training import checkpoint as ckpt
-from trainer_helpers import red_minus_blue
+from loopdiff.training.trainer import Trainer
+from trainer_helpers import make_trainer, red_minus_blue
 
 EPOCHS = ("epoch_00001", "epoch_00002")
 PACKAGE_DIRS = tuple(dict.fromkeys(str(p) + os.sep for p in (
@@ -71,6 +72,29 @@ class NaNOnRank1:
         if self.trainer.epoch == 0 and os.environ.get("RANK") == "1":
             scores[:4] = float("nan")
         return scores
+
+
+def worker_arguments(argv: Sequence[str]) -> tuple[str, Path, int, dict[str, str]]:
+    """A worker's command line: the backend, the output folder, the number of epochs, then ``key=value`` settings."""
+    return argv[1], Path(argv[2]), int(argv[3]), dict(arg.split("=", 1) for arg in argv[4:])
+
+
+def worker_trainer(out: Path, epochs: int, settings: Mapping[str, str], **training: Any) -> Trainer:
+    """The FSDP and DeepSpeed workers' trainer: LOOP on the tiny pipeline for ``epochs`` of 16 samples with an EMA,
+    a checkpoint each epoch and an evaluation after epoch 1 (EMA swapped in) and at the end; ``settings``:
+    ``lora=1``, ``micro=N`` (training.micro_batch_size), ``nan_rank1=1`` (:class:`NaNOnRank1`); ``training``
+    updates the training section."""
+    reward = NaNOnRank1() if settings.get("nan_rank1") == "1" else red_minus_blue
+    trainer = make_trainer(
+        out, "loop", reward=reward,
+        model={"lora": settings.get("lora") == "1"},
+        training={"epochs": epochs, "samples_per_epoch": 16, "ema_decay": 0.9,
+                  "micro_batch_size": int(settings.get("micro", 64)), **training},
+        output={"checkpoint_every": 1},
+        eval={"max_prompts": 2, "every": 1, "before_training": False},
+    )
+    reward.trainer = trainer
+    return trainer
 
 
 def read_ranks(out: Path) -> list[dict]:

@@ -57,7 +57,7 @@ def test_sdxl_negative_prompt_replaces_the_zero_embedding(tiny_sdxl_dir) -> None
 
 
 def test_flux_refuses_a_negative_prompt() -> None:
-    from flux_helpers import build_tiny_flux_pipeline
+    from tiny_pipelines import build_tiny_flux_pipeline
 
     pipe = build_tiny_flux_pipeline()
     sampling = SamplingConfig(num_steps=2, negative_prompt=NEGATIVE, resolution=32)

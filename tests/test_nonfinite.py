@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from trainer_helpers import PROMPTS, make_trainer, red_minus_blue
 from loopdiff.cli import main
 from loopdiff.training import checkpoint as ckpt

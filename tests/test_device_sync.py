@@ -11,10 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import build_tiny_pipeline
-from flux_helpers import build_tiny_flux_pipeline
-from sd3_helpers import build_tiny_sd3_pipeline
-from sdxl_helpers import build_tiny_sdxl_pipeline
+from tiny_pipelines import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 from trainer_helpers import make_trainer
 
 from loopdiff.config import ModelConfig, SamplingConfig

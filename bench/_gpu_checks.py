@@ -56,13 +56,13 @@ def tiny_trainer(folder: Path, scratch: Path, device: str, mixed_precision: str 
 def _epoch(trainer) -> dict[str, Any]:
     """One epoch; its metrics, sampled log-probabilities and the weights before and after (on the CPU)."""
     captured = {}
-    collect = trainer.collect
+    collect = trainer.loop.collect
 
-    def keep(epoch, timings):
-        captured["trajectories"], captured["rewards"] = collect(epoch, timings)
-        return captured["trajectories"], captured["rewards"]
+    def keep(epoch):
+        captured["trajectories"], captured["rewards"], timings = collect(epoch)
+        return captured["trajectories"], captured["rewards"], timings
 
-    trainer.collect = keep
+    trainer.loop.collect = keep
     before = [p.detach().float().cpu().clone() for p in trainer.params]
     metrics = trainer.run_epoch(0)
     after = [p.detach().float().cpu() for p in trainer.params]

@@ -69,19 +69,18 @@ def loopdiff_stored_losses(pipeline: Path, scratch: Path, setup: BenchSetup, per
     """Sample with loopdiff, perturb the weights, and compute loopdiff's loss/log-probs/gradients per micro-batch."""
     import torch
 
-    from loopdiff.training.trainer import Batch
+    from loopdiff.training.loop import Batch
 
     trainer = build_trainer(setup, pipeline, scratch)
-    timings = {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0}
-    trajectories, rewards = trainer.collect(0, timings)
-    batch = Batch(trajectories, rewards, trainer.advantages(trajectories, rewards))
+    trajectories, rewards = trainer.loop.collect(0)[:2]
+    batch = Batch(trajectories, rewards, trainer.loop.advantages(rewards, trajectories.group_ids, trajectories.prompt_ids))
     _perturb(trainer.unet, perturbation)
     unet, traj = trainer.unet, trajectories
     stored, ours = [], []
     for micro in _check_pairs(len(traj), traj.log_probs.shape[1]):
         i, j = micro[:, 0], micro[:, 1]
         unet.zero_grad(set_to_none=True)
-        out = trainer.minibatch_loss(batch, micro)
+        out = trainer.loop.minibatch_loss(batch, micro)
         out.loss.backward()
         grad = torch.cat([p.grad.flatten() for p in unet.parameters()])
         with torch.no_grad():

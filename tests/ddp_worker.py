@@ -16,7 +16,7 @@ history = trainer.train()
 checksum = float(sum(p.double().sum() for p in trainer.unet.parameters()))
 ema_checksum = float(sum(t.double().sum() for t in trainer.ema.average.values()))
 rank = trainer.accelerator.process_index
-first_latents = trainer.collect(5, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})[0]
+first_latents = trainer.loop.collect(5)[0]
 (out / f"rank{rank}.json").write_text(json.dumps({
     "processes": trainer.accelerator.num_processes,
     "checksum": checksum,

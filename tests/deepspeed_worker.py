@@ -32,8 +32,7 @@ from accelerate.state import PartialState  # noqa: E402
 
 import loopdiff.training.trainer as trainer_module  # noqa: E402
 from loopdiff.training import zero  # noqa: E402
-from multiprocess_helpers import NaNOnRank1  # noqa: E402
-from trainer_helpers import make_trainer, red_minus_blue  # noqa: E402
+from multiprocess_helpers import worker_arguments, worker_trainer  # noqa: E402
 
 
 class CPUCountedDeepSpeed(Accelerator):
@@ -56,7 +55,7 @@ class CPUCountedDeepSpeed(Accelerator):
 def inject(trainer, kind: str) -> None:
     """Make rank 1's loss (``loss``: its gradient stays finite) or its gradient (``gradient``) infinite in the
     first micro-batch of epoch 1."""
-    real, calls = trainer.minibatch_loss, [0]
+    real, calls = trainer.loop.minibatch_loss, [0]
 
     def loss(batch, micro):
         out = real(batch, micro)
@@ -68,25 +67,15 @@ def inject(trainer, kind: str) -> None:
                 out.loss.register_hook(lambda grad: grad * math.inf)
         return out
 
-    trainer.minibatch_loss = loss
+    trainer.loop.minibatch_loss = loss
 
 
 def main() -> None:
-    backend, out, epochs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    settings = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    backend, out, epochs, settings = worker_arguments(sys.argv)
     torch.set_num_threads(1)
     if backend == "deepspeed":
         trainer_module.Accelerator = CPUCountedDeepSpeed
-    reward = NaNOnRank1() if settings.get("nan_rank1") == "1" else red_minus_blue
-    trainer = make_trainer(
-        out, "loop", reward=reward,
-        model={"lora": settings.get("lora") == "1"},
-        training={"epochs": epochs, "samples_per_epoch": 16, "ema_decay": 0.9, "max_grad_norm": 0.5,
-                  "micro_batch_size": int(settings.get("micro", 64))},
-        output={"checkpoint_every": 1},
-        eval={"max_prompts": 2, "every": 1, "before_training": False},  # after epoch 1 (EMA swapped in) and at the end
-    )
-    reward.trainer = trainer
+    trainer = worker_trainer(out, epochs, settings, max_grad_norm=0.5)
     if "inject" in settings:
         inject(trainer, settings["inject"])
     engine, optimizer = trainer.train_unet, zero.zero_optimizer(trainer.optimizer)

@@ -29,8 +29,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 import loopdiff.training.trainer as trainer_module  # noqa: E402
 from loopdiff.training.guards import NonFiniteError  # noqa: E402
 from loopdiff.sharding import local  # noqa: E402
-from multiprocess_helpers import NaNOnRank1  # noqa: E402
-from trainer_helpers import make_trainer, red_minus_blue  # noqa: E402
+from multiprocess_helpers import worker_arguments, worker_trainer  # noqa: E402
 
 
 class CPUForcedFSDP(Accelerator):
@@ -48,21 +47,11 @@ class CPUForcedFSDP(Accelerator):
 
 
 def main() -> None:
-    backend, out, epochs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    settings = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    backend, out, epochs, settings = worker_arguments(sys.argv)
     torch.set_num_threads(1)
     if backend == "fsdp":
         trainer_module.Accelerator = CPUForcedFSDP
-    lora = settings.get("lora") == "1"
-    reward = NaNOnRank1() if settings.get("nan_rank1") == "1" else red_minus_blue
-    trainer = make_trainer(
-        out, "loop", reward=reward,
-        training={"epochs": epochs, "samples_per_epoch": 16, "ema_decay": 0.9,
-                  "micro_batch_size": int(settings.get("micro", 64))},
-        model={"lora": lora}, output={"checkpoint_every": 1},
-        eval={"max_prompts": 2, "every": 1, "before_training": False},  # after epoch 1 (EMA swapped in) and at the end
-    )
-    reward.trainer = trainer
+    trainer = worker_trainer(out, epochs, settings)
     params = [p for p in trainer.unet.parameters() if p.requires_grad]
     info = {
         "distributed_type": trainer.accelerator.distributed_type.value,

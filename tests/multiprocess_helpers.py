@@ -1,6 +1,7 @@
-"""Two-process training runs for tests/test_fsdp.py and tests/test_deepspeed.py: launching a worker with a
-shipped accelerate config, the reward their workers make NaN on one process, and reading and comparing what
-the runs wrote (each worker trains the tiny pipeline with LOOP into ``<out>/run-loop``)."""
+"""Two-process runs for tests/test_multiprocess.py, test_fsdp.py and test_deepspeed.py: launching two processes
+(torchrun, or accelerate launch with a shipped config), the reward the workers make NaN on one process, and
+reading and comparing what the runs wrote (the FSDP and DeepSpeed workers train the tiny pipeline with LOOP
+into ``<out>/run-loop``)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import loopdiff as loopdiff_package
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.training import checkpoint as ckpt
-from trainer_helpers import red_minus_blue
+from loopdiff.training.trainer import Trainer
+from trainer_helpers import make_trainer, red_minus_blue
 
 EPOCHS = ("epoch_00001", "epoch_00002")
 PACKAGE_DIRS = tuple(dict.fromkeys(str(p) + os.sep for p in (
@@ -32,16 +35,28 @@ def project_frames(stderr: str) -> list[str]:
             if line.lstrip().startswith("File ") and any(folder in line for folder in PACKAGE_DIRS)]
 
 
-def launch(config_file: str, *arguments: str, check: bool = True, cwd: Path | None = None
-           ) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file <shipped config_file> --num_processes 2 arguments...`` (a worker script
-    and its arguments, or ``-m loopdiff.cli ...``), one thread per process; ``check`` asserts that it succeeded."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
-    config = str(resources.files("loopdiff") / "accelerate_configs" / config_file)
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", config,
-               "--num_processes", "2", *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not available")
+needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists(), reason="the accelerate command is not available")
+
+
+def launch(launcher: str, *arguments: str, check: bool = True, cwd: Path | None = None,
+           env: Mapping[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Two processes running ``arguments`` (a worker script and its arguments, or ``-m loopdiff.cli ...``), one
+    thread each: ``torchrun --standalone --nproc_per_node 2 arguments...`` for ``launcher="torchrun"``, else
+    ``accelerate launch --config_file <the shipped config named launcher> --num_processes 2 arguments...``.
+
+    The processes see this environment without accelerate's and FSDP's launch variables, offline, with this
+    interpreter's import path, and with ``env`` on top; ``check`` asserts that the launch succeeded."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "FSDP_"))}
+    environment.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
+    if launcher == "torchrun":
+        command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *arguments]
+    else:
+        config = str(resources.files("loopdiff") / "accelerate_configs" / launcher)
+        command = [str(ACCELERATE), "launch", "--config_file", config, "--num_processes", "2", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=cwd)
     assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
 
@@ -57,6 +72,29 @@ class NaNOnRank1:
         if self.trainer.epoch == 0 and os.environ.get("RANK") == "1":
             scores[:4] = float("nan")
         return scores
+
+
+def worker_arguments(argv: Sequence[str]) -> tuple[str, Path, int, dict[str, str]]:
+    """A worker's command line: the backend, the output folder, the number of epochs, then ``key=value`` settings."""
+    return argv[1], Path(argv[2]), int(argv[3]), dict(arg.split("=", 1) for arg in argv[4:])
+
+
+def worker_trainer(out: Path, epochs: int, settings: Mapping[str, str], **training: Any) -> Trainer:
+    """The FSDP and DeepSpeed workers' trainer: LOOP on the tiny pipeline for ``epochs`` of 16 samples with an EMA,
+    a checkpoint each epoch and an evaluation after epoch 1 (EMA swapped in) and at the end; ``settings``:
+    ``lora=1``, ``micro=N`` (training.micro_batch_size), ``nan_rank1=1`` (:class:`NaNOnRank1`); ``training``
+    updates the training section."""
+    reward = NaNOnRank1() if settings.get("nan_rank1") == "1" else red_minus_blue
+    trainer = make_trainer(
+        out, "loop", reward=reward,
+        model={"lora": settings.get("lora") == "1"},
+        training={"epochs": epochs, "samples_per_epoch": 16, "ema_decay": 0.9,
+                  "micro_batch_size": int(settings.get("micro", 64)), **training},
+        output={"checkpoint_every": 1},
+        eval={"max_prompts": 2, "every": 1, "before_training": False},
+    )
+    reward.trainer = trainer
+    return trainer
 
 
 def read_ranks(out: Path) -> list[dict]:

@@ -66,9 +66,9 @@ def test_stat_tracker_by_hand_with_eviction_and_min_count() -> None:
 
 
 def test_prompt_mean_baseline_without_std() -> None:
-    tracker = estimator_from_preset("reinforce_bc", tracker_buffer_size=8, tracker_min_count=1).new_tracker()
-    assert tracker is not None and not tracker.use_std
-    advantages = tracker.update(["x", "x", "y"], torch.tensor([1.0, 3.0, 10.0]))
+    tracker = estimator_from_preset("reinforce_bc", tracker_buffer_size=8, tracker_min_count=1).advantage_function()
+    assert isinstance(tracker, PerPromptStatTracker) and not tracker.use_std
+    advantages = tracker(torch.tensor([1.0, 3.0, 10.0]), torch.arange(3), ["x", "x", "y"])
     torch.testing.assert_close(advantages, torch.tensor([-1.0, 1.0, 0.0]))
 
 

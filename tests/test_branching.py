@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.prompts import PromptSet
 from loopdiff.diagnostics.branching import continue_from_step, reward_variance_by_step
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig

@@ -50,7 +50,8 @@ def test_resume_check_reads_a_run_saved_under_the_old_field_name() -> None:
 
 
 def test_packaged_configs_are_valid_and_load_by_name(tmp_path) -> None:
-    from loopdiff.cli import DEFAULT_CONFIG, packaged_config_names, resolve_config
+    from loopdiff.cli import packaged_config_names, resolve_config
+    from loopdiff.embedded.plugin import DEFAULT_CONFIG
 
     assert packaged_config_names() == [
         "embedded-aesthetic", "embedded-aesthetic-fidelity", "embedded-color", "embedded-flow-aesthetic",
@@ -230,6 +231,26 @@ def test_every_estimator_field_is_an_override_and_every_override_an_estimator_fi
     assert build_estimator(RunConfig()) == PRESETS["loop"]  # unset overrides keep the preset's values
 
 
+def test_estimator_config_mirrors_the_estimator_fields() -> None:
+    """EstimatorConfig, written out field by field, declares for every Estimator field but its name an optional
+    override of the same type, with the Estimator field's help and allowed values, in the same order."""
+    import dataclasses
+    from typing import get_args, get_type_hints
+
+    from loopdiff.config import EstimatorConfig
+    from loopdiff.estimators import PRESETS, Estimator, PresetName
+
+    declared = [f for f in dataclasses.fields(Estimator) if f.name != "name"]
+    config = dataclasses.fields(EstimatorConfig)
+    assert [f.name for f in config] == ["preset", *(f.name for f in declared)]
+    hints, estimator_hints = get_type_hints(EstimatorConfig), get_type_hints(Estimator)
+    assert hints["preset"] == PresetName and set(get_args(PresetName)) == set(PRESETS)
+    for want, got in zip(declared, config[1:]):
+        assert hints[got.name] == estimator_hints[want.name] | None, got.name
+        assert got.default is None and got.metadata["help"] == f"{want.metadata['help']}; null: the preset's"
+        assert got.metadata["check"] is want.metadata.get("check"), got.name
+
+
 TEXT_CASES = [("output", "dir", "yes"), ("model", "revision", "0777"), ("prompts", "train", "off")]
 
 
@@ -271,7 +292,7 @@ def test_other_commands_take_their_defaults_from_the_config_schema() -> None:
 def test_the_makefile_and_readme_name_the_task_make_run_trains() -> None:
     from pathlib import Path
 
-    from loopdiff.cli import DEFAULT_CONFIG
+    from loopdiff.embedded.plugin import DEFAULT_CONFIG
 
     root = Path(__file__).resolve().parents[1]
     comment = next(line for line in (root / "Makefile").read_text().splitlines() if line.startswith("# make run"))

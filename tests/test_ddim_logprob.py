@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.sampling.ddim import ddim_step_with_logprob
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, sample_trajectories

@@ -35,6 +35,7 @@ from multiprocess_helpers import (
     check_full_export,
     check_lora_export,
     launch,
+    needs_accelerate,
     read_metrics,
     read_ranks,
     read_state,
@@ -44,8 +45,7 @@ from multiprocess_helpers import (
 )
 
 pytestmark = [
-    pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(),
-                       reason="the accelerate command is not available"),
+    needs_accelerate,
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                        reason="deepspeed is not installed (pip install deepspeed, or the test extra)"),
 ]

@@ -11,10 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import build_tiny_pipeline
-from flux_helpers import build_tiny_flux_pipeline
-from sd3_helpers import build_tiny_sd3_pipeline
-from sdxl_helpers import build_tiny_sdxl_pipeline
+from tiny_pipelines import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 from trainer_helpers import make_trainer
 
 from loopdiff.config import ModelConfig, SamplingConfig
@@ -180,12 +177,47 @@ def test_flux_position_ids_are_made_once_and_serve_training_too() -> None:
 
 
 def test_training_moves_its_host_tensors_through_to_device(tmp_path: Path, monkeypatch) -> None:
-    import loopdiff.training.trainer as trainer_module
+    import loopdiff.training.loop as loop_module
 
     moved = []
-    monkeypatch.setattr(trainer_module, "to_device", lambda t, device: moved.append(tuple(t.shape)) or t.to(device))
+    monkeypatch.setattr(loop_module, "to_device", lambda t, device: moved.append(tuple(t.shape)) or t.to(device))
     trainer = make_trainer(tmp_path, "loop")
     trainer.run_epoch(0)
     samples = trainer.config.training.samples_per_epoch
     assert (samples,) in moved  # the advantages, per micro-batch
     assert len(moved) % 3 == 0 and moved  # sample indices, step indices and advantages of every micro-batch
+
+
+def _reads_while_optimising(tmp_path: Path, micro_batch_size: int, monkeypatch) -> tuple[int, int, int]:
+    """One epoch's optimiser steps on the tiny pipeline: (read-backs from any tensor, read-backs made by the
+    distributed backend, optimiser steps)."""
+    from loopdiff.training.loop import Batch
+
+    trainer = make_trainer(tmp_path / str(micro_batch_size), "loop", training={"micro_batch_size": micro_batch_size})
+    traj, rewards = trainer.loop.collect(0)[:2]
+    batch = Batch(traj, rewards, trainer.loop.advantages(rewards, traj.group_ids, traj.prompt_ids))
+    reads, backend_reads = [], []
+    for name in READ_BACKS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            if inspect.currentframe().f_back.f_code.co_filename.endswith("distributed.py"):
+                backend_reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    stats = trainer.loop.optimise(batch, 0)
+    monkeypatch.undo()
+    return len(reads), len(backend_reads), int(stats["optimizer_steps"])
+
+
+def test_an_optimiser_step_reads_the_device_once_whatever_its_micro_batches(tmp_path: Path, monkeypatch) -> None:
+    """Each optimiser step reads one value back (whether its loss and gradient norm are finite everywhere); the
+    loss statistics stay on the device until the epoch ends, so splitting a step into more micro-batches adds no
+    read-back."""
+    whole, whole_backend, steps = _reads_while_optimising(tmp_path, 64, monkeypatch)  # 1 micro-batch per step
+    split, split_backend, same_steps = _reads_while_optimising(tmp_path, 2, monkeypatch)  # 3 per step
+    assert steps == same_steps == 4
+    assert whole_backend == split_backend == steps
+    assert split == whole

@@ -171,7 +171,7 @@ def test_the_trainer_updates_the_ema_after_each_optimiser_step(tmp_path) -> None
 
 
 def test_with_lora_only_the_adapters_are_averaged_and_the_export_holds_their_ema(tmp_path) -> None:
-    from conftest import build_tiny_pipeline
+    from tiny_pipelines import build_tiny_pipeline
 
     trainer = make_trainer(tmp_path, "loop", model={"lora": True, "lora_rank": 2},
                            training={"ema_decay": 0.5, "learning_rate": 1e-2})
@@ -277,7 +277,7 @@ def test_resuming_without_the_ema_state_is_refused(tmp_path) -> None:
 
 
 def test_an_ema_without_an_update_is_not_exported_and_the_card_says_so(tmp_path, capsys) -> None:
-    from conftest import build_tiny_pipeline
+    from tiny_pipelines import build_tiny_pipeline
     from peft.utils import get_peft_model_state_dict
 
     # 4 optimiser steps, an update every 8 (the SD3 and Flux configs' setting): the average never moved.

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from loopdiff.embedded.pretrain import pretrain_cli, tokenize
+from loopdiff.embedded.pretrain import pretrain_cli
+from loopdiff.embedded.pretrain_common import tokenize
 from loopdiff.embedded.pretrain_flow import (
     FlowPretrainConfig,
     build_untrained_flow_pipeline,

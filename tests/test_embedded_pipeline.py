@@ -23,7 +23,8 @@ from loopdiff.embedded.pipeline import (
     load_embedded_pipeline,
     world_vocabulary,
 )
-from loopdiff.embedded.pretrain import corrupt_scene, draw_batch, mislabel_colors, pretrain_cli
+from loopdiff.embedded.pretrain import mislabel_colors, pretrain_cli
+from loopdiff.embedded.pretrain_common import corrupt_scene, draw_batch
 from loopdiff.embedded.tokenizer import build_tokenizer, words_missing_single_token
 
 torch.set_num_threads(1)

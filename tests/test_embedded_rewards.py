@@ -92,7 +92,7 @@ def test_vqa_reads_the_shipped_vaes_round_trips():
 
 
 def test_round_trip_degradation_by_parts(tmp_path):
-    from conftest import tiny_vae
+    from tiny_pipelines import tiny_vae
 
     torch.manual_seed(0)
     tiny_vae(sample_size=64).save_pretrained(tmp_path / "vae")

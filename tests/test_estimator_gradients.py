@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from loopdiff.advantages import ADVANTAGE_KINDS, BATCH_ADVANTAGES, TRACKED_ADVANTAGES, leave_one_out
-from loopdiff.estimators import PRESETS, loop_loss
-from loopdiff.objectives import LOSS_KINDS, LOSSES, ppo_clip_loss
-from loopdiff.training.trainer import Batch
+from loopdiff.estimators import PRESETS
+from loopdiff.objectives import LOSS_INPUTS, LOSS_KINDS, LOSSES, loss_inputs, ppo_clip_loss, score_function_loss
+from loopdiff.training.loop import Batch
 from trainer_helpers import make_trainer
 
 
@@ -56,9 +56,8 @@ def _hand_advantages(preset: str, rewards: torch.Tensor, groups: torch.Tensor) -
 @pytest.mark.parametrize("preset", ["reinforce", "reinforce_bc", "rloo", "ppo", "loop", "grpo"])
 def test_loss_gradient_equals_independent_objective(tmp_path, preset: str) -> None:
     trainer = make_trainer(tmp_path, preset)
-    timings = {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0}
-    traj, rewards = trainer.collect(0, timings)
-    advantages = trainer.advantages(traj, rewards)
+    traj, rewards = trainer.loop.collect(0)[:2]
+    advantages = trainer.loop.advantages(rewards, traj.group_ids, traj.prompt_ids)
     est = PRESETS[preset]
     # Move the weights away from the sampling policy so ratios differ from 1 and clipping is active.
     reference_unet = copy.deepcopy(trainer.unet)
@@ -69,7 +68,7 @@ def test_loss_gradient_equals_independent_objective(tmp_path, preset: str) -> No
     pairs = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
 
     trainer.unet.zero_grad()
-    out = trainer.minibatch_loss(Batch(traj, rewards, advantages), pairs)
+    out = trainer.loop.minibatch_loss(Batch(traj, rewards, advantages), pairs)
     out.loss.backward()
     ours = {k: p.grad.clone() for k, p in trainer.unet.named_parameters()}
 
@@ -106,43 +105,53 @@ def test_loss_gradient_equals_independent_objective(tmp_path, preset: str) -> No
     assert sum(g.abs().sum() for g in ours.values()) > 0
 
 
-def test_loop_loss_reads_like_eq_13_14() -> None:
-    gen = torch.Generator().manual_seed(0)
-    log_probs = torch.randn(6, 3, generator=gen, requires_grad=True)
-    old = log_probs.detach() + 1e-4 * torch.randn(6, 3, generator=gen)
-    rewards = torch.rand(6, generator=gen)
-    groups = torch.tensor([0, 0, 0, 1, 1, 1])
-    loss = loop_loss(log_probs, old, rewards, groups, clip_range=5e-5)
-    expected = 0.0
-    for i in range(6):
-        g = [j for j in range(6) if groups[j] == groups[i]]
-        a = rewards[i] - sum(rewards[j] for j in g if j != i) / 2
-        for t in range(3):
-            rho = torch.exp(log_probs[i, t] - old[i, t])
-            expected = expected - torch.minimum(rho * a, rho.clamp(1 - 5e-5, 1 + 5e-5) * a) / 18
-    torch.testing.assert_close(loss, expected)
+def eq_13_14(log_probs: torch.Tensor, old: torch.Tensor, rewards: torch.Tensor, groups: torch.Tensor,
+             clip_range: float) -> torch.Tensor:
+    """The LOOP objective written out term by term in float64: A^i = r^i - 1/(K-1) sum_{j != i} r^j (Eq. 14),
+    L = -1/N sum_i 1/T sum_t min(rho A^i, clip(rho, 1 - eps, 1 + eps) A^i) (Eq. 13)."""
+    n, steps = log_probs.shape
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        same = [j for j in range(n) if groups[j] == groups[i]]
+        a = rewards[i].double() - sum(rewards[j].double() for j in same if j != i) / (len(same) - 1)
+        for t in range(steps):
+            rho = torch.exp(log_probs[i, t].double() - old[i, t].double())
+            total = total - torch.minimum(rho * a, rho.clamp(1 - clip_range, 1 + clip_range) * a)
+    return total / (n * steps)
 
 
 def test_loop_runs_eq_14_and_eq_13_and_every_kind_has_its_function() -> None:
-    assert PRESETS["loop"].advantage_fn is leave_one_out and PRESETS["loop"].loss_fn is ppo_clip_loss
+    advantage_fn = PRESETS["loop"].advantage_function()
+    assert advantage_fn.fn is leave_one_out and PRESETS["loop"].loss_fn is ppo_clip_loss
     assert set(BATCH_ADVANTAGES) | set(TRACKED_ADVANTAGES) == set(ADVANTAGE_KINDS)
     assert set(LOSSES) == set(LOSS_KINDS)
+    rewards, groups = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0]), torch.tensor([0, 0, 0, 1, 1])
+    torch.testing.assert_close(advantage_fn(rewards, groups, ["a"] * 5), torch.tensor([-3.0, -1.5, 4.5, -4.0, 4.0]))
 
 
-def test_trainer_loop_minibatch_loss_is_loop_loss(tmp_path) -> None:
-    """The loss the trainer backpropagates for LOOP is ``loop_loss`` of the same log-probs and rewards."""
+def test_each_loss_takes_only_the_inputs_it_uses() -> None:
+    """REINFORCE's surrogate has no importance ratio, so it takes neither pi_old nor a clip range."""
+    assert loss_inputs(score_function_loss) == ("log_probs", "advantages")
+    assert loss_inputs(ppo_clip_loss) == LOSS_INPUTS
+    assert all(set(loss_inputs(fn)) <= set(LOSS_INPUTS) for fn in LOSSES.values())
+
+
+def test_the_trainers_loop_loss_is_eq_13_14_written_out(tmp_path) -> None:
+    """The loss the training loop backpropagates for LOOP equals Eq. 13-14 computed by hand from the same
+    log-probabilities and rewards."""
     trainer = make_trainer(tmp_path, "loop")
-    traj, rewards = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, rewards = trainer.loop.collect(0)[:2]
     with torch.no_grad():
         for p in trainer.unet.parameters():
             p.add_(2e-3 * torch.randn_like(p))  # off the sampling policy: ratios differ from 1
     n, steps = traj.log_probs.shape
     pairs = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
-    out = trainer.minibatch_loss(Batch(traj, rewards, trainer.advantages(traj, rewards)), pairs)
+    advantages = trainer.loop.advantages(rewards, traj.group_ids, traj.prompt_ids)
+    out = trainer.loop.minibatch_loss(Batch(traj, rewards, advantages), pairs)
     i, j = pairs[:, 0], pairs[:, 1]
     step = trainer.train_policy.step(traj.latents[i, j], traj.timesteps[j], traj.prompt_embeds[i], trainer.uncond,
-                                next_latents=traj.latents[i, j + 1])
-    expected = loop_loss(step.log_prob.reshape(n, steps), traj.log_probs, rewards, traj.group_ids,
-                         clip_range=trainer.estimator.clip_range)
+                                     next_latents=traj.latents[i, j + 1])
+    expected = eq_13_14(step.log_prob.reshape(n, steps), traj.log_probs, rewards, traj.group_ids,
+                        trainer.estimator.clip_range)
     assert out.clip_fraction > 0
-    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-9)

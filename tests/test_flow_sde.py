@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from sd3_helpers import MAX_SEQUENCE_LENGTH, build_tiny_sd3_pipeline
+from tiny_pipelines import SD3_MAX_SEQUENCE_LENGTH as MAX_SEQUENCE_LENGTH
 from loopdiff.sampling.flow_policy import FlowMatchPolicy, FlowPolicyConfig, PromptEmbeds, SD3PromptEncoder
 from loopdiff.sampling.flow_sde import flow_step_with_logprob
 from loopdiff.sampling.trajectories import Trajectories, sample_trajectories
@@ -24,18 +24,11 @@ def _scheduler(steps: int = 6, shift: float = 3.0) -> FlowMatchEulerDiscreteSche
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    build_tiny_sd3_pipeline().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd3(sd3_dir: Path):
+def sd3(tiny_sd3_dir: Path):
     from diffusers import StableDiffusion3Pipeline
 
     # diffusers saves no entry for the absent T5 encoder; loading without T5 is asked for explicitly
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
     assert pipe.text_encoder_3 is None and type(pipe.transformer).__name__ == "SD3Transformer2DModel"
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -26,7 +26,7 @@ def blue_minus_red(images: torch.Tensor, prompts, metadata) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sd3_dir(tiny_sd3_dir: Path) -> Path:
-    return tiny_sd3_dir  # conftest's session folder (sd3_helpers.build_tiny_sd3_pipeline, saved)
+    return tiny_sd3_dir  # conftest's session folder (tiny_pipelines.build_tiny_sd3_pipeline, saved)
 
 
 def _trainer(tmp_path: Path, sd3_dir: Path, reward=blue_minus_red, **sections: Any) -> Trainer:
@@ -220,8 +220,7 @@ def test_sd3_trains_at_another_resolution_and_refuses_sizes_it_cannot_sample(tmp
     trainer = _trainer(tmp_path, sd3_dir, sampling={"num_steps": 2, "resolution": 48},
                        training={"epochs": 1, "samples_per_epoch": 4})
     assert trainer.rollout_policy.latent_shape == trainer.train_policy.latent_shape == (4, 12, 12)
-    timings = dict.fromkeys(("time/sampling", "time/decoding", "time/reward_wait"), 0.0)
-    trajectories, rewards = trainer.collect(0, timings)
+    trajectories, rewards = trainer.loop.collect(0)[:2]
     assert trajectories.latents.shape == (4, 3, 4, 12, 12) and bool(torch.isfinite(trajectories.log_probs).all())
     assert np.isfinite(trainer.train()[0]["loss"])
     from loopdiff.config import ConfigError
@@ -238,7 +237,7 @@ def test_dynamic_shift_follows_the_sampled_resolution_as_in_the_sd3_pipeline() -
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from loopdiff.sampling.flow_policy import set_flow_timesteps
-    from sd3_helpers import build_tiny_sd3_pipeline
+    from tiny_pipelines import build_tiny_sd3_pipeline
 
     def shifting() -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)

@@ -1,6 +1,6 @@
 """Flux (FluxPipeline): loading, the policy against diffusers' own sampler and a hand-computed density, the
 transformer's inputs in sampling and training, LOOP training, every estimator, exports and the commands, on a
-tiny FluxPipeline saved and loaded back through diffusers (flux_helpers.build_tiny_flux_pipeline)."""
+tiny FluxPipeline saved and loaded back through diffusers (tiny_pipelines.build_tiny_flux_pipeline)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from flux_helpers import MAX_SEQUENCE_LENGTH, RESOLUTION, build_tiny_flux_pipeline
+from tiny_pipelines import FLUX_MAX_SEQUENCE_LENGTH as MAX_SEQUENCE_LENGTH
+from tiny_pipelines import FLUX_RESOLUTION as RESOLUTION
+from tiny_pipelines import build_tiny_flux_pipeline
 from loopdiff.cli import main
 from loopdiff.config import ConfigError, ModelConfig, SamplingConfig, config_from_dict
 from loopdiff.estimators import PRESETS
@@ -37,7 +39,7 @@ def one_thread(one_torch_thread):
 
 @pytest.fixture(scope="module")
 def flux_dir(tiny_flux_dir: Path) -> Path:
-    return tiny_flux_dir  # conftest's session folder (flux_helpers.build_tiny_flux_pipeline, saved)
+    return tiny_flux_dir  # conftest's session folder (tiny_pipelines.build_tiny_flux_pipeline, saved)
 
 
 @pytest.fixture(scope="module")

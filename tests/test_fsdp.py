@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from multiprocess_helpers import (
     check_full_export,
     check_lora_export,
     launch,
+    needs_accelerate,
     read_metrics,
     read_ranks,
     read_state,
@@ -41,8 +41,7 @@ from multiprocess_helpers import (
     untimed,
 )
 
-pytestmark = pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(),
-                                reason="the accelerate command is not available")
+pytestmark = needs_accelerate
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 # FSDP reduces gradients with a reduce-scatter, DDP with an all-reduce: the sums differ in the last bits, and
 # AdamW, which divides by the gradients' running RMS, turns that into weight differences up to ~3e-5 after

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.prompts import PromptSet
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.config import ConfigError
 from trainer_helpers import make_trainer
 

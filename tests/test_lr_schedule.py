@@ -21,13 +21,13 @@ def _cosine(n: int, warmup: int, total: int) -> float:
 def _train_recording_lrs(trainer, stop_after: int | None = None) -> list[float]:
     """The learning rate each epoch's optimiser steps used (the run stops after epoch ``stop_after``)."""
     used: list[float] = []
-    optimise = trainer.optimise
+    optimise = trainer.loop.optimise
 
     def recording(batch, epoch):
         used.append(trainer.optimizer.param_groups[0]["lr"])
         return optimise(batch, epoch)
 
-    trainer.optimise = recording
+    trainer.loop.optimise = recording
 
     class Stop(Exception):
         pass

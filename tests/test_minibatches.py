@@ -50,13 +50,13 @@ def test_minibatches_partition_the_pairs() -> None:
 def test_trainer_only_differentiates_the_train_denoising_steps(tmp_path) -> None:
     trainer = make_trainer(tmp_path, "loop", training={"train_denoising_steps": 2})
     seen: list[torch.Tensor] = []
-    original = trainer.minibatch_loss
+    original = trainer.loop.minibatch_loss
 
     def recording(batch, micro):
         seen.append(micro.clone())
         return original(batch, micro)
 
-    trainer.minibatch_loss = recording
+    trainer.loop.minibatch_loss = recording
     trainer.run_epoch(1)
     pairs = torch.cat(seen)
     assert len(pairs) == 8 * 2  # 8 samples x the first 2 of the 3 sampling steps

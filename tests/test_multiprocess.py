@@ -5,11 +5,7 @@ launch without a distributed backend, or asking for FSDP on the CPU, fails at on
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -18,10 +14,8 @@ import pytest
 from loopdiff.config import ConfigError, check_processes, config_from_dict
 from loopdiff.training import checkpoint as ckpt
 from loopdiff.training.preflight import LaunchError, check_launch
-from multiprocess_helpers import project_frames
+from multiprocess_helpers import launch, needs_accelerate, needs_torchrun, project_frames, read_ranks
 
-needs_torchrun = pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(),
-                                    reason="torchrun not available")
 TINY_CLI_RUN = ["sampling.num_steps=2", "training.train_denoising_steps=2", "sampling.batch_size=4",
                 "training.epochs=2", "training.samples_per_epoch=8", "training.micro_batch_size=16",
                 "estimator.samples_per_prompt=4", "eval.max_prompts=0", "reward.name=jpeg_compressibility",
@@ -30,28 +24,15 @@ TINY_CLI_RUN = ["sampling.num_steps=2", "training.train_denoising_steps=2", "sam
 
 def _torchrun_train(run: Path, *overrides: str, use_cpu_env: bool = False) -> subprocess.CompletedProcess:
     """The README's CPU launch: ``torchrun --nproc_per_node 2 -m loopdiff.cli train ...``, 1 thread each."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "loopdiff.cli", "train",
-               *TINY_CLI_RUN, f"output.dir={run}", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=run.parent)
+    return launch("torchrun", "-m", "loopdiff.cli", "train", *TINY_CLI_RUN, f"output.dir={run}", *overrides,
+                  check=False, cwd=run.parent, timeout=600)
 
 
 def _accelerate_train(run: Path, config_file: str, *overrides: str) -> subprocess.CompletedProcess:
     """docs/scaling.md's CPU launch: ``accelerate launch --config_file <shipped> --num_processes 2 -m
     loopdiff.cli train model.device=cpu ...``, 1 thread each."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
-    path = str(resources.files("loopdiff") / "accelerate_configs" / config_file)
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", path,
-               "--num_processes", "2", "-m", "loopdiff.cli", "train", "model.device=cpu", *TINY_CLI_RUN,
-               f"output.dir={run}", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=run.parent)
-
-
-needs_accelerate = pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(),
-                                      reason="the accelerate command is not available")
+    return launch(config_file, "-m", "loopdiff.cli", "train", "model.device=cpu", *TINY_CLI_RUN, f"output.dir={run}",
+                  *overrides, check=False, cwd=run.parent, timeout=600)
 
 
 @needs_torchrun
@@ -151,15 +132,9 @@ def test_samples_per_epoch_must_fill_k_times_processes(samples, processes, ok) -
 
 @needs_torchrun
 def test_two_processes_keep_gradients_in_sync(tmp_path) -> None:
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("ddp_worker.py")
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    launch("torchrun", str(worker), str(tmp_path), env={"ACCELERATE_USE_CPU": "true"}, timeout=600)
+    ranks = read_ranks(tmp_path)
     assert all(r["processes"] == 2 for r in ranks)
     assert ranks[0]["sample_sum"] != ranks[1]["sample_sum"]  # each rank draws its own samples
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced: same weights

@@ -26,7 +26,7 @@ def test_unconditional_embedding_is_the_negative_prompts_and_sampling_used_it(tm
     torch.testing.assert_close(trainer.uncond, _clip_states(trainer.pipeline, NEGATIVE), rtol=0, atol=0)
     assert not torch.allclose(trainer.uncond, _clip_states(trainer.pipeline, ""))
 
-    traj, _ = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, _ = trainer.loop.collect(0)[:2]
     i = torch.arange(len(traj))
     j = torch.zeros(len(traj), dtype=torch.long)
     latents, following = traj.latents[i, j], traj.latents[i, j + 1]
@@ -57,7 +57,7 @@ def test_sdxl_negative_prompt_replaces_the_zero_embedding(tiny_sdxl_dir) -> None
 
 
 def test_flux_refuses_a_negative_prompt() -> None:
-    from flux_helpers import build_tiny_flux_pipeline
+    from tiny_pipelines import build_tiny_flux_pipeline
 
     pipe = build_tiny_flux_pipeline()
     sampling = SamplingConfig(num_steps=2, negative_prompt=NEGATIVE, resolution=32)

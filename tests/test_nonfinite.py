@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from trainer_helpers import PROMPTS, make_trainer, red_minus_blue
 from loopdiff.cli import main
 from loopdiff.training import checkpoint as ckpt
@@ -47,8 +47,8 @@ def test_nan_reward_drops_its_group_and_training_stays_finite(tmp_path, capsys) 
     trainer = make_trainer(tmp_path, "loop", reward=reward, training={"epochs": 2, "samples_per_epoch": 16},
                            output={"checkpoint_every": 1})
     batches = []
-    real_optimise = trainer.optimise
-    trainer.optimise = lambda batch, epoch: batches.append(batch) or real_optimise(batch, epoch)
+    real_optimise = trainer.loop.optimise
+    trainer.loop.optimise = lambda batch, epoch: batches.append(batch) or real_optimise(batch, epoch)
     trainer.train()
 
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +115,7 @@ def test_cli_fails_with_one_line_when_every_reward_is_nan(tmp_path, monkeypatch,
 
 def _inject(trainer, kind: str, steps: set[int]) -> None:
     """Make optimiser steps ``steps`` (1-based; one micro-batch each here) have an inf loss or an inf gradient."""
-    real, calls = trainer.minibatch_loss, [0]
+    real, calls = trainer.loop.minibatch_loss, [0]
 
     def loss(batch, micro):
         out = real(batch, micro)
@@ -126,7 +126,7 @@ def _inject(trainer, kind: str, steps: set[int]) -> None:
             out.loss.register_hook(lambda grad: grad * math.inf)  # the loss stays finite
         return out
 
-    trainer.minibatch_loss = loss
+    trainer.loop.minibatch_loss = loss
 
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])

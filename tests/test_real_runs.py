@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from loopdiff.api import run_config
-from loopdiff.cli import DEFAULT_CONFIG, main, packaged_config_names, resolve_config
+from loopdiff.cli import main, packaged_config_names, resolve_config
 from loopdiff.config import ConfigError, load_config
+from loopdiff.embedded.plugin import DEFAULT_CONFIG
 from loopdiff.training.trainer import Trainer
 
 SD_CONFIGS = ["sd15-ddpo-aesthetic", "sd15-ddpo-compressibility", "sd2-compbench-attributes",

@@ -15,7 +15,9 @@ from loopdiff.sampling.embeds import PromptEmbeds
 from loopdiff.sampling.policy import DiffusionPolicy, PolicyConfig
 from loopdiff.sampling.sdxl import SDXLPromptEncoder, sdxl_time_ids
 from loopdiff.sampling.trajectories import Trajectories, sample_trajectories
-from sdxl_helpers import PROJECTION, SDXL_SCHEDULER, TEXT_WIDTH, build_tiny_sdxl_pipeline
+from tiny_pipelines import SDXL_PROJECTION as PROJECTION
+from tiny_pipelines import SDXL_SCHEDULER, build_tiny_sdxl_pipeline
+from tiny_pipelines import SDXL_TEXT_WIDTH as TEXT_WIDTH
 
 PROMPTS = ["a red circle", "a blue square", "a green star"]
 NATIVE_TIME_IDS = [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]  # 8x8 latents x VAE factor 4: uncropped 32x32 images

@@ -16,7 +16,8 @@ from loopdiff.estimators import PRESETS
 from loopdiff.sampling.embeds import PromptEmbeds
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sampling.sdxl import SDXLPromptEncoder
-from loopdiff.training.trainer import Batch, Trainer
+from loopdiff.training.loop import Batch
+from loopdiff.training.trainer import Trainer
 from trainer_helpers import check_one_epoch_of_preset, folder_trainer, red_minus_blue
 
 
@@ -43,10 +44,9 @@ def test_two_epochs_of_loop_move_the_log_probs_towards_the_advantages(tmp_path: 
     assert isinstance(trainer.uncond, PromptEmbeds) and trainer.uncond.time_ids is not None
     before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
     for epoch in range(2):
-        timings = dict.fromkeys(("time/sampling", "time/decoding", "time/reward_wait"), 0.0)
-        traj, rewards = trainer.collect(epoch, timings)
-        advantages = trainer.advantages(traj, rewards)
-        stats = trainer.optimise(Batch(traj, rewards, advantages), epoch)
+        traj, rewards = trainer.loop.collect(epoch)[:2]
+        advantages = trainer.loop.advantages(rewards, traj.group_ids, traj.prompt_ids)
+        stats = trainer.loop.optimise(Batch(traj, rewards, advantages), epoch)
         assert stats["optimizer_steps"] == 4 and stats["skipped_steps"] == 0 and np.isfinite(stats["loss"])
         change = (_all_pairs_log_probs(trainer, traj) - traj.log_probs).mean(dim=1)
         assert float((advantages * change).mean()) > 0, (advantages, change)

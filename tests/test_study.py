@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopdiff.study import StudyError, load_study_spec, study_cli, study_spec_from_dict
+from loopdiff.reports.study_command import run_and_report, study_cli
+from loopdiff.study import StudyError, load_study_spec, study_spec_from_dict
 from loopdiff.study.results import run_dir
-from loopdiff.study.runner import _check_unchanged, plan_study, run_study
+from loopdiff.study.runner import _check_unchanged, plan_study
 from loopdiff.study.stats import prediction_interval, student_t_quantile, summarize
 
 TRAIN_REWARD, EVALUATOR = "jpeg_compressibility", "jpeg_incompressibility"
@@ -204,7 +205,8 @@ def mini_study(tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
     prompts.write_text("a red circle\na blue square\na green star\na big cat\n")
     spec = study_spec_from_dict(study_dict(tiny_pipeline_dir, prompts))
     out = root / "out"
-    outcome = run_study(spec, out, threads=1, command="loopdiff study mini.yaml", progress=False, log=lambda _: None)
+    outcome = run_and_report(spec, out, threads=1, command="loopdiff study mini.yaml", progress=False,
+                             log=lambda _: None)
     return spec, out, outcome
 
 
@@ -242,7 +244,7 @@ def test_every_run_and_base_evaluation_is_in_its_folder(mini_study) -> None:
 def test_rerun_skips_every_finished_run(mini_study) -> None:
     spec, out, _ = mini_study
     before = watched_files(out)
-    outcome = run_study(spec, out, threads=1, progress=False, log=lambda _: None)
+    outcome = run_and_report(spec, out, threads=1, progress=False, log=lambda _: None)
     assert outcome.ran == [] and len(outcome.skipped) == len(all_run_ids()) + len(TASKS) + 1  # + variance/plain
     assert watched_files(out) == before
 
@@ -253,7 +255,7 @@ def test_deleting_one_final_eval_reruns_exactly_that_run_in_a_worker_process(min
     (target / "eval" / "final.json").unlink()
     before = watched_files(out)
     lines = (target / "metrics.jsonl").read_text()
-    outcome = run_study(spec, out, jobs=2, threads=1, progress=False, log=lambda _: None)
+    outcome = run_and_report(spec, out, jobs=2, threads=1, progress=False, log=lambda _: None)
     assert outcome.ran == ["short/loop_k2/seed1"] and not outcome.failed
     after = watched_files(out)
     changed = {f for f in after if before.get(f) != after[f]}

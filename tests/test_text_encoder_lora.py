@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.config import ConfigError
 from trainer_helpers import make_trainer
 
@@ -31,14 +31,14 @@ def test_text_encoder_adapters_train_and_export_loadable_by_load_lora_weights(tm
     before = _text_lora(trainer)
     assert before and all("lora_" in k for k in before)
     first_ratio_loss = []
-    loss = trainer.minibatch_loss
+    loss = trainer.loop.minibatch_loss
 
     def recording(batch, micro):
         out = loss(batch, micro)
         first_ratio_loss.append(out)
         return out
 
-    trainer.minibatch_loss = recording
+    trainer.loop.minibatch_loss = recording
     history = trainer.train()
     assert history[-1]["skipped_steps"] == 0 and history[-1]["grad_norm"] > 0
     after = _text_lora(trainer)

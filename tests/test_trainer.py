@@ -109,7 +109,8 @@ def _kill_then_resume(tmp_path) -> None:
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = make_trainer(tmp_path / "b", "ppo", training={"epochs": 4}, output={"checkpoint_every": 1})
     assert resumed.resume() and resumed.epoch == 2
-    assert resumed.tracker is not None and sum(len(b) for b in resumed.tracker.buffers.values()) == 16
+    tracker = resumed.loop.advantage_fn  # PPO: the per-prompt stat tracker, restored with its reward history
+    assert sum(len(b) for b in tracker.buffers.values()) == 16
     resumed.train()
     torch.testing.assert_close(_weights(resumed.unet), _weights(straight.unet), rtol=0, atol=0)
     a = [h["reward/mean"] for h in straight.history]
@@ -122,7 +123,7 @@ def _kill_then_resume(tmp_path) -> None:
 def test_lora_training_exports_weights_that_load(tmp_path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from conftest import build_tiny_pipeline
+    from tiny_pipelines import build_tiny_pipeline
 
     trainer = make_trainer(tmp_path, "loop", model={"lora": True, "lora_rank": 2})
     frozen = trainer.unet.conv_in.weight.detach().clone()
@@ -150,13 +151,13 @@ def test_bf16_autocast_epoch_keeps_ratios_near_one(tmp_path) -> None:
 
 def _bf16_epoch(tmp_path) -> None:
     trainer = make_trainer(tmp_path, "loop", model={"mixed_precision": "bf16"})
-    traj, rewards = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, rewards = trainer.loop.collect(0)[:2]
     assert traj.log_probs.dtype == torch.float32  # log-probabilities stay float32 under autocast
-    from loopdiff.training.trainer import Batch
+    from loopdiff.training.loop import Batch
 
     pairs = torch.stack(torch.meshgrid(torch.arange(len(traj)), torch.arange(3), indexing="ij"), -1).reshape(-1, 2)
     with torch.no_grad():
-        out = trainer.minibatch_loss(Batch(traj, rewards, trainer.advantages(traj, rewards)), pairs)
+        out = trainer.loop.minibatch_loss(Batch(traj, rewards, trainer.loop.advantages(rewards, traj.group_ids, traj.prompt_ids)), pairs)
     assert torch.isfinite(out.loss)
     assert out.approx_kl < 1e-3  # same weights: bf16 rounding only
     history = trainer.train()
@@ -194,7 +195,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path) -> None:
 def test_max_train_keeps_the_first_training_prompts(tmp_path) -> None:
     trainer = make_trainer(tmp_path, "loop", prompts={"max_train": 2})
     assert list(trainer.train_prompts.prompts) == PROMPTS[:2]
-    traj, _ = trainer.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, _ = trainer.loop.collect(0)[:2]
     assert set(traj.prompt_ids.tolist()) <= {0, 1}
 
 
@@ -212,7 +213,7 @@ def test_monitor_rewards_are_logged_on_the_samples_and_never_trained_on(tmp_path
     from loopdiff.sampling.trajectories import decode_latents
 
     monitored = make_trainer(tmp_path / "m", "loop", reward_section={"monitor": ["jpeg_compressibility"]})
-    traj, _ = monitored.collect(0, {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0})
+    traj, _ = monitored.loop.collect(0)[:2]
     images = decode_latents(monitored.pipeline.vae, traj.latents[:, -1])
     prompts = [traj.prompts[i] for i in traj.prompt_ids.tolist()]
     expected = build_reward("jpeg_compressibility")(images, prompts, [{}] * len(prompts))

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from conftest import build_tiny_pipeline
+from tiny_pipelines import build_tiny_pipeline
 from loopdiff.config import config_from_dict
 from loopdiff.estimators import PRESETS
 from loopdiff.training.trainer import Trainer

@@ -9,13 +9,15 @@ over a batch.
 
 The batch kinds are functions ``(rewards, group_ids) -> advantages`` (``BATCH_ADVANTAGES``): samples sharing
 a group id are the K samples drawn for one prompt. The tracked kinds keep each prompt's recent rewards in a
-:class:`PerPromptStatTracker` (``TRACKED_ADVANTAGES``).
+:class:`PerPromptStatTracker` (``TRACKED_ADVANTAGES``). The training loop calls either through one signature,
+an :class:`AdvantageFunction` ``(rewards, group_ids, prompts) -> advantages`` that may keep state across
+epochs (``state_dict`` / ``load_state_dict``, saved with the checkpoints).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Literal, Sequence, get_args
+from typing import Any, Callable, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 import torch
@@ -81,7 +83,12 @@ class PerPromptStatTracker:
         self.buffer_size, self.min_count, self.use_std, self.eps = buffer_size, min_count, use_std, eps
         self.buffers: dict[str, deque[float]] = {}
 
+    def __call__(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The advantages of one epoch's rewards (an :class:`AdvantageFunction`; ``group_ids`` is unused)."""
+        return self.update(prompts, rewards)
+
     def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Append ``rewards`` to their prompts' buffers, then normalise each by its prompt's statistics."""
         values = rewards.double().numpy()
         advantages = np.empty_like(values)
         batch_mean, batch_std = values.mean(), values.std()
@@ -108,6 +115,33 @@ class PerPromptStatTracker:
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rewards, group_ids) -> advantages
 BATCH_ADVANTAGES: dict[str, AdvantageFn] = {"raw": raw, "leave_one_out": leave_one_out, "group_zscore": group_zscore}
 TRACKED_ADVANTAGES: dict[str, bool] = {"prompt_mean": False, "stat_tracker": True}  # kind -> divide by the std
+
+
+class AdvantageFunction(Protocol):
+    """``(rewards, group_ids, prompts) -> advantages`` over one epoch's samples, with its state (if any)."""
+
+    def __call__(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class GroupAdvantage:
+    """A batch kind as an :class:`AdvantageFunction`: the advantages depend on this epoch's groups only, so it
+    keeps no state (``prompts`` is unused)."""
+
+    def __init__(self, fn: AdvantageFn):
+        self.fn = fn
+
+    def __call__(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.fn(rewards, group_ids)
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def clip_advantages(advantages: torch.Tensor, clip: float | None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from loopdiff.config import RunConfig, complete, load_config, parse_overrides, validate
+from loopdiff.config_files import requested_model, start_config
 from loopdiff.rewards.base import RewardFn
 
 ConfigLike = RunConfig | Mapping[str, Any] | Sequence[str] | None
@@ -22,13 +23,11 @@ def run_config(config: ConfigLike = None, config_file: str | Path | None = None,
 
     ``config``: a RunConfig (used as it is), a mapping of sections, or ``section.field=value`` overrides; both
     of the last two apply on top of ``config_file`` (a file or a packaged config's name), which defaults to the
-    embedded main job for the embedded model and to none for any other model. A ``pipeline`` passed in is the
-    model when ``model.pretrained`` is not given: its folder or Hub id becomes ``model.pretrained``, so a
-    pipeline other than the embedded one needs its own prompts, as any other model does. ``require_prompts``
-    false accepts an unset ``prompts.train`` (a config shown, not run).
+    installed plugin's default config for its default model (unset or named) and to none for any other model.
+    A ``pipeline`` passed in is the model when ``model.pretrained`` is not given: its folder or Hub id becomes
+    ``model.pretrained``, so a pipeline other than the embedded one needs its own prompts, as any other model
+    does. ``require_prompts`` false accepts an unset ``prompts.train`` (a config shown, not run).
     """
-    from loopdiff.cli import requested_model, start_config
-
     if isinstance(config, RunConfig):
         validate(complete(config, require_prompts))
         return config

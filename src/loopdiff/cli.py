@@ -7,11 +7,12 @@ import json
 import math
 import os
 import sys
-from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-DEFAULT_CONFIG = "embedded-aesthetic.yaml"
+# packaged_config, requested_model, resolve_config and start_config stay importable from here
+from loopdiff.config_files import packaged_config, packaged_config_names, requested_model, resolve_config, start_config
+from loopdiff.plugins import registered_commands
 
 TRAIN_EPILOG = """\
 examples:
@@ -30,41 +31,6 @@ training, reward, prompts, eval, output. Presets: reinforce, reinforce_bc, rloo,
 Every field with its type, choices, default and help: loopdiff config fields; the config a run would use:
 loopdiff config show [--config X] [section.field=value ...].
 """
-
-
-def packaged_config(name: str) -> Path:
-    """A config file shipped with the package (``loopdiff/configs/<name>``)."""
-    return Path(str(resources.files("loopdiff") / "configs" / name))
-
-
-def packaged_config_names() -> list[str]:
-    """Names of the training configs shipped with the package (without ``.yaml``; study specs left out)."""
-    files = resources.files("loopdiff").joinpath("configs").iterdir()
-    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml") and not p.name.startswith("study-"))
-
-
-def resolve_config(name_or_path: str) -> Path:
-    """A config file path as given, else the packaged config of that name (with or without ``.yaml``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    packaged = packaged_config(name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
-    return packaged if packaged.is_file() else path
-
-
-def start_config(config: str | None, model: object = None) -> Path | None:
-    """The config file a run starts from: ``config`` (a file or packaged name) if given; else the embedded
-    main job's (DEFAULT_CONFIG) when ``model`` is unset or embedded, and none for any other model, which
-    then starts from the dataclass defaults and never inherits the embedded world's prompts or rewards."""
-    if config:
-        return resolve_config(config)
-    return resolve_config(DEFAULT_CONFIG) if model in (None, "embedded") else None
-
-
-def requested_model(values: object) -> object:
-    """``model.pretrained`` in a nested mapping of config values, or None when it is not set there."""
-    model = values.get("model") if isinstance(values, Mapping) else None
-    return model.get("pretrained") if isinstance(model, Mapping) else None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -190,16 +156,15 @@ def _reward_options(args: argparse.Namespace) -> dict:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from loopdiff.generation import generate, repeat_each
     from loopdiff.grids import save_grid
-    from loopdiff.sampling.trajectories import decode_latents, sample_trajectories
 
     pipe = _load_for_inference(args.model, args.lora, args.device)
     policy, encoder = _policy_parts(pipe, args)
     prompts = args.prompt
-    repeated = [p for p in prompts for _ in range(args.num)]
+    repeated = repeat_each(prompts, args.num)
     generator = torch.Generator().manual_seed(args.seed)
-    latents, _ = sample_trajectories(policy, encoder(repeated), encoder.unconditional(), generator, progress=True)
-    images = decode_latents(pipe.vae, latents[:, -1])
+    images = generate(policy, pipe.vae, encoder(repeated), encoder.unconditional(), generator, progress=True).images
     rows = list(images.view(len(prompts), args.num, *images.shape[1:]))
     path = save_grid(Path(args.out), rows, prompts)
     print(f"wrote {path}")
@@ -243,12 +208,13 @@ def _model_defaults(args: argparse.Namespace, prompts: str) -> str | None:
     missing flag (None when nothing is missing)."""
     from loopdiff.plugins import registered_models
 
-    entry = registered_models().get(args.model)
-    defaults = entry.defaults if entry is not None else {}
+    models = registered_models()
+    defaults = models[args.model].defaults if args.model in models else {}
     for flag, key in (("prompts", prompts), ("reward", "reward.name")):
         if getattr(args, flag) is None:
             if key not in defaults:
-                return f"--{flag} is required for a model other than 'embedded' (--model {args.model})"
+                with_defaults = " or ".join(f"'{m.name}'" for m in models.values() if key in m.defaults)
+                return f"--{flag} is required for a model other than {with_defaults} (--model {args.model})"
             setattr(args, flag, defaults[key])
     return None
 
@@ -346,14 +312,8 @@ def cmd_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from loopdiff.embedded.pretrain import pretrain_cli
-
-    return pretrain_cli(args.rest)
-
-
 def cmd_study(args: argparse.Namespace) -> int:
-    from loopdiff.study import study_cli
+    from loopdiff.reports.study_command import study_cli
 
     return study_cli(args.rest)
 
@@ -431,18 +391,8 @@ def _add_training_prompt_and_reward_flags(parser: argparse.ArgumentParser) -> No
     parser.add_argument("--reward-options", default=None, help='JSON: {"reward_name": {"option": value}}')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from loopdiff.checks import Check, OneLineParser, at_least, flag
-    from loopdiff.config import field_default
-    from loopdiff.estimators import PRESETS
-
-    parser = OneLineParser(
-        prog="loopdiff",
-        description="Reinforcement-learning fine-tuning of text-to-image diffusion models "
-        "(LOOP, PPO/DDPO, RLOO, REINFORCE, GRPO) against black-box rewards.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_train(sub: Any) -> None:
+    """The train command: a config (file or packaged name) and overrides."""
     train = sub.add_parser(
         "train", help="fine-tune a pipeline with RL", epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -458,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     train.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub: Any) -> None:
+    """The sample command: prompts into a grid image."""
+    from loopdiff.checks import Check, at_least, flag
+
     sample = sub.add_parser("sample", help="draw images into a grid PNG")
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
     sample.add_argument("--num", type=flag(int, at_least(1)), default=4, help="images per prompt")
@@ -465,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                         type=flag(str, Check(_image_file, "an image file path (.png, .jpg, ...), not a folder")))
     _add_sampling_flags(sample)
     sample.set_defaults(func=cmd_sample)
+
+
+def _add_eval(sub: Any) -> None:
+    """The eval command: the evaluation protocol of docs/method.md."""
+    from loopdiff.checks import Check, at_least, flag
+    from loopdiff.config import field_default
 
     evaluate = sub.add_parser(
         "eval", help="score a model on a prompt set (the evaluation protocol of docs/method.md)"
@@ -490,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --batch-size as the run's sampling.batch_size it reproduces the run's own evaluation")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _add_branch(sub: Any) -> None:
+    """The branch command: where in sampling the reward is decided."""
+    from loopdiff.checks import at_least, flag
+
     branch = sub.add_parser(
         "branch", help="at which sampling step the reward is decided (to choose training.train_denoising_steps)",
         description="Sample one trajectory per prompt, restart the remaining steps several times from after "
@@ -502,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--at", type=_step_list, default=None, help="comma-separated steps instead of --every, e.g. 0,5,10")
     _add_sampling_flags(branch)
     branch.set_defaults(func=cmd_branch)
+
+
+def _add_gradient_noise(sub: Any) -> None:
+    """The gradient-noise command: signal against noise over prompt groups."""
+    from loopdiff.config import field_default
+    from loopdiff.estimators import PRESETS
 
     noise = sub.add_parser(
         "gradient-noise", help="how much of the policy gradient is signal, over prompt groups",
@@ -520,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(noise)
     noise.set_defaults(func=cmd_gradient_noise)
 
+
+def _add_config(sub: Any) -> None:
+    """The config command: its fields, or the config a run would use."""
     config = sub.add_parser(
         "config", help="the config fields, or the config a run would use",
         description="'fields': every config field with its type, choices, default and help. 'show': the config "
@@ -532,14 +507,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     config.set_defaults(func=cmd_config)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from loopdiff.checks import OneLineParser
+
+    parser = OneLineParser(
+        prog="loopdiff",
+        description="Reinforcement-learning fine-tuning of text-to-image diffusion models "
+        "(LOOP, PPO/DDPO, RLOO, REINFORCE, GRPO) against black-box rewards.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for add_command in (_add_train, _add_sample, _add_eval, _add_branch, _add_gradient_noise, _add_config):
+        add_command(sub)
     rewards = sub.add_parser("rewards", help="list registered rewards and whether they can run here")
     rewards.set_defaults(func=cmd_rewards)
 
-    pretrain = sub.add_parser(
-        "pretrain", help="pretrain the embedded base pipeline from scratch", add_help=False,
-        description="Pretrain the embedded base pipeline; run 'loopdiff pretrain --help' for its options.",
-    )
-    pretrain.set_defaults(func=cmd_pretrain)
+    for command in registered_commands().values():  # e.g. pretrain: they parse their own options
+        sub.add_parser(command.name, help=command.help, add_help=False, description=command.description)
 
     study = sub.add_parser(
         "study", help="run a grid of training runs; tables, curves and an HTML report", add_help=False,
@@ -551,7 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEBUG_ENV = "LOOPDIFF_DEBUG"  # set to 1: errors propagate with their traceback instead of one line
-PASSTHROUGH: dict[str, Callable[[argparse.Namespace], int]] = {"pretrain": cmd_pretrain, "study": cmd_study}
+PASSTHROUGH: dict[str, Callable[[argparse.Namespace], int]] = {"study": cmd_study}
+
+
+def _passthrough(command: str) -> Callable[[argparse.Namespace], int] | None:
+    """The function of a command that parses its own options (including --help): a plugin's, or ``study``;
+    None for any other."""
+    plugin = registered_commands().get(command)
+    if plugin is not None:
+        return lambda args: plugin.run(args.rest)
+    return PASSTHROUGH.get(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -559,8 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:  # these parse their own options (including --help)
-        args = argparse.Namespace(command=argv[0], func=PASSTHROUGH[argv[0]], rest=argv[1:])
+    passthrough = _passthrough(argv[0]) if argv else None
+    if passthrough is not None:  # these parse their own options (including --help)
+        args = argparse.Namespace(command=argv[0], func=passthrough, rest=argv[1:])
     else:
         args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

@@ -19,9 +19,12 @@ from typing import Any, Callable, Literal, Mapping, Sequence, get_args, get_orig
 
 import yaml
 
+from loopdiff.advantages import AdvantageKind
 from loopdiff.checks import SEED, Check, above, at_least, fraction
+from loopdiff.estimators import Estimator, PresetName
 from loopdiff.minibatches import steps_per_sample
-from loopdiff.plugins import registered_models
+from loopdiff.objectives import LossKind
+from loopdiff.plugins import registered_default, registered_models
 
 
 
@@ -29,7 +32,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is allowed."""
 
 
-EMBEDDED = "embedded"  # the default model, registered by the embedded plugin with its default prompts and reward
+def default_model() -> str:
+    """``model.pretrained``'s default: the model the installed plugin registers as the default ('' if none)."""
+    default = registered_default()
+    return default.model if default is not None else ""
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callable[[], Any] | None = None,
@@ -44,7 +50,7 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Callabl
 
 @dataclass
 class ModelConfig:
-    pretrained: str = setting(EMBEDDED, "'embedded', a local pipeline folder, or a Hub id")
+    pretrained: str = setting(help="'embedded', a local pipeline folder, or a Hub id", factory=default_model)
     revision: str | None = setting(None, "the Hub revision (branch, tag or commit) of model.pretrained", check=Check(
         lambda v: v.strip() != "", "a branch, tag or commit (not empty)").or_none("for the default branch"))
     train_modules: Literal["all", "cross_attention"] = setting(
@@ -114,23 +120,28 @@ class SamplingConfig:
     )
 
 
-def _estimator_config() -> type:
-    """EstimatorConfig: ``preset`` and, for every Estimator field but its name, an optional override."""
-    from loopdiff.estimators import Estimator, PresetName
-
-    hints = get_type_hints(Estimator)
-    overrides = [
-        (f.name, hints[f.name] | None,
-         setting(None, f"{f.metadata['help']}; null: the preset's", check=f.metadata.get("check")))
-        for f in dataclasses.fields(Estimator) if f.name != "name"
-    ]
-    preset = ("preset", PresetName, setting("loop", "the estimator preset (a row of docs/method.md's table)"))
-    cls = dataclasses.make_dataclass("EstimatorConfig", [preset, *overrides])
-    cls.__module__, cls.__doc__ = __name__, _estimator_config.__doc__
-    return cls
+def override(name: str) -> Any:
+    """An EstimatorConfig field overriding the Estimator field ``name``, with its help and allowed values;
+    None (its default) keeps the preset's value."""
+    declared = next(f for f in dataclasses.fields(Estimator) if f.name == name)
+    return setting(None, f"{declared.metadata['help']}; null: the preset's", check=declared.metadata.get("check"))
 
 
-EstimatorConfig = _estimator_config()
+@dataclass
+class EstimatorConfig:
+    """The estimator: a preset and, for every Estimator field but its name, an optional override."""
+
+    preset: PresetName = setting("loop", "the estimator preset (a row of docs/method.md's table)")
+    advantage: AdvantageKind | None = override("advantage")
+    loss: LossKind | None = override("loss")
+    samples_per_prompt: int | None = override("samples_per_prompt")
+    inner_epochs: int | None = override("inner_epochs")
+    minibatches: int | None = override("minibatches")
+    clip_range: float | None = override("clip_range")
+    advantage_clip: float | None = override("advantage_clip")
+    kl_coef: float | None = override("kl_coef")
+    tracker_buffer_size: int | None = override("tracker_buffer_size")
+    tracker_min_count: int | None = override("tracker_min_count")
 
 
 @dataclass

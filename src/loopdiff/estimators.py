@@ -1,7 +1,8 @@
 """Gradient estimators as data: an advantage kind + a loss kind + how samples are reused.
 
-An estimator carries the functions its kinds name (``advantage_fn``, ``loss_fn``); the trainer calls them, so
-for LOOP it runs ``leave_one_out`` (Eq. 14) and ``ppo_clip_loss`` (Eq. 13), composed in ``loop_loss``.
+An estimator carries the functions its kinds name (``advantage_function()``, ``loss_fn``); the training loop
+(:mod:`loopdiff.training.loop`) calls them, so for LOOP it runs ``leave_one_out`` (Eq. 14) and ``ppo_clip_loss``
+(Eq. 13).
 
 The formulas, and where the code departs from the LOOP paper, are in docs/method.md ("Gradient estimators").
 
@@ -28,14 +29,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
-import torch
-
 from loopdiff.advantages import (
     ADVANTAGE_KINDS,
     BATCH_ADVANTAGES,
     TRACKED_ADVANTAGES,
-    AdvantageFn,
+    AdvantageFunction,
     AdvantageKind,
+    GroupAdvantage,
     PerPromptStatTracker,
 )
 from loopdiff.checks import above, at_least, failed_field, up_to_inf
@@ -90,22 +90,20 @@ class Estimator:
         """More than one optimiser step per batch of samples, so the ratio pi_theta / pi_old matters."""
         return self.inner_epochs * self.minibatches > 1
 
-    @property
-    def advantage_fn(self) -> AdvantageFn | None:
-        """``(rewards, group_ids) -> advantages`` of a batch kind; None for a tracked kind (see ``new_tracker``)."""
-        return BATCH_ADVANTAGES.get(self.advantage)
+    def advantage_function(self) -> AdvantageFunction:
+        """A fresh ``(rewards, group_ids, prompts) -> advantages`` of the advantage kind: the batch kind's function
+        (LOOP: ``leave_one_out``, Eq. 14), or a new per-prompt tracker for a tracked kind (its state is the
+        prompts' reward history, checkpointed with the run)."""
+        if self.advantage in TRACKED_ADVANTAGES:
+            use_std = TRACKED_ADVANTAGES[self.advantage]
+            return PerPromptStatTracker(self.tracker_buffer_size, self.tracker_min_count, use_std=use_std)
+        return GroupAdvantage(BATCH_ADVANTAGES[self.advantage])
 
     @property
     def loss_fn(self) -> LossFn:
-        """``(log_probs, old_log_probs, advantages, clip_range) -> loss`` of the loss kind."""
+        """The loss kind's function (LOOP: ``ppo_clip_loss``, Eq. 13); ``objectives.apply_loss`` passes it the
+        inputs it takes."""
         return LOSSES[self.loss]
-
-    def new_tracker(self) -> PerPromptStatTracker | None:
-        """A fresh per-prompt reward tracker for a tracked advantage kind; None for a batch kind."""
-        if self.advantage not in TRACKED_ADVANTAGES:
-            return None
-        use_std = TRACKED_ADVANTAGES[self.advantage]
-        return PerPromptStatTracker(self.tracker_buffer_size, self.tracker_min_count, use_std=use_std)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,17 +131,3 @@ def estimator_from_preset(preset: str, **overrides: Any) -> Estimator:
     changes = {k: v for k, v in overrides.items() if v is not None}
     return replace(PRESETS[preset], **changes)
 
-
-def loop_loss(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    clip_range: float = 1e-4,
-) -> torch.Tensor:
-    """The LOOP objective (Eq. 13-14) for log-probs of shape (N, T) and rewards (N,): the functions the
-    trainer calls for the ``loop`` preset, composed."""
-    loop = PRESETS["loop"]
-    advantages = loop.advantage_fn(rewards, group_ids)  # Eq. 14: A^i = r^i - b^i (leave_one_out)
-    per_step_advantages = advantages[:, None].expand_as(log_probs)
-    return loop.loss_fn(log_probs, old_log_probs, per_step_advantages, clip_range)  # Eq. 13 (ppo_clip_loss)

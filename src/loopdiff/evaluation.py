@@ -11,9 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from loopdiff.prompts import PromptSet
-from loopdiff.rewards.base import RewardFn, score_batch
+from loopdiff.generation import generate, repeat_each
+from loopdiff.rewards.base import RewardFn
 from loopdiff.sampling.policy import DiffusionPolicy
-from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
+from loopdiff.sampling.trajectories import PromptEncoder
 
 
 @dataclass
@@ -77,13 +78,12 @@ def evaluate(
     chunks = range(0, len(prompt_set), prompts_per_chunk)
     for start in tqdm(chunks, desc="evaluating", disable=not progress, leave=False):
         prompts = list(prompt_set.prompts[start : start + prompts_per_chunk])
-        metadata = list(prompt_set.metadata[start : start + prompts_per_chunk])
-        repeated = [p for p in prompts for _ in range(images_per_prompt)]
-        repeated_meta = [m for m in metadata for _ in range(images_per_prompt)]
-        latents, _ = sample_trajectories(policy, encoder(repeated), uncond, generator, batch_size=batch_size)
-        images = decode_latents(vae, latents[:, -1])
-        for name, reward in rewards.items():
-            values = score_batch(reward, images, repeated, repeated_meta, name)
+        repeated = repeat_each(prompts, images_per_prompt)
+        repeated_meta = repeat_each(prompt_set.metadata[start : start + prompts_per_chunk], images_per_prompt)
+        made = generate(policy, vae, encoder(repeated), uncond, generator, repeated, repeated_meta, rewards,
+                        batch_size=batch_size)
+        images = made.images
+        for name, values in made.scores.items():
             finite = torch.isfinite(values)
             nonfinite[name] += int((~finite).sum())
             values = torch.where(finite, values, torch.full_like(values, float("nan")))

@@ -14,7 +14,9 @@ the number of pairs (a constant the learning rate absorbs).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import cache
 from typing import Callable, Literal, get_args
 
 import torch
@@ -33,11 +35,8 @@ class LossOutput:
     kl_penalty: torch.Tensor
 
 
-def score_function_loss(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float
-) -> torch.Tensor:
-    """-mean(A * log pi): REINFORCE's surrogate (Eq. 7-9); no importance sampling, so ``old_log_probs`` and
-    ``clip_range`` are unused."""
+def score_function_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-mean(A * log pi): REINFORCE's surrogate (Eq. 7-9); no importance sampling."""
     return -(advantages * log_probs).mean()
 
 
@@ -51,9 +50,24 @@ def ppo_clip_loss(
     return -torch.minimum(unclipped, clipped).mean()
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-# (log_probs, old_log_probs, advantages, clip_range) -> the loss, by kind
+LossFn = Callable[..., torch.Tensor]
+# the loss by kind; each takes the inputs it names, of log_probs, old_log_probs, advantages and clip_range
 LOSSES: dict[str, LossFn] = {"score_function": score_function_loss, "ppo_clip": ppo_clip_loss}
+LOSS_INPUTS = ("log_probs", "old_log_probs", "advantages", "clip_range")
+
+
+@cache
+def loss_inputs(loss_fn: LossFn) -> tuple[str, ...]:
+    """The inputs ``loss_fn`` takes, by name (a subset of ``LOSS_INPUTS``)."""
+    return tuple(inspect.signature(loss_fn).parameters)
+
+
+def apply_loss(
+    loss_fn: LossFn, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> torch.Tensor:
+    """``loss_fn`` on the inputs it takes: score_function on ``(log_probs, advantages)``, ppo_clip on all four."""
+    given = {"log_probs": log_probs, "old_log_probs": old_log_probs, "advantages": advantages, "clip_range": clip_range}
+    return loss_fn(**{name: given[name] for name in loss_inputs(loss_fn)})
 
 
 def gaussian_step_kl(
@@ -75,7 +89,7 @@ def policy_loss(
     kl_coef: float = 0.0,
 ) -> LossOutput:
     """``loss_fn``'s minibatch loss plus ``kl_coef * mean(step_kl)`` when a KL term is given, with diagnostics."""
-    loss = loss_fn(log_probs, old_log_probs, advantages, clip_range)
+    loss = apply_loss(loss_fn, log_probs, old_log_probs, advantages, clip_range)
     kl_penalty = torch.zeros((), device=loss.device)
     if step_kl is not None and kl_coef > 0:
         kl_penalty = step_kl.mean()

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from loopdiff.prompts import PromptSet
+from loopdiff.generation import repeat_each
 from loopdiff.rewards.base import RewardFn, as_scores
 from loopdiff.sampling.policy import DiffusionPolicy
 from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
@@ -72,8 +73,7 @@ def reward_variance_by_step(
     latents, _ = sample_trajectories(policy, embeds, uncond, generator)
     rows = torch.arange(len(prompts)).repeat_interleave(branches)
     repeated_embeds = embeds[rows.to(embeds.device)]  # text states, or SDXL's / SD3's PromptEmbeds
-    repeated_prompts = [p for p in prompts for _ in range(branches)]
-    repeated_meta = [m for m in metadata for _ in range(branches)]
+    repeated_prompts, repeated_meta = repeat_each(prompts, branches), repeat_each(metadata, branches)
     variance, mean = [], []
     for step in steps:
         start = latents[:, step].repeat_interleave(branches, dim=0)

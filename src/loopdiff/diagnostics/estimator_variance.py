@@ -26,14 +26,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from loopdiff.advantages import clip_advantages
+from loopdiff.advantages import PerPromptStatTracker, clip_advantages
 from loopdiff.diagnostics.gradient_noise import group_gradient
 from loopdiff.estimators import Estimator
 from loopdiff.minibatches import trained_steps
 from loopdiff.prompts import PromptSet
-from loopdiff.rewards.base import RewardFn, as_scores
+from loopdiff.generation import generate, repeat_each
+from loopdiff.rewards.base import RewardFn
 from loopdiff.sampling.policy import DiffusionPolicy
-from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
+from loopdiff.sampling.trajectories import PromptEncoder
 
 
 @dataclass
@@ -85,11 +86,11 @@ def score_gradients(
 ) -> ScoreSamples:
     """Sample K trajectories per prompt and compute each one's score gradient over the trained steps."""
     k = samples_per_prompt
-    repeated = [p for p in prompt_set.prompts for _ in range(k)]
-    repeated_meta = [m for m in prompt_set.metadata for _ in range(k)]
+    repeated, repeated_meta = repeat_each(prompt_set.prompts, k), repeat_each(prompt_set.metadata, k)
     embeds, uncond = encoder(repeated), encoder.unconditional()
-    latents, _ = sample_trajectories(policy, embeds, uncond, torch.Generator().manual_seed(seed))
-    rewards = as_scores(reward(decode_latents(vae, latents[:, -1]), repeated, repeated_meta), len(repeated), "reward")
+    made = generate(policy, vae, embeds, uncond, torch.Generator().manual_seed(seed), repeated, repeated_meta,
+                    {"reward": reward})
+    latents, rewards = made.latents, made.scores["reward"]
     steps = range(trained_steps(latents.shape[1] - 1, train_denoising_steps))
     params = [p for p in policy.unet.parameters() if p.requires_grad]
     one = torch.ones(1)
@@ -108,12 +109,8 @@ def estimator_advantages(estimator: Estimator, samples: ScoreSamples) -> torch.T
     k = estimator.samples_per_prompt
     if k != samples.samples_per_prompt:
         raise ValueError(f"estimator {estimator.name!r} takes K={k}; subset the samples to it first")
-    tracker = estimator.new_tracker()
-    if tracker is not None:
-        values = tracker.update(samples.prompts, samples.rewards)
-    else:
-        groups = torch.arange(len(samples.rewards)) // k
-        values = estimator.advantage_fn(samples.rewards, groups)
+    groups = torch.arange(len(samples.rewards)) // k
+    values = estimator.advantage_function()(samples.rewards, groups, samples.prompts)
     return clip_advantages(values.double(), estimator.advantage_clip)
 
 
@@ -143,8 +140,8 @@ def loo_noise_prediction(k: int, reference_k: int) -> float:
 def gradient_scale(estimator: Estimator, samples: ScoreSamples) -> float:
     """The factor between the estimator's expected gradient and ``grad E[r]``: 1 for raw rewards and
     baselines, ``1 / std`` for advantages divided by the batch's reward std (a fresh DDPO tracker)."""
-    tracker = estimator.new_tracker()
-    if tracker is not None and tracker.use_std:
+    tracker = estimator.advantage_function()
+    if isinstance(tracker, PerPromptStatTracker) and tracker.use_std:
         return 1.0 / (float(samples.rewards.std(unbiased=False)) + tracker.eps)
     return 1.0
 

@@ -18,9 +18,10 @@ import torch
 
 from loopdiff.advantages import leave_one_out
 from loopdiff.prompts import PromptSet
-from loopdiff.rewards.base import RewardFn, as_scores
+from loopdiff.generation import generate, repeat_each
+from loopdiff.rewards.base import RewardFn
 from loopdiff.sampling.policy import DiffusionPolicy
-from loopdiff.sampling.trajectories import PromptEncoder, decode_latents, sample_trajectories
+from loopdiff.sampling.trajectories import PromptEncoder
 from loopdiff.minibatches import trained_steps
 
 
@@ -119,11 +120,11 @@ def measure_gradient_noise(
     k, groups = samples_per_prompt, len(prompts)
     if k < 2 or groups < 2:
         raise ValueError(f"need samples_per_prompt >= 2 and >= 2 prompts, got {k} and {groups}")
-    repeated = [p for p in prompts for _ in range(k)]
-    repeated_meta = [m for m in metadata for _ in range(k)]
+    repeated, repeated_meta = repeat_each(prompts, k), repeat_each(metadata, k)
     embeds, uncond = encoder(repeated), encoder.unconditional()
-    latents, _ = sample_trajectories(policy, embeds, uncond, torch.Generator().manual_seed(seed))
-    rewards = as_scores(reward(decode_latents(vae, latents[:, -1]), repeated, repeated_meta), len(repeated), "reward")
+    made = generate(policy, vae, embeds, uncond, torch.Generator().manual_seed(seed), repeated, repeated_meta,
+                    {"reward": reward})
+    latents, rewards = made.latents, made.scores["reward"]
     advantages = leave_one_out(rewards, torch.arange(groups).repeat_interleave(k))
     steps = range(trained_steps(latents.shape[1] - 1, train_denoising_steps))
     named = [(n, p) for n, p in policy.unet.named_parameters() if p.requires_grad]

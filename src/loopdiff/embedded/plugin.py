@@ -1,11 +1,16 @@
 """The embedded world as a plugin: the models ``embedded`` (Stable Diffusion format) and ``embedded-flow``
-(SD3 format, flow matching), the prompt source ``embedded:<category>[:val]`` and the ``embedded_*`` rewards, registered through the core's registries as any third party's would be."""
+(SD3 format, flow matching), the prompt source ``embedded:<category>[:val]``, the ``embedded_*`` rewards, the
+packaged ``embedded-*`` configs, the default model and config (``loopdiff train`` with neither runs the
+aesthetic main job on the embedded model) and the ``loopdiff pretrain`` command, registered through the
+core's registries as any third party's would be."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from loopdiff.plugins import register_model, register_prompt_source
+from loopdiff.plugins import (
+    register_command, register_configs, register_default, register_model, register_prompt_source,
+)
 from loopdiff.prompts import PromptError, PromptSet, prompt_set_from_lines
 from loopdiff.rewards.base import register_reward_modules
 
@@ -18,6 +23,7 @@ DEFAULTS = {
     "reward.name": "embedded_vqa",
 }
 PROMPT_USAGE = "embedded:<category>[:val]"
+DEFAULT_CONFIG = "embedded-aesthetic.yaml"  # what ``loopdiff train`` runs without --config (``make run``)
 
 
 def register() -> None:
@@ -26,6 +32,22 @@ def register() -> None:
     register_model(FLOW_NAME, flow_pipeline_folder, DEFAULTS)
     register_prompt_source(NAME, embedded_prompts, PROMPT_USAGE)
     register_reward_modules("loopdiff.embedded.rewards", "loopdiff.embedded.aesthetic")
+    register_configs(configs_folder)
+    register_default(NAME, DEFAULT_CONFIG)
+    register_command("pretrain", pretrain_command, help="pretrain the embedded base pipeline from scratch",
+                     description="Pretrain the embedded base pipeline; run 'loopdiff pretrain --help' for its options.")
+
+
+def configs_folder() -> Path:
+    """The folder of the packaged ``embedded-*.yaml`` configs."""
+    return Path(__file__).parent / "configs"
+
+
+def pretrain_command(argv: list[str]) -> int:
+    """``loopdiff pretrain ARGS...``: see ``loopdiff.embedded.pretrain.pretrain_cli``."""
+    from loopdiff.embedded.pretrain import pretrain_cli
+
+    return pretrain_cli(argv)
 
 
 def pipeline_folder() -> Path:

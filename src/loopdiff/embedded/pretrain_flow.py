@@ -11,7 +11,7 @@ identity) and train jointly with the transformer, as the UNet stage of ``pretrai
 Training is SD3's rectified flow: ``x_t = (1 - sigma) x_0 + sigma * eps``, the transformer predicts the
 velocity ``eps - x_0`` at timestep ``1000 * sigma``, unweighted MSE, with ``u`` drawn from a logit-normal
 density (SD3's default, mean 0, std 1) and ``sigma = shift * u / (1 + (shift - 1) u)``, the same shift the
-scheduler applies to its sampling grid. The data stream is ``pretrain.draw_batch`` (captions and renders
+scheduler applies to its sampling grid. The data stream is ``pretrain_common.draw_batch`` (captions and renders
 seeded by ``(seed, stage, step)``), 10% empty captions, AdamW with warm-up and cosine decay, an EMA of the
 weights (what gets exported), and a checkpoint every ``checkpoint_every`` steps; a resumed run is bit for bit
 the uninterrupted one. ``loopdiff pretrain --family flow --output-dir DIR`` or
@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,19 +46,9 @@ from loopdiff.checks import (
     DEVICE_HERE, FOLDER, SEED, Check, OneLineParser, above, at_least, flag, fraction, ranged,
 )
 from loopdiff.embedded.pipeline import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN, embedded_pipeline_path
-from loopdiff.embedded.pretrain import (
-    STATE_DIR,
-    PretrainStateError,
-    check_flags,
-    draw_batch,
-    ema_decay,
-    load_state_file,
-    optimizer_step,
-    parse_config,
-    save_atomic,
-    tokenize,
-    update_ema,
-    warmup_cosine,
+from loopdiff.embedded.pretrain_common import (
+    STATE_DIR, PretrainStateError, check_flags, draw_batch, ema_decay, load_state_file, optimizer_step,
+    parse_config, save_atomic, tokenize, update_ema, warmup_cosine,
 )
 
 STATE_FILE = "flow_state.pt"

@@ -19,7 +19,7 @@ from loopdiff.grids import side_by_side
 from loopdiff.study.claims import ClaimVerdict, check_claims, claims_json, claims_markdown, step_text
 from loopdiff.study.curves import plot_table_curves, write_curve_csv
 from loopdiff.study.results import (
-    BASE_TAG, FINAL_TAG, StudyResults, base_dir, collect_results, read_eval, report_dir, run_dir,
+    BASE_TAG, FINAL_TAG, RUN_RECORD, StudyResults, base_dir, collect_results, read_eval, report_dir, run_dir,
 )
 from loopdiff.reports.study_sections import (
     claims_table, efficiency_section, sampler_json, sampler_section, sections_markdown, variance_section,
@@ -27,7 +27,6 @@ from loopdiff.reports.study_sections import (
 from loopdiff.study.spec import BASE, StudySpec
 from loopdiff.study.tables import Table, format_cell, write_tables
 
-RUN_RECORD = "study_run.json"  # written by the runner into each finished run folder
 
 
 def build_report(spec: StudySpec, out: Path) -> Path:

@@ -20,15 +20,11 @@ from torch import nn
 
 from loopdiff.rewards.base import RewardError, register_reward
 from loopdiff.rewards.hf_models import (
+    HuggingFaceScorer,
     check_images,
-    chunks,
-    image_processor_settings,
-    load_model,
-    model_device,
-    model_dtype,
+    concat,
+    for_inference,
     pooled_features,
-    resize_normalize,
-    resolve_dtype,
     weights_check,
 )
 
@@ -71,8 +67,10 @@ def load_head(path: str | os.PathLike, reward: str = "aesthetic") -> AestheticHe
     return head.eval().requires_grad_(False)
 
 
-class AestheticScore:
+class AestheticScore(HuggingFaceScorer):
     """Callable reward: LAION aesthetic score of each image (AVA 1..10 scale)."""
+
+    needs_tokenizer = False
 
     def __init__(
         self,
@@ -85,31 +83,30 @@ class AestheticScore:
     ):
         from transformers import CLIPModel
 
-        self.name = name
-        self.clip = load_model(CLIPModel, model, name, device, dtype)
-        self.head = load_head(head, name).to(device=torch.device(device), dtype=resolve_dtype(dtype))
+        super().__init__(CLIPModel, model, device, dtype, batch_size, name)
+        self.clip = self.model
+        self.head = for_inference(load_head(head, name), device, dtype)
         if self.clip.config.projection_dim != self.head.input_size:
             raise RewardError(
                 f"reward '{name}': CLIP '{model}' embeds in {self.clip.config.projection_dim} dims but the head "
                 f"expects {self.head.input_size} (ViT-L/14)"
             )
-        self.settings = image_processor_settings(model, self.clip.config.vision_config.image_size)
-        self.batch_size = batch_size
 
     @torch.no_grad()
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP image embeddings ``(N, projection_dim)``."""
-        pixels = resize_normalize(images.to(model_device(self.clip)), self.settings, mode="bicubic", crop=True)
-        features = pooled_features(self.clip.get_image_features(pixel_values=pixels.to(model_dtype(self.clip))))
+        pixels = self.model_pixels(images, mode="bicubic", crop=True)
+        features = pooled_features(self.clip.get_image_features(pixel_values=pixels))
         return features / features.norm(dim=-1, keepdim=True)
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        images = check_images(images, self.name)
-        parts = chunks(len(images), self.batch_size)
-        scores = [self.head(self.embeddings(images[part])).float().cpu() for part in parts]
-        return torch.cat(scores) if scores else torch.zeros(0)
+        return concat(self.in_chunks(self.scores, check_images(images, self.name)))
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """The aesthetic scores of one chunk of images (CPU float32)."""
+        return self.head(self.embeddings(images)).float().cpu()
 
 
 def _head_check(options: Mapping[str, Any]) -> str | None:

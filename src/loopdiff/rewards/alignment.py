@@ -27,17 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from loopdiff.rewards.base import RewardError, register_reward
-from loopdiff.rewards.hf_models import (
-    check_images,
-    chunks,
-    image_processor_settings,
-    load_model,
-    load_pretrained,
-    model_device,
-    model_dtype,
-    resize_normalize,
-    weights_check,
-)
+from loopdiff.rewards.hf_models import HuggingFaceScorer, check_images, concat, weights_check
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_SCORER = "microsoft/deberta-xlarge-mnli"
@@ -78,7 +68,7 @@ def idf_weights(token_ids: Sequence[Sequence[int]]) -> dict[int, float]:
     return {token: math.log((total + 1) / (count + 1)) for token, count in frequency.items()}
 
 
-class BertScoreRecall:
+class BertScoreRecall(HuggingFaceScorer):
     """BERTScore recall of candidate sentences against reference sentences, over a transformers encoder."""
 
     def __init__(
@@ -91,17 +81,15 @@ class BertScoreRecall:
         batch_size: int = 32,
         name: str = "alignment",
     ):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        self.name = name
-        self.encoder = load_model(AutoModel, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
+        super().__init__(AutoModel, model, device, dtype, batch_size, name)
+        self.encoder = self.model
         layers = self.encoder.config.num_hidden_layers
         self.layer = layer if layer is not None else DEFAULT_LAYERS.get(str(model), layers)
         if not 0 <= self.layer <= layers:
             raise RewardError(f"reward '{name}': layer {self.layer} outside 0..{layers} of '{model}'")
         self.idf = idf
-        self.batch_size = batch_size
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(
@@ -115,8 +103,7 @@ class BertScoreRecall:
     @torch.no_grad()
     def embed(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states of layer ``layer`` for tokenised texts ``(B, L, D)``."""
-        device = model_device(self.encoder)
-        inputs = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         output = self.encoder(**inputs, output_hidden_states=True)
         return output.hidden_states[self.layer].float().cpu()
 
@@ -136,22 +123,20 @@ class BertScoreRecall:
         if self.idf:
             ids = self.tokenizer([r.strip() for r in references], add_special_tokens=False)["input_ids"]
             idf = idf_weights(ids)
-        parts = []
-        for part in chunks(len(candidates), self.batch_size):
-            candidate_tokens = self._tokenize(candidates[part])
-            reference_tokens = self._tokenize(references[part])
-            parts.append(
-                greedy_recall(
-                    self.embed(candidate_tokens),
-                    candidate_tokens["attention_mask"],
-                    self.embed(reference_tokens),
-                    self._weights(reference_tokens, idf),
-                )
+
+        def recall(candidate_texts: Sequence[str], reference_texts: Sequence[str]) -> torch.Tensor:
+            candidate_tokens, reference_tokens = self._tokenize(candidate_texts), self._tokenize(reference_texts)
+            return greedy_recall(
+                self.embed(candidate_tokens),
+                candidate_tokens["attention_mask"],
+                self.embed(reference_tokens),
+                self._weights(reference_tokens, idf),
             )
-        return torch.cat(parts) if parts else torch.zeros(0)
+
+        return concat(self.in_chunks(recall, candidates, references))
 
 
-class BlipCaptioner:
+class BlipCaptioner(HuggingFaceScorer):
     """Greedy (or beam) captions from a transformers ``BlipForConditionalGeneration``."""
 
     def __init__(
@@ -165,37 +150,33 @@ class BlipCaptioner:
         prompt: str = "",
         name: str = "alignment",
     ):
-        from transformers import AutoTokenizer, BlipForConditionalGeneration
+        from transformers import BlipForConditionalGeneration
 
-        self.name = name
-        self.model = load_model(BlipForConditionalGeneration, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
-        self.settings = image_processor_settings(model, self.model.config.vision_config.image_size)
-        self.batch_size = batch_size
+        super().__init__(BlipForConditionalGeneration, model, device, dtype, batch_size, name)
         self.max_new_tokens = max_new_tokens
         self.num_beams = num_beams
         self.prompt = prompt
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[str]:
         images = check_images(images, self.name)
-        device = model_device(self.model)
-        captions: list[str] = []
-        for part in chunks(len(images), self.batch_size):
-            pixels = resize_normalize(images[part].to(device), self.settings, mode="bicubic")
-            kwargs: dict[str, Any] = {}
-            if self.prompt:
-                kwargs = dict(self.tokenizer([self.prompt] * pixels.shape[0], return_tensors="pt").to(device))
-                kwargs.pop("token_type_ids", None)
-            ids = self.model.generate(
-                pixel_values=pixels.to(model_dtype(self.model)),
-                max_new_tokens=self.max_new_tokens,
-                num_beams=self.num_beams,
-                do_sample=False,
-                **kwargs,
-            )
-            captions.extend(t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True))
-        return captions
+        return [caption for part in self.in_chunks(self.captions, images) for caption in part]
+
+    @torch.no_grad()
+    def captions(self, images: torch.Tensor) -> list[str]:
+        """The captions of one chunk of images."""
+        pixels = self.model_pixels(images, mode="bicubic")
+        kwargs: dict[str, Any] = {}
+        if self.prompt:
+            kwargs = dict(self.tokenizer([self.prompt] * pixels.shape[0], return_tensors="pt").to(self.device))
+            kwargs.pop("token_type_ids", None)
+        ids = self.model.generate(
+            pixel_values=pixels,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=False,
+            **kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 class AlignmentScore:

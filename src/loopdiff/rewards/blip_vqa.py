@@ -23,22 +23,13 @@ an interpolation of an interpolation of the original 480 px ones: a small, unavo
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from loopdiff.rewards.base import RewardError, register_reward
-from loopdiff.rewards.hf_models import (
-    check_images,
-    chunks,
-    image_processor_settings,
-    load_model,
-    load_pretrained,
-    model_device,
-    model_dtype,
-    resize_normalize,
-    weights_check,
-)
+from loopdiff.rewards.hf_models import HuggingFaceScorer, check_images, concat, weights_check
 from loopdiff.rewards.phrases import split_noun_phrases
 
 DEFAULT_MODEL = "Salesforce/blip-vqa-capfilt-large"
@@ -51,7 +42,7 @@ def blip_question(phrase: str) -> str:
     return _QUESTION_PUNCTUATION.sub("", f"{phrase}?".lower()).rstrip(" ")
 
 
-class BlipVqaScore:
+class BlipVqaScore(HuggingFaceScorer):
     """Callable reward: product over noun phrases of BLIP-VQA's renormalised p(yes)."""
 
     def __init__(
@@ -66,14 +57,10 @@ class BlipVqaScore:
         enc_token_id: int | None = None,
         name: str = "blip_vqa",
     ):
-        from transformers import AutoTokenizer, BlipForQuestionAnswering
+        from transformers import BlipForQuestionAnswering
 
-        self.name = name
-        self.model = load_model(BlipForQuestionAnswering, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
-        settings = image_processor_settings(model, image_size)
-        self.image_settings = type(settings)(image_size, settings.mean, settings.std)
-        self.batch_size = batch_size
+        super().__init__(BlipForQuestionAnswering, model, device, dtype, batch_size, name)
+        self.image_settings = replace(self.settings, size=image_size)
         self.max_phrases = max_phrases
         self.phrase_backend = phrase_backend
         self.enc_token_id = self._resolve_enc_token(enc_token_id)
@@ -108,8 +95,8 @@ class BlipVqaScore:
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """ViT states ``(N, tokens, width)`` of images at ``image_size`` px (position embeddings interpolated)."""
-        pixels = resize_normalize(images.to(model_device(self.model)), self.image_settings, mode="bicubic")
-        vision = self.model.vision_model(pixel_values=pixels.to(model_dtype(self.model)), interpolate_pos_encoding=True)
+        pixels = self.model_pixels(images, self.image_settings, mode="bicubic")
+        vision = self.model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
         return vision.last_hidden_state
 
     @torch.no_grad()
@@ -142,21 +129,22 @@ class BlipVqaScore:
         if len(prompts) != images.shape[0]:
             raise RewardError(f"reward '{self.name}': {images.shape[0]} images but {len(prompts)} prompts")
         questions = [self.questions(prompt) for prompt in prompts]
-        scores: list[torch.Tensor] = []
-        for batch in chunks(len(prompts), self.batch_size):
-            states = self.image_embeddings(images[batch])
-            pairs = [(i, q) for i, qs in enumerate(questions[batch]) for q in qs]
-            probabilities = self._pair_probabilities(states, pairs)
-            scores.extend(torch.split(probabilities, [len(qs) for qs in questions[batch]]))
-        return scores
+        return [score for part in self.in_chunks(self._chunk_scores, images, questions) for score in part]
+
+    def _chunk_scores(self, images: torch.Tensor, questions: Sequence[Sequence[str]]) -> tuple[torch.Tensor, ...]:
+        """Per image of one chunk, the p(yes) of each of its questions."""
+        states = self.image_embeddings(images)
+        pairs = [(i, q) for i, qs in enumerate(questions) for q in qs]
+        return torch.split(self._pair_probabilities(states, pairs), [len(qs) for qs in questions])
 
     def _pair_probabilities(self, states: torch.Tensor, pairs: list[tuple[int, str]]) -> torch.Tensor:
         """p(yes) for (image index into ``states``, question) pairs, ``batch_size`` pairs at a time."""
-        parts = [torch.zeros(0)]
-        for part in chunks(len(pairs), self.batch_size):
-            image_index = torch.tensor([i for i, _ in pairs[part]], device=states.device)
-            parts.append(self.yes_probability(states[image_index], [q for _, q in pairs[part]]).cpu())
-        return torch.cat(parts)
+
+        def probabilities(part: list[tuple[int, str]]) -> torch.Tensor:
+            image_index = torch.tensor([i for i, _ in part], device=states.device)
+            return self.yes_probability(states[image_index], [q for _, q in part]).cpu()
+
+        return concat(self.in_chunks(probabilities, pairs))
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]

@@ -16,18 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from loopdiff.rewards.base import RewardError, register_reward
-from loopdiff.rewards.hf_models import (
-    check_images,
-    chunks,
-    image_processor_settings,
-    load_model,
-    load_pretrained,
-    model_device,
-    model_dtype,
-    pooled_features,
-    resize_normalize,
-    weights_check,
-)
+from loopdiff.rewards.hf_models import HuggingFaceScorer, pooled_features, weights_check
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 VARIANTS = ("cosine", "hessel")
@@ -42,7 +31,7 @@ def clip_score(cosine: torch.Tensor, variant: str = "cosine", weight: float = 2.
     raise RewardError(f"unknown CLIPScore variant {variant!r}; expected one of {VARIANTS}")
 
 
-class ClipScore:
+class ClipScore(HuggingFaceScorer):
     """Callable reward: CLIPScore of each image against its prompt."""
 
     def __init__(
@@ -59,15 +48,12 @@ class ClipScore:
     ):
         """``processor``: the folder or Hub id of the tokenizer and image-processor settings, when the model's
         own has none (PickScore's); default ``model``."""
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import CLIPModel
 
         if variant not in VARIANTS:
             raise RewardError(f"reward '{name}': unknown variant {variant!r}; expected one of {VARIANTS}")
-        self.name = name
-        self.clip = load_model(CLIPModel, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, processor or model, name)
-        self.settings = image_processor_settings(processor or model, self.clip.config.vision_config.image_size)
-        self.batch_size = batch_size
+        super().__init__(CLIPModel, model, device, dtype, batch_size, name, processor)
+        self.clip = self.model
         self.variant = variant
         self.weight = weight
         self.prefix = prefix
@@ -75,23 +61,23 @@ class ClipScore:
     @torch.no_grad()
     def cosine(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Cosine similarity of each image's and its prompt's CLIP embeddings (CPU float32)."""
-        device = model_device(self.clip)
-        pixels = resize_normalize(images.to(device), self.settings, mode="bicubic", crop=True)
-        image = pooled_features(self.clip.get_image_features(pixel_values=pixels.to(model_dtype(self.clip))))
+        pixels = self.model_pixels(images, mode="bicubic", crop=True)
+        image = pooled_features(self.clip.get_image_features(pixel_values=pixels))
         texts = [f"{self.prefix} {p}".strip() if self.prefix else p for p in prompts]
         length = self.clip.config.text_config.max_position_embeddings
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
-        text = pooled_features(self.clip.get_text_features(**tokens.to(device)))
+        text = pooled_features(self.clip.get_text_features(**tokens.to(self.device)))
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         return (image * text).sum(-1).float().cpu()
 
+    def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.cosine(images, prompts)
+
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        images = check_images(images, self.name)
-        parts = [self.cosine(images[s], prompts[s]) for s in chunks(len(prompts), self.batch_size)]
-        return clip_score(torch.cat(parts) if parts else torch.zeros(0), self.variant, self.weight)
+        return clip_score(self.score(images, prompts), self.variant, self.weight)
 
 
 @register_reward(

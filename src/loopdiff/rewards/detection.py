@@ -26,18 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from loopdiff.rewards.base import register_reward
-from loopdiff.rewards.hf_models import (
-    ImageSettings,
-    check_images,
-    chunks,
-    image_processor_settings,
-    load_model,
-    load_pretrained,
-    model_device,
-    model_dtype,
-    quantize_8bit,
-    weights_check,
-)
+from loopdiff.rewards.hf_models import HuggingFaceScorer, ImageSettings, check_images, quantize_8bit, weights_check
 from loopdiff.rewards.phrases import DETERMINERS, split_noun_phrases
 
 DEFAULT_MODEL = "google/owlv2-base-patch16-ensemble"
@@ -260,7 +249,7 @@ def pad_to_square(images: torch.Tensor, value: float = 0.5) -> torch.Tensor:
     return F.pad(images, (0, side - width, 0, side - height), value=value)
 
 
-class OwlDetector:
+class OwlDetector(HuggingFaceScorer):
     """OWLv2 zero-shot detection of named objects (query ``template.format(name)``), with per-label NMS."""
 
     def __init__(
@@ -274,13 +263,10 @@ class OwlDetector:
         template: str = "a photo of a {}",
         name: str = "detection",
     ):
-        from transformers import AutoTokenizer, Owlv2ForObjectDetection
+        from transformers import Owlv2ForObjectDetection
 
-        self.name = name
-        self.model = load_model(Owlv2ForObjectDetection, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
-        self.settings: ImageSettings = image_processor_settings(model, self.model.config.vision_config.image_size)
-        self.batch_size = batch_size
+        super().__init__(Owlv2ForObjectDetection, model, device, dtype, batch_size, name)
+        self.settings: ImageSettings
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou
         self.template = template
@@ -314,25 +300,22 @@ class OwlDetector:
     @torch.no_grad()
     def raw_outputs(self, images: torch.Tensor, names: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image and box: class logits ``(N, boxes, max_queries)`` and boxes ``(N, boxes, 4)`` (cx, cy, w, h)."""
-        device = model_device(self.model)
-        pixels = self.pixels(images.to(device)).to(model_dtype(self.model))
-        output = self.model(pixel_values=pixels, **self.query_tokens(names, device))
+        pixels = self.pixels(images.to(self.device)).to(self.dtype)
+        output = self.model(pixel_values=pixels, **self.query_tokens(names, self.device))
         return output.logits.float().cpu(), output.pred_boxes.float().cpu()
 
     def __call__(self, images: torch.Tensor, names: Sequence[Sequence[str]]) -> list[list[Detection]]:
         images = check_images(images, self.name)
-        results: list[list[Detection]] = []
-        for batch in chunks(len(names), self.batch_size):
-            batch_names = [list(dict.fromkeys(n)) for n in names[batch]]
-            if not any(batch_names):
-                results.extend([] for _ in batch_names)
-                continue
-            padded = [n or [""] for n in batch_names]
-            logits, boxes = self.raw_outputs(images[batch], padded)
-            side = float(max(images.shape[-2:]))
-            for image_names, image_logits, image_boxes in zip(batch_names, logits, boxes):
-                results.append(self._detections(image_names, image_logits, image_boxes, side))
-        return results
+        return [found for part in self.in_chunks(self._detect_chunk, images, names) for found in part]
+
+    def _detect_chunk(self, images: torch.Tensor, names: Sequence[Sequence[str]]) -> list[list[Detection]]:
+        """The detections of one chunk of images, each queried for its names (repeats dropped)."""
+        chunk_names = [list(dict.fromkeys(n)) for n in names]
+        if not any(chunk_names):
+            return [[] for _ in chunk_names]
+        logits, boxes = self.raw_outputs(images, [n or [""] for n in chunk_names])
+        side = float(max(images.shape[-2:]))
+        return [self._detections(*found, side) for found in zip(chunk_names, logits, boxes)]
 
     def _detections(self, names: list[str], logits: torch.Tensor, boxes: torch.Tensor, side: float) -> list[Detection]:
         if not names:
@@ -351,52 +334,84 @@ class OwlDetector:
 # ----------------------------------------------------------------------------- the rewards
 
 
-class SpatialScore:
-    """Callable reward: T2I-CompBench's 2D-spatial formula over ``detector``'s boxes."""
+class DetectionScore:
+    """Base of the rewards scored from ``detector``'s boxes of the objects each prompt asks for.
 
-    def __init__(self, detector: Detector, iou_threshold: float = 0.1, distance_threshold: float = 150.0):
-        self.detector = detector
-        self.iou_threshold = iou_threshold
-        self.distance_threshold = distance_threshold
-
-    def __call__(
-        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-    ) -> torch.Tensor:
-        objects = [spatial_objects(prompt) for prompt in prompts]
-        detections = self.detector(images, [list(pair) if pair else [] for pair in objects])
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        scores = [
-            spatial_score(found, *pair, spatial_relation(prompt), size, self.iou_threshold, self.distance_threshold)
-            if pair
-            else 0.0
-            for prompt, pair, found in zip(prompts, objects, detections)
-        ]
-        return torch.tensor(scores, dtype=torch.float32)
-
-
-class NumeracyScore:
-    """Callable reward: T2I-CompBench's numeracy formula over ``detector``'s boxes."""
+    A subclass says what a prompt (and its metadata) asks for (:meth:`target`), which object names that
+    queries (:meth:`names`) and what one image scores given its detections (:meth:`image_score`).
+    """
 
     def __init__(self, detector: Detector):
         self.detector = detector
 
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def names(self, target: Any) -> list[str]:
+        raise NotImplementedError
+
+    def image_score(self, image: torch.Tensor, detections: Sequence[Detection], target: Any, prompt: str) -> float:
+        raise NotImplementedError
+
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        objects = [counted_objects(prompt) for prompt in prompts]
-        detections = self.detector(images, [[name for name, _ in pairs] for pairs in objects])
-        return torch.tensor([numeracy_score(d, o) for d, o in zip(detections, objects)], dtype=torch.float32)
+        targets = [self.target(prompt, meta) for prompt, meta in zip(prompts, metadata)]
+        detections = self.detector(images, [self.names(target) for target in targets])
+        scores = [self.image_score(*item) for item in zip(images, detections, targets, prompts)]
+        return torch.tensor(scores, dtype=torch.float32)
 
 
-_NEEDS = f"Owlv2ForObjectDetection weights (default '{DEFAULT_MODEL}'; option model=<folder or Hub id>)"
+class SpatialScore(DetectionScore):
+    """Callable reward: T2I-CompBench's 2D-spatial formula over ``detector``'s boxes."""
+
+    def __init__(self, detector: Detector, iou_threshold: float = 0.1, distance_threshold: float = 150.0):
+        super().__init__(detector)
+        self.iou_threshold = iou_threshold
+        self.distance_threshold = distance_threshold
+
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> tuple[str, str] | None:
+        return spatial_objects(prompt)
+
+    def names(self, target: tuple[str, str] | None) -> list[str]:
+        return list(target) if target else []
+
+    def image_score(
+        self, image: torch.Tensor, detections: Sequence[Detection], target: tuple[str, str] | None, prompt: str
+    ) -> float:
+        if not target:
+            return 0.0
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        relation = spatial_relation(prompt)
+        return spatial_score(detections, *target, relation, size, self.iou_threshold, self.distance_threshold)
 
 
-@register_reward(
+class NumeracyScore(DetectionScore):
+    """Callable reward: T2I-CompBench's numeracy formula over ``detector``'s boxes."""
+
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> list[tuple[str, int]]:
+        return counted_objects(prompt)
+
+    def names(self, target: list[tuple[str, int]]) -> list[str]:
+        return [name for name, _ in target]
+
+    def image_score(
+        self, image: torch.Tensor, detections: Sequence[Detection], target: list[tuple[str, int]], prompt: str
+    ) -> float:
+        return numeracy_score(detections, target)
+
+
+def _register_owl_reward(name: str, description: str) -> Any:
+    """``register_reward`` for a reward over :class:`OwlDetector` (its weights, its check)."""
+    needs = f"Owlv2ForObjectDetection weights (default '{DEFAULT_MODEL}'; option model=<folder or Hub id>)"
+    return register_reward(
+        name, description=description, needs=needs, extras=("transformers",), check=weights_check(DEFAULT_MODEL)
+    )
+
+
+@_register_owl_reward(
     "spatial",
     description="T2I-CompBench 2D-spatial formula (0.25 s1 + 0.25 s2 + 0.5 pos, < 0.5 -> 0) over OWLv2 boxes",
-    needs=_NEEDS,
-    extras=("transformers",),
-    check=weights_check(DEFAULT_MODEL),
 )
 def spatial(
     model: str = DEFAULT_MODEL,
@@ -413,12 +428,9 @@ def spatial(
     return SpatialScore(detector, iou_threshold, distance_threshold)
 
 
-@register_reward(
+@_register_owl_reward(
     "numeracy",
     description="T2I-CompBench numeracy formula (+0.5 found, +0.5 right count, mean over objects) over OWLv2 boxes",
-    needs=_NEEDS,
-    extras=("transformers",),
-    check=weights_check(DEFAULT_MODEL),
 )
 def numeracy(
     model: str = DEFAULT_MODEL,

@@ -25,18 +25,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from loopdiff.rewards.base import RewardError, register_reward
-from loopdiff.rewards.detection import DEFAULT_MODEL, Detection, Detector, OwlDetector
-from loopdiff.rewards.hf_models import (
-    check_images,
-    image_processor_settings,
-    load_model,
-    load_pretrained,
-    model_device,
-    model_dtype,
-    pooled_features,
-    resize_normalize,
-    weights_check,
-)
+from loopdiff.rewards.detection import DEFAULT_MODEL, Detection, DetectionScore, Detector, OwlDetector
+from loopdiff.rewards.hf_models import HuggingFaceScorer, check_images, pooled_features, weights_check
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -56,27 +46,24 @@ def relative_position(box: Sequence[float], other: Sequence[float]) -> set[str]:
                                      ("below", dy > 0.5)) if holds}
 
 
-class ColourClassifier:
+class ColourClassifier(HuggingFaceScorer):
     """CLIP zero-shot colour of a box crop among :data:`COLORS`."""
 
     def __init__(self, model: str, device: str | torch.device, dtype: Any, name: str):
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import CLIPModel
 
-        self.clip = load_model(CLIPModel, model, name, device, dtype)
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
-        self.settings = image_processor_settings(model, self.clip.config.vision_config.image_size)
+        super().__init__(CLIPModel, model, device, dtype, batch_size=1, name=name)
+        self.clip = self.model
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, box: Sequence[float], name: str) -> str:
         height, width = image.shape[-2:]
         x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
         x1, y1 = min(width, max(x0 + 1, math.ceil(box[2]))), min(height, max(y0 + 1, math.ceil(box[3])))
-        device = model_device(self.clip)
-        crop = image[None, :, y0:y1, x0:x1].to(device)
-        pixels = resize_normalize(crop, self.settings, mode="bicubic", crop=True).to(model_dtype(self.clip))
+        pixels = self.model_pixels(image[None, :, y0:y1, x0:x1], mode="bicubic", crop=True)
         features = pooled_features(self.clip.get_image_features(pixel_values=pixels))
         texts = [f"a photo of a {colour} {name}" for colour in COLORS]
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         text = pooled_features(self.clip.get_text_features(**tokens))
         similarity = torch.nn.functional.cosine_similarity(features, text)
         return COLORS[int(similarity.argmax())]
@@ -115,28 +102,33 @@ def _classes(metadata: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(e["class"] for e in [*metadata["include"], *metadata.get("exclude", [])]))
 
 
-class GenevalScore:
+class GenevalScore(DetectionScore):
     """Callable reward: GenEval's correctness (or the fraction of requirements met) over ``detector``'s boxes."""
 
     def __init__(self, detector: Detector, colour_of: ColourClassifier | None = None, partial: bool = False):
-        self.detector = detector
+        super().__init__(detector)
         self.colour_of = colour_of
         self.partial = partial
+
+    def target(self, prompt: str, metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not isinstance(metadata.get("include"), list) or not metadata["include"]:
+            raise RewardError(f"reward 'geneval' needs GenEval metadata with an 'include' list for each prompt "
+                              f"(a .jsonl prompt file); prompt {prompt!r} has {dict(metadata)}")
+        return metadata
+
+    def names(self, target: Mapping[str, Any]) -> list[str]:
+        return _classes(target)
+
+    def image_score(
+        self, image: torch.Tensor, detections: Sequence[Detection], target: Mapping[str, Any], prompt: str
+    ) -> float:
+        met = requirements_met(image, detections, target, self.colour_of)
+        return sum(met) / len(met) if self.partial else float(all(met))
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        images = check_images(images, "geneval")
-        for prompt, meta in zip(prompts, metadata):
-            if not isinstance(meta.get("include"), list) or not meta["include"]:
-                raise RewardError(f"reward 'geneval' needs GenEval metadata with an 'include' list for each prompt "
-                                  f"(a .jsonl prompt file); prompt {prompt!r} has {dict(meta)}")
-        detections = self.detector(images, [_classes(meta) for meta in metadata])
-        scores = []
-        for image, found, meta in zip(images, detections, metadata):
-            met = requirements_met(image, found, meta, self.colour_of)
-            scores.append(sum(met) / len(met) if self.partial else float(all(met)))
-        return torch.tensor(scores, dtype=torch.float32)
+        return super().__call__(check_images(images, "geneval"), prompts, metadata)
 
 
 @register_reward(

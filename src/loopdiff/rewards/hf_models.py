@@ -2,6 +2,8 @@
 
 Shared by the rewards that run a transformers model (BLIP-VQA, OWLv2, CLIP, captioner, BERT):
 
+- :class:`HuggingFaceScorer`, their base: it loads the model for inference with its tokenizer and
+  image settings and scores ``batch_size`` items at a time;
 - :func:`load_pretrained` loads any ``from_pretrained`` class from a local folder or a Hub id and
   turns a failure into a :class:`RewardError` naming the reward and the path;
 - :func:`image_processor_settings` reads the model's image size, mean and std from its saved
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +60,16 @@ def load_pretrained(loader: Any, model: str | os.PathLike, reward: str, **kwargs
         ) from error
 
 
-def load_model(loader: Any, model: str | os.PathLike, reward: str, device: str | torch.device, dtype: Any) -> Any:
-    """Load a transformers model, move it to ``device``/``dtype`` and set eval mode (no gradients)."""
-    network = load_pretrained(loader, model, reward)
+def for_inference(network: Any, device: str | torch.device, dtype: Any) -> Any:
+    """``network`` moved to ``device``/``dtype``, in eval mode, without gradients."""
     network = network.to(device=torch.device(device), dtype=resolve_dtype(dtype)).eval()
     network.requires_grad_(False)
     return network
+
+
+def load_model(loader: Any, model: str | os.PathLike, reward: str, device: str | torch.device, dtype: Any) -> Any:
+    """Load a transformers model, move it to ``device``/``dtype`` and set eval mode (no gradients)."""
+    return for_inference(load_pretrained(loader, model, reward), device, dtype)
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,11 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def concat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The parts concatenated along the first dimension (an empty tensor for no parts)."""
+    return torch.cat(list(parts)) if parts else torch.zeros(0)
+
+
 def pooled_features(output: Any) -> torch.Tensor:
     """``get_image_features``/``get_text_features`` output as a tensor (transformers 4 returns one, 5 an output)."""
     return output if torch.is_tensor(output) else output.pooler_output
@@ -177,6 +188,81 @@ def model_device(network: torch.nn.Module) -> torch.device:
 
 def model_dtype(network: torch.nn.Module) -> torch.dtype:
     return next(network.parameters()).dtype
+
+
+Chunk = TypeVar("Chunk")
+
+
+class HuggingFaceScorer:
+    """Base of the scorers over one transformers model, run for inference ``batch_size`` items at a time.
+
+    ``network`` is a transformers class loaded from ``model`` (a folder or Hub id) or an already built
+    module; either way it ends on ``device`` in ``dtype``, in eval mode without gradients, as
+    ``self.model``. The tokenizer (unless ``needs_tokenizer`` is false) and, for a model with a vision
+    tower, the image settings come from ``processor`` (default ``model``). A subclass says how one chunk
+    is scored (:meth:`score_chunk`, or its own function given to :meth:`in_chunks`).
+    """
+
+    needs_tokenizer: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        network: Any,
+        model: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: Any = torch.float32,
+        batch_size: int = 16,
+        name: str = "reward",
+        processor: str | os.PathLike | None = None,
+    ):
+        self.name = name
+        self.batch_size = batch_size
+        if isinstance(network, torch.nn.Module):
+            self.model = for_inference(network, device, dtype)
+        else:
+            self.model = load_model(network, model, name, device, dtype)
+        source = processor or model
+        if self.needs_tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = load_pretrained(AutoTokenizer, source, name)
+        vision = getattr(self.model.config, "vision_config", None)
+        self.settings: ImageSettings | None = (
+            image_processor_settings(source, vision.image_size) if vision is not None else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.model)
+
+    def model_pixels(self, images: torch.Tensor, settings: ImageSettings | None = None, **options: Any) -> torch.Tensor:
+        """:func:`resize_normalize` of ``images`` (default ``self.settings``) on the model's device, in its dtype."""
+        settings = settings or self.settings
+        assert settings is not None, f"{type(self).__name__} has no image settings"
+        return resize_normalize(images.to(self.device), settings, **options).to(self.dtype)
+
+    def in_chunks(self, score_chunk: Callable[..., Chunk], *columns: Sequence[Any]) -> list[Chunk]:
+        """``score_chunk`` of each ``batch_size`` slice of the columns (as long as the shortest), without gradients."""
+        size = min(len(column) for column in columns)
+        with torch.no_grad():
+            return [score_chunk(*(column[part] for column in columns)) for part in chunks(size, self.batch_size)]
+
+    def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The scores (CPU float32) of one chunk of images and their prompts."""
+        raise NotImplementedError
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """:meth:`score_chunk` over all images, ``batch_size`` at a time, concatenated."""
+        return concat(self.in_chunks(self.score_chunk, check_images(images, self.name), prompts))
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        return self.score(images, prompts)
 
 
 def weights_check(default_model: str, option: str = "model"):

@@ -23,15 +23,11 @@ import torch
 from loopdiff.rewards.aesthetic import AestheticHead
 from loopdiff.rewards.base import RewardError, register_reward
 from loopdiff.rewards.hf_models import (
+    HuggingFaceScorer,
     ImageSettings,
-    check_images,
     checkpoint_and_weights_check,
-    chunks,
+    for_inference,
     load_pretrained,
-    model_device,
-    model_dtype,
-    resize_normalize,
-    resolve_dtype,
 )
 
 DEFAULT_BLIP = "Salesforce/blip-itm-large-coco"
@@ -86,17 +82,16 @@ def _misfit(blip: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor],
     return None if head else "it has no mlp head"
 
 
-class ImageRewardScore:
+class ImageRewardScore(HuggingFaceScorer):
     """Callable reward: ImageReward's standardised preference score of each image for its prompt."""
 
     def __init__(self, checkpoint: str | os.PathLike, model: str = DEFAULT_BLIP, device: str | torch.device = "cpu",
                  dtype: Any = torch.float32, batch_size: int = 16, image_size: int = 224, name: str = "imagereward"):
-        from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval
+        from transformers import BlipConfig, BlipForImageTextRetrieval
 
         self.name = name
         config = load_pretrained(BlipConfig, model, name)
         config.vision_config.image_size = image_size
-        self.tokenizer = load_pretrained(AutoTokenizer, model, name)
         blip_state, head_state = split_checkpoint(self._read(checkpoint))
         blip = BlipForImageTextRetrieval(config)
         wanted = {k: v for k, v in blip.state_dict().items()
@@ -108,11 +103,10 @@ class ImageRewardScore:
         blip.load_state_dict({k: blip_state[k] for k in wanted}, strict=False)
         head = AestheticHead(head_state["layers.0.weight"].shape[1])
         head.load_state_dict(head_state)
-        device, dtype = torch.device(device), resolve_dtype(dtype)
-        self.blip = blip.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        super().__init__(blip, model, device, dtype, batch_size, name)
+        self.blip = self.model
+        self.head = for_inference(head, device, dtype)
         self.settings = ImageSettings(image_size)
-        self.batch_size = batch_size
 
     def _read(self, checkpoint: str | os.PathLike) -> Mapping[str, torch.Tensor]:
         path = os.path.expanduser(os.fspath(checkpoint))
@@ -129,9 +123,9 @@ class ImageRewardScore:
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        device = model_device(self.blip)
-        pixels = resize_normalize(images.to(device), self.settings, mode="bicubic", crop=True)
-        image_states = self.blip.vision_model(pixel_values=pixels.to(model_dtype(self.blip)))[0]
+        device = self.device
+        pixels = self.model_pixels(images, mode="bicubic", crop=True)
+        image_states = self.blip.vision_model(pixel_values=pixels)[0]
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_TOKENS,
                                 return_tensors="pt").to(device)
         text = self.blip.text_encoder(
@@ -140,12 +134,8 @@ class ImageRewardScore:
         ).last_hidden_state[:, 0]
         return ((self.head(text).float() - MEAN) / STD).cpu()
 
-    def __call__(
-        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-    ) -> torch.Tensor:
-        images = check_images(images, self.name)
-        parts = [self.scores(images[s], prompts[s]) for s in chunks(len(prompts), self.batch_size)]
-        return torch.cat(parts) if parts else torch.zeros(0)
+    def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.scores(images, prompts)
 
 
 @register_reward(

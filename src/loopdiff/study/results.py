@@ -22,6 +22,7 @@ from loopdiff.training.metrics import read_metrics
 FINAL_TAG = "final"
 BASE_TAG = "base"
 VARIANCE_FILE = "variance.json"
+RUN_RECORD = "study_run.json"  # written by the runner into each finished run folder: its id and wall time
 DETERMINISTIC = "_deterministic"  # the suffix of evaluations sampled without noise (eval.deterministic)
 
 

@@ -5,13 +5,11 @@ evaluation per task, finished runs skipped, crashed runs resumed from their chec
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fnmatch
 import gc
 import json
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -23,9 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from loopdiff.config import RunConfig, upgrade_renamed_fields
-from loopdiff.reports.study import RUN_RECORD, build_report
-from loopdiff.study.results import BASE_TAG, FINAL_TAG, VARIANCE_FILE, base_dir, read_eval, run_dir, variance_dir
-from loopdiff.study.spec import StudyError, StudySpec, VarianceSpec, load_study_spec
+from loopdiff.study.results import (
+    BASE_TAG, FINAL_TAG, RUN_RECORD, VARIANCE_FILE, base_dir, read_eval, run_dir, variance_dir,
+)
+from loopdiff.study.spec import StudyError, StudySpec, VarianceSpec
 
 DEFAULT_STUDY = "study-paper.yaml"
 LOG_FILE = "study_log.txt"
@@ -141,8 +140,9 @@ def preflight(jobs: Sequence[Job]) -> None:
     from loopdiff.prompts import PromptError, load_prompt_set
     from loopdiff.rewards.base import RewardError, import_reward_target, parse_reward_spec, registered_rewards
     from loopdiff.models import resolve_pretrained
+    from loopdiff.plugins import registered_models
 
-    registry, checked = registered_rewards(), set()
+    registry, checked, models = registered_rewards(), set(), registered_models()
     for job in jobs:
         c = job.config
         key = (c.prompts.train, c.prompts.val, c.reward.name, tuple(c.eval.rewards), c.model.pretrained)
@@ -170,7 +170,7 @@ def preflight(jobs: Sequence[Job]) -> None:
                 if reason is not None:
                     raise StudyError(f"task '{job.task}': reward '{name}' cannot run here: {reason}")
         source = Path(resolve_pretrained(c.model.pretrained)).expanduser()
-        if (source.exists() or c.model.pretrained == "embedded") and not (source / "model_index.json").is_file():
+        if (source.exists() or c.model.pretrained in models) and not (source / "model_index.json").is_file():
             raise StudyError(f"model.pretrained='{c.model.pretrained}': no diffusers pipeline in '{source}'")
 
 
@@ -263,7 +263,8 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> StudyOutcome:
-    """Run every unfinished job of the study (``jobs`` at a time), record ``study.json``, build the report.
+    """Run every unfinished job of the study (``jobs`` at a time) and record ``study.json`` (the report is
+    ``loopdiff.reports.study_command.run_and_report``'s).
 
     With ``jobs == 1`` the runs share this process; otherwise ``jobs`` worker processes run them, each with
     ``threads`` (default: cores // jobs) torch threads."""
@@ -307,7 +308,6 @@ def run_study(
         bar.close()
         outcome.wall_time_s = time.perf_counter() - start
         _record_study(spec, out, plan, outcome, command, started, jobs, threads)
-    outcome.report = build_report(spec, out)
     return outcome
 
 
@@ -368,59 +368,7 @@ def _record_study(spec: StudySpec, out: Path, plan: list[Job], outcome: StudyOut
     path.write_text(json.dumps(record, indent=1))
 
 
-# ---------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loopdiff study",
-        description="Reproduce the paper's comparisons: train every (task, method, seed) of a study config, "
-        "evaluate the base model once per task, and write tables, training curves, image grids and a claims "
-        "check to <out>/report/index.html. Finished runs are skipped; interrupted runs resume.",
-    )
-    parser.add_argument("config", nargs="?", default=None,
-                        help=f"study YAML, or the name of a shipped one (default: {DEFAULT_STUDY}: Tables 1 and 2 on the "
-                        "embedded world; study-smoke.yaml: a few-minute check)")
-    parser.add_argument("--out", default=None, help="study folder (default: studies/<study name>)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at once, in N worker processes with cores // N torch threads each (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per job (default: cores // jobs); 1 on a machine shared with other work")
-    parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
-                        help="run only jobs whose id matches this glob, e.g. 'color/*' or '*/ppo/seed0' "
-                        "(repeatable); ids are <task>/<method>/seed<k> and base/<task>")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the finished runs")
-    parser.add_argument("--dry-run", action="store_true", help="list the jobs and whether each is finished")
-    return parser
-
-
-def study_cli(argv: list[str] | None = None) -> int:
-    """``loopdiff study [CONFIG] [--out DIR] [--jobs N] [--only PATTERN] [--report-only] [--dry-run]``."""
-    from loopdiff.config import ConfigError
-    from loopdiff.prompts import PromptError
-    from loopdiff.rewards.base import RewardError
-
-    args = build_parser().parse_args(argv)
-    command = shlex.join(["loopdiff", "study", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        spec = load_study_spec(resolve_study_path(args.config))
-        out = Path(args.out or Path("studies") / spec.name)
-        if args.report_only:
-            print(f"report: {build_report(spec, out)}")
-            return 0
-        if args.dry_run:
-            for job in plan_study(spec, out, args.only):
-                print(f"{'done' if job.is_done() else 'todo'}  {job.id}  {job.folder}")
-            return 0
-        outcome = run_study(spec, out, jobs=args.jobs, threads=args.threads, only=args.only, command=command)
-    except (StudyError, ConfigError, PromptError, RewardError) as error:
-        print(f"loopdiff study: error: {error}", file=sys.stderr)
-        return 2
-    print(f"{len(outcome.ran)} ran, {len(outcome.skipped)} already finished, {len(outcome.failed)} failed "
-          f"in {outcome.wall_time_s:.0f} s; report: {outcome.report}")
-    for job_id, log_file in outcome.failed.items():
-        print(f"  failed: {job_id} (log: {log_file})", file=sys.stderr)
-    return 1 if outcome.failed else 0
+# ---------------------------------------------------------------- study configs
 
 
 def resolve_study_path(name: str | None) -> Path:

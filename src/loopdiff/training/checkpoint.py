@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from loopdiff.config import ConfigError, RunConfig, fixed_changes
 from loopdiff.training.ema import ParameterEMA
 from loopdiff.training.guards import check_finite_weights
 from loopdiff.sharding import full_optimizer_state_dict, is_sharded, load_full_optimizer_state_dict
@@ -65,7 +66,7 @@ class Resumable:
     lora: bool
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    tracker: Any  # PerPromptStatTracker or None
+    advantage_fn: Any  # an AdvantageFunction: its state (a DDPO tracker's per-prompt rewards) is saved as 'tracker'
     ema: ParameterEMA | None = None
     text_encoder: torch.nn.Module | None = None  # with LoRA adapters (model.train_text_encoder)
 
@@ -146,6 +147,43 @@ def read_info(path: Path) -> dict[str, Any]:
     return json.loads((path / INFO).read_text())
 
 
+def resume_point(run_dir: Path, config: RunConfig) -> Path | None:
+    """The checkpoint of ``run_dir`` to resume from, after checking that ``config`` may continue it.
+
+    Raises ConfigError naming the fields that changed but are fixed for a run's life, or when
+    ``training.epochs`` is below the epochs already trained.
+    """
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    info = read_info(path)
+    changes = fixed_changes(info.get("config", {}), config)
+    way_out = "start over with output.resume=false (removes its checkpoints) or use a new output.dir"
+    if changes:
+        raise ConfigError(f"output.dir='{run_dir}' holds a run with other settings that cannot change "
+                          f"mid-run: {'; '.join(changes)}; rerun with the saved values, or {way_out}")
+    epochs = config.training.epochs
+    if epochs < info["epoch"]:
+        raise ConfigError(f"training.epochs={epochs} is below the {info['epoch']} epochs already trained in "
+                          f"'{run_dir}'; allowed: >= {info['epoch']}, or {way_out}")
+    return path
+
+
+def truncate_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop the epochs logged after ``epoch`` from ``metrics.jsonl`` (a resumed run trains them again)."""
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    if metrics_file.is_file():
+        lines = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["epoch"] <= epoch]
+        metrics_file.write_text("".join(line + "\n" for line in lines))
+
+
+def start_over(run_dir: Path) -> None:
+    """Remove the run folder's checkpoints and metrics (``output.resume=false``)."""
+    for path in checkpoint_folders(run_dir):
+        remove_checkpoint(path)
+    (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def _rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
@@ -222,7 +260,7 @@ def save_checkpoint(
     state = {
         "optimizer": optimizer,
         "lr_scheduler": parts.lr_scheduler.state_dict(),
-        "tracker": parts.tracker.state_dict() if parts.tracker is not None else None,
+        "tracker": parts.advantage_fn.state_dict() if parts.advantage_fn is not None else None,
         "ema": ema,
         "rng": _rng_state(),
     }
@@ -269,8 +307,8 @@ def load_checkpoint(path: Path, parts: Resumable) -> dict[str, Any]:
     else:
         parts.optimizer.load_state_dict(state["optimizer"])
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if parts.tracker is not None and state["tracker"] is not None:
-        parts.tracker.load_state_dict(state["tracker"])
+    if parts.advantage_fn is not None and state["tracker"] is not None:
+        parts.advantage_fn.load_state_dict(state["tracker"])
     if parts.ema is not None:
         if state.get("ema") is None:
             raise CheckpointError(f"checkpoint {path} holds no EMA state, but training.ema_decay is set")

@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from loopdiff.advantages import finite_groups
+
 
 class NonFiniteError(RuntimeError):
     """Training met more non-finite values than it tolerates; the message says what and where."""
@@ -64,3 +66,35 @@ def check_nonfinite_rewards(
         raise NonFiniteError(f"{head} (more than training.max_nonfinite_fraction={max_fraction:g}); stopping")
     if too_few_left is not None:
         raise NonFiniteError(f"{head}: {too_few_left}; stopping")
+
+
+def finite_sample_mask(
+    rewards: torch.Tensor, group_ids: torch.Tensor, reward: str, epoch: int, max_fraction: float, processes: int,
+    pairs_per_sample: int, minibatches: int,
+) -> tuple[torch.Tensor, dict[str, float], str | None]:
+    """The mask over all processes' samples of the groups with only finite rewards, the counts as metrics
+    (``nonfinite_rewards``, ``dropped_groups``) and a warning line when a group was dropped (None otherwise).
+
+    Raises NonFiniteError when more than ``max_fraction`` of the rewards are non-finite, or when a process is
+    left with fewer (sample, step) pairs than the epoch's ``minibatches`` optimiser steps need."""
+    keep = finite_groups(rewards, group_ids)
+    nonfinite, dropped = int((~torch.isfinite(rewards)).sum()), int(group_ids[~keep].unique().numel())
+    counts = {"nonfinite_rewards": float(nonfinite), "dropped_groups": float(dropped)}
+    if nonfinite == 0:
+        return keep, counts, None
+    check_nonfinite_rewards(reward, nonfinite, len(rewards), max_fraction, epoch,
+                            _too_few_left(keep, processes, pairs_per_sample, minibatches))
+    warning = (f"warning: reward '{reward}' was non-finite for {nonfinite} of {len(rewards)} images in epoch {epoch}; "
+               f"dropped their {dropped} prompt group(s) ({int((~keep).sum())} images)")
+    return keep, counts, warning
+
+
+def _too_few_left(keep: torch.Tensor, processes: int, pairs_per_sample: int, minibatches: int) -> str | None:
+    """Why the kept samples cannot fill the epoch's optimiser steps on some process, or None."""
+    if not bool(keep.any()):
+        return "no prompt group with only finite rewards remains"
+    pairs = keep.view(processes, -1).sum(1) * pairs_per_sample
+    short = (pairs < minibatches).nonzero().flatten().tolist()
+    if not short:
+        return None
+    return f"process {short[0]} keeps {int(pairs[short[0]])} (sample, step) pairs, fewer than estimator.minibatches={minibatches}"

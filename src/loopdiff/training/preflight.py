@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from loopdiff.config import ConfigError, RunConfig
+from loopdiff.config import ConfigError, RunConfig, check_processes
 from loopdiff.prompts import PromptSet
 from loopdiff.rewards.base import PromptRequirement, parse_reward_spec, registered_rewards
 
@@ -213,3 +213,21 @@ def check_reward_prompts(config: RunConfig, prompt_sets: Mapping[str, PromptSet]
                         f"'{getattr(config.prompts, split)}' holds {prompt!r} ({error}); use {requirement.hint}, "
                         f"or leave '{name}' out of {field}"
                     ) from None
+
+
+def check_before_loading(config: RunConfig, accelerator: Any) -> None:
+    """Fail fast, before the model loads: the launch, device, rewards, sharding backend, process count,
+    logging and output folder."""
+    kind = accelerator.distributed_type.value
+    check_launch(accelerator.num_processes)
+    check_device(config.model.device, accelerator.device)
+    check_reward_options(config)
+    check_reward_names(config)
+    check_sharding(kind)
+    if kind == "FSDP":
+        check_fsdp_version(accelerator.state.fsdp_plugin.fsdp_version)
+    if kind == "DEEPSPEED":
+        check_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, config)
+    check_processes(config, accelerator.num_processes)
+    check_logging(config)
+    check_output_dir(Path(config.output.dir))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -377,6 +378,7 @@ def test_report_links_are_relative_and_present(mini_study) -> None:
     assert {"curves_main.png", "grid_plain.png", "grid_short.png", "main_training.csv", "main_evaluator.md"} <= set(links)
     for link in links:
         assert not link.startswith(("/", "file:", "http")) and (out / "report" / link).is_file(), link
+    assert os.getcwd() not in index  # the folder the study ran in is the machine's, not the report's
     from PIL import Image
 
     grid = Image.open(out / "report" / "grid_plain.png")

@@ -185,8 +185,7 @@ def meta_html(spec: StudySpec, out: Path) -> str:
              f"{', '.join(map(str, spec.seeds))}; {len(spec.pairs())} (task, method) pairs."]
     if record.get("invocations"):
         last = record["invocations"][-1]
-        lines.append(f"Command: <code>{html.escape(last['command'])}</code> (in <code>"
-                     f"{html.escape(last.get('cwd', ''))}</code>)")
+        lines.append(f"Command: <code>{html.escape(last['command'])}</code>")  # not its folder: reports get shared
         lines.append(f"Total wall time: {_duration(record.get('total_wall_time_s', 0.0))} over "
                      f"{len(record['invocations'])} invocation(s).")
     lines.append('Files: <a href="tables.md">tables.md</a> &middot; <a href="claims.md">claims.md</a>')

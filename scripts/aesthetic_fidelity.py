@@ -59,20 +59,37 @@ def plot(figures: dict[str, tuple[float, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    placed: list[tuple[float, float]] = []
+    fig, ax = plt.subplots(figsize=(8, 6))
     for label, (colour, binding) in figures.items():
         ax.scatter(binding, colour, s=30, color="tab:gray" if label in ("base", "random_control") else "tab:blue")
-        # a point close to one already labelled (a run's final and kept models) takes its label below
-        below = any(abs(binding - b) < 0.06 and abs(colour - c) < 0.015 for c, b in placed)
-        ax.annotate(label, (binding, colour), textcoords="offset points", xytext=(5, -10 if below else 3), fontsize=8)
-        placed.append((colour, binding))
     ax.margins(x=0.25, y=0.08)
     ax.set_xlabel(f"colour binding ({BINDING}, strict; not optimised)")
     ax.set_ylabel(f"held-out colourfulness ({HELD_OUT})")
     ax.set_title("Aesthetic job, training seed 0: what each setting buys and costs\n"
                  "(40 validation prompts x 10 images, evaluation seed 1234)", fontsize=10)
     fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.transforms import Bbox
+
+    # the boxes labels should not cover, in display units: every point's marker, then each label placed
+    taken = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform([(b, c) for c, b in figures.values()])]
+    spots = [(dx, dy, "left" if dx > 0 else "right") for dy in (3, -11, 14, -22) for dx in (5, -5)]
+    for label, (colour, binding) in figures.items():
+        best = None  # the spot whose label box overlaps the boxes placed so far least
+        for dx, dy, ha in spots:
+            text = ax.annotate(label, (binding, colour), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)
+            box = text.get_window_extent(renderer)
+            overlap = sum(max(0, min(box.x1, o.x1) - max(box.x0, o.x0)) * max(0, min(box.y1, o.y1) - max(box.y0, o.y0))
+                          for o in taken)
+            if best is not None:
+                if overlap >= best[0]:
+                    text.remove()
+                    continue
+                best[1].remove()
+            best = (overlap, text, box)
+            if overlap == 0:
+                break
+        taken.append(best[2])
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -12,13 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from tiny_pipelines import (  # noqa: F401  (some test modules import the builders from conftest)
-    build_tiny_flux_pipeline,
-    build_tiny_pipeline,
-    build_tiny_sd3_pipeline,
-    build_tiny_sdxl_pipeline,
-    tiny_vae,
-)
+from tiny_pipelines import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -121,8 +121,6 @@ def _kill_then_resume(tmp_path) -> None:
 
 
 def test_lora_training_exports_weights_that_load(tmp_path) -> None:
-    from diffusers import StableDiffusionPipeline
-
     from tiny_pipelines import build_tiny_pipeline
 
     trainer = make_trainer(tmp_path, "loop", model={"lora": True, "lora_rank": 2})

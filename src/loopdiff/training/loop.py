@@ -129,25 +129,30 @@ class EpochLoop:
         metadata = [self.prompts.metadata[i] for i in prompt_ids.tolist()]
         embeds = m.encoder(prompts)
         timings = {"time/sampling": 0.0, "time/decoding": 0.0, "time/reward_wait": 0.0}
-        chunk, made, futures = self.config.sampling.batch_size, [], []
+        chunk, latents, log_probs, futures = self.config.sampling.batch_size, [], [], []
+        monitored: dict[str, list[torch.Tensor]] = {name: [] for name in self.monitors}
         m.unet.eval()  # sampling is the policy itself (matters for UNets with dropout)
         with AsyncReward(self.reward_fn, name=self.reward_name) as scorer:
             for start in range(0, len(prompts), chunk):
                 part = slice(start, start + chunk)
-                made.append(generate(m.rollout_policy, m.pipeline.vae, embeds[part], m.uncond, generator,
-                                     prompts[part], metadata[part], self.monitors, batch_size=chunk,
-                                     autocast=acc.autocast, timings=timings))
+                made = generate(m.rollout_policy, m.pipeline.vae, embeds[part], m.uncond, generator, prompts[part],
+                                metadata[part], self.monitors, batch_size=chunk, autocast=acc.autocast,
+                                timings=timings)
+                latents.append(made.latents)  # the images are kept only until the reward has them
+                log_probs.append(made.log_probs)
+                for name, scores in made.scores.items():
+                    monitored[name].append(scores)
                 if start == 0:
-                    self.shown_samples = (made[0].images[:SHOWN_SAMPLES].cpu(), prompts[:SHOWN_SAMPLES])
-                futures.append(scorer.submit(made[-1].images, prompts[part], metadata[part]))
+                    self.shown_samples = (made.images[:SHOWN_SAMPLES].cpu(), prompts[:SHOWN_SAMPLES])
+                futures.append(scorer.submit(made.images, prompts[part], metadata[part]))
                 if not self.config.reward.asynchronous:
                     futures[-1].result()  # score before sampling the next chunk
             t0 = time.perf_counter()
             rewards = torch.cat([f.result() for f in futures])
             timings["time/reward_wait"] += time.perf_counter() - t0
-        self.monitored = {name: torch.cat([g.scores[name] for g in made]) for name in self.monitors}
+        self.monitored = {name: torch.cat(scores) for name, scores in monitored.items()}
         trajectories = Trajectories(
-            latents=torch.cat([g.latents for g in made]), log_probs=torch.cat([g.log_probs for g in made]),
+            latents=torch.cat(latents), log_probs=torch.cat(log_probs),
             timesteps=m.rollout_policy.timesteps.to(self.backend.device), prompt_ids=prompt_ids,
             group_ids=group_ids, prompt_embeds=embeds, prompts=list(self.prompts.prompts),
             metadata=list(self.prompts.metadata))

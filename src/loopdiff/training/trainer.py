@@ -64,7 +64,7 @@ from loopdiff.training.eval_records import comparison_grid, write_evaluation
 from loopdiff.training.export import export_folder, export_model, gather_export, write_export
 from loopdiff.training.hub import hub_repo_id, push_export
 from loopdiff.training.launches import precision_in_use, record_launch
-from loopdiff.training.loop import Batch, EpochLoop, Models  # noqa: F401  (Batch: re-exported for callers)
+from loopdiff.training.loop import EpochLoop, Models
 from loopdiff.training.lr_schedule import epoch_lr_scheduler
 from loopdiff.training.metrics import MetricsLogger, reset_peak_memory
 from loopdiff.training.model_card import model_card
